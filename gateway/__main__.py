@@ -1,0 +1,124 @@
+"""Command line: `sora-gateway serve | check-config | new-key | simulate | demo`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .auth import key_digest, new_key
+from .config import ConfigError, load_settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="sora-gateway",
+        description="A shared, quota-enforcing gateway for OpenAI-compatible video APIs.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", required=True, help="path of the YAML config")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+
+    check = commands.add_parser("check-config", help="validate a config file")
+    check.add_argument("path")
+
+    key = commands.add_parser("new-key", help="make a team key and its config line")
+    key.add_argument("team")
+
+    simulate = commands.add_parser("simulate", help="run the bundled upstream simulator")
+    simulate.add_argument("--host", default="127.0.0.1")
+    simulate.add_argument("--port", type=int, default=8081)
+    simulate.add_argument("--token", help="the only upstream token to accept (default: any)")
+    simulate.add_argument("--queue-s", type=float, default=1.0, help="seconds a job is queued")
+    simulate.add_argument("--run-s", type=float, default=4.0, help="seconds a job runs")
+    simulate.add_argument("--expire-s", type=float, default=86400.0, help="content lifetime")
+    simulate.add_argument("--max-running", type=int, default=2, help="the account's job limit")
+    simulate.add_argument(
+        "--content-bytes", type=int, help="serve this many bytes as the video (benchmarks)"
+    )
+
+    demo = commands.add_parser("demo", help="simulator + gateway + embedded store, ready to use")
+    demo.add_argument("--config", default="config/demo.yaml")
+    demo.add_argument("--port", type=int, help="gateway port (default: from the config)")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call is noise
+    if args.command == "check-config":
+        return _check_config(args.path)
+    if args.command == "new-key":
+        return _new_key(args.team)
+    if args.command == "serve":
+        return _serve(args.config, args.host, args.port)
+    if args.command == "simulate":
+        return _simulate(args)
+    from .demo import run_demo
+
+    return run_demo(args.config, args.port)
+
+
+def _check_config(path: str) -> int:
+    try:
+        settings = load_settings(path)
+    except ConfigError as exc:
+        print(exc.report(), file=sys.stderr)
+        return 1
+    print(f"{path}: OK ({len(settings.teams)} teams, upstream {settings.upstream.base_url})")
+    return 0
+
+
+def _new_key(team: str) -> int:
+    key = new_key()
+    print(key)
+    print(f'  - name: {team}\n    key_sha256: ["{key_digest(key)}"]')
+    return 0
+
+
+def _serve(path: str, host: str, port: int) -> int:
+    import uvicorn
+
+    from .app import create_app
+    from .store import EmbeddedRedis
+
+    try:
+        settings = load_settings(path)
+    except ConfigError as exc:
+        print(exc.report(), file=sys.stderr)
+        return 1
+    embedded = None
+    url = settings.store.redis_url
+    if url is None:
+        embedded = EmbeddedRedis(settings.store.data_dir).start()
+        url = embedded.url
+        logging.getLogger("gateway").info("embedded store started in %s", embedded.data_dir)
+    try:
+        uvicorn.run(create_app(settings, redis_url=url), host=host, port=port, log_level="info")
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from .simulator import SimulatorSettings, run
+
+    run(
+        args.host,
+        args.port,
+        SimulatorSettings(
+            token=args.token,
+            queue_s=args.queue_s,
+            run_s=args.run_s,
+            expire_s=args.expire_s,
+            max_running=args.max_running,
+            content_bytes=args.content_bytes,
+        ),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Team keys: recognised by their SHA-256 digest, never held or compared in clear.
+
+The config stores only digests, so a leaked config file leaks no key. Lookup is one
+dict access on the digest of the presented key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from starlette.datastructures import Headers
+
+from .config import TeamSettings
+from .errors import GatewayError
+
+KEY_PREFIX = "sgw-"
+
+
+@dataclass(frozen=True)
+class Team:
+    name: str
+    max_in_flight: int | None = None
+
+
+def key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key() -> str:
+    """A fresh team key: 256 random bits, prefixed so a leaked one is easy to grep for."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def presented_key(headers: Headers) -> str | None:
+    """The key a client sent: `Authorization: Bearer` wins over `api-key`, as the contract says."""
+    authorization = headers.get("authorization")
+    if authorization is not None:
+        scheme, _, value = authorization.strip().partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+        return None
+    api_key = headers.get("api-key")
+    if api_key is not None and api_key.strip():
+        return api_key.strip()
+    return None
+
+
+class TeamDirectory:
+    """Maps key digests to teams."""
+
+    def __init__(self, teams: Iterable[TeamSettings]) -> None:
+        self._by_digest: dict[str, Team] = {}
+        self.names: tuple[str, ...] = ()
+        names = []
+        for entry in teams:
+            team = Team(entry.name, entry.max_in_flight)
+            names.append(entry.name)
+            for digest in entry.key_sha256:
+                self._by_digest[digest] = team
+        self.names = tuple(names)
+
+    def authenticate(self, headers: Headers) -> Team:
+        key = presented_key(headers)
+        team = self._by_digest.get(key_digest(key)) if key else None
+        if team is None:
+            raise GatewayError(
+                401,
+                "invalid_api_key",
+                "Missing or unknown API key. Send your team key as 'Authorization: Bearer <key>'.",
+            )
+        return team

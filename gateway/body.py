@@ -1,0 +1,218 @@
+"""Request bodies: read once under a size cap, spooled, parsed for the fields we check.
+
+The gateway must validate a body (prompt present, source video allowed) before it
+spends a slot, so it cannot stream the client's bytes straight upstream. It spools
+them instead (memory up to a small threshold, then a temporary file), extracts only
+the text fields it needs while the bytes arrive, and later replays the untouched
+bytes to upstream. File parts are never held in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect, Request
+
+from .errors import GatewayError, invalid_request
+
+SPOOL_IN_MEMORY_BYTES = 1 << 20
+REPLAY_CHUNK_BYTES = 1 << 16
+MAX_TEXT_FIELD_BYTES = 1 << 18  # a 32,000-character prompt in 4-byte UTF-8, with room
+MAX_PARTS = 64
+
+
+def body_too_large(limit: int) -> GatewayError:
+    return GatewayError(
+        413, "request_too_large", f"The request body is larger than {limit} bytes.", param=None
+    )
+
+
+@dataclass
+class RequestBody:
+    """A request body held for replay, plus the fields the gateway inspects.
+
+    `fields` is the JSON object, or the text parts of a multipart form keyed by their
+    part names (nested objects arrive flattened as `video[id]`). `files` names the
+    file parts. `raw` replays the exact bytes the client sent.
+    """
+
+    content_type: str
+    size: int
+    fields: dict[str, Any] = field(default_factory=dict)
+    files: frozenset[str] = frozenset()
+    _spool: Any = None
+
+    @property
+    def is_multipart(self) -> bool:
+        return self.content_type.lower().startswith("multipart/form-data")
+
+    @property
+    def boundary(self) -> bytes:
+        _, params = parse_options_header(self.content_type)
+        return params[b"boundary"]
+
+    async def raw(self) -> AsyncIterator[bytes]:
+        self._spool.seek(0)
+        while chunk := self._spool.read(REPLAY_CHUNK_BYTES):
+            yield chunk
+
+    def close(self) -> None:
+        if self._spool is not None:
+            self._spool.close()
+
+
+async def read_body(request: Request, max_bytes: int) -> RequestBody:
+    """Read the whole body (at most `max_bytes`), spooling it and parsing its fields.
+
+    Refuses with 413 as soon as the declared or received size passes the cap, and with
+    400 when the body is not a JSON object or a well-formed multipart form.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise body_too_large(max_bytes)
+    content_type = request.headers.get("content-type", "")
+    mime = content_type.split(";", 1)[0].strip().lower()
+    # Closed by RequestBody.close() once the body has been replayed, or below on failure.
+    spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY_BYTES)  # noqa: SIM115
+    form = _FormFields(content_type) if mime == "multipart/form-data" else None
+    size = 0
+    try:
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise body_too_large(max_bytes)
+                spool.write(chunk)
+                if form is not None:
+                    form.feed(chunk)
+        except ClientDisconnect as exc:
+            raise invalid_request("The client closed the connection mid-body.") from exc
+        body = RequestBody(content_type=content_type, size=size, _spool=spool)
+        if form is not None:
+            body.fields, body.files = form.finish()
+        elif size:
+            body.fields = _json_object(spool, mime)
+        return body
+    except BaseException:
+        spool.close()
+        raise
+
+
+def _json_object(spool: Any, mime: str) -> dict[str, Any]:
+    if mime != "application/json" and not mime.endswith("+json"):
+        raise invalid_request(
+            "Send the body as application/json or multipart/form-data.", param=None
+        )
+    spool.seek(0)
+    try:
+        value = json.loads(spool.read())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise invalid_request(f"The body is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise invalid_request("The JSON body must be an object.")
+    return value
+
+
+class _FormFields:
+    """Collects the text parts of a multipart form as it streams past; skips file data."""
+
+    def __init__(self, content_type: str) -> None:
+        _, params = parse_options_header(content_type)
+        boundary = params.get(b"boundary")
+        if not boundary:
+            raise invalid_request("The multipart body has no boundary in its Content-Type.")
+        self.fields: dict[str, str] = {}
+        self.files: set[str] = set()
+        self._parts = 0
+        self._ended = False
+        self._header_name = b""
+        self._header_value = b""
+        self._disposition = b""
+        self._name: str | None = None
+        self._is_file = False
+        self._data = bytearray()
+        self._parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": self._part_begin,
+                "on_header_field": self._header_field,
+                "on_header_value": self._header_value_data,
+                "on_header_end": self._header_end,
+                "on_headers_finished": self._headers_finished,
+                "on_part_data": self._part_data,
+                "on_part_end": self._part_end,
+                "on_end": self._end,
+            },
+        )
+
+    def feed(self, chunk: bytes) -> None:
+        try:
+            self._parser.write(chunk)
+        except FormParserError as exc:
+            raise invalid_request("The multipart body is malformed.") from exc
+
+    def finish(self) -> tuple[dict[str, str], frozenset[str]]:
+        try:
+            self._parser.finalize()
+        except FormParserError as exc:
+            raise invalid_request("The multipart body is malformed.") from exc
+        if not self._ended:
+            raise invalid_request("The multipart body is truncated (no closing boundary).")
+        return self.fields, frozenset(self.files)
+
+    def _part_begin(self) -> None:
+        self._parts += 1
+        if self._parts > MAX_PARTS:
+            raise invalid_request(f"The multipart body has more than {MAX_PARTS} parts.")
+        self._disposition = b""
+        self._name = None
+        self._is_file = False
+        self._data = bytearray()
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def _header_value_data(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def _header_end(self) -> None:
+        if self._header_name.strip().lower() == b"content-disposition":
+            self._disposition = self._header_value
+        self._header_name = b""
+        self._header_value = b""
+
+    def _headers_finished(self) -> None:
+        _, options = parse_options_header(self._disposition)
+        name = options.get(b"name")
+        if name is None:
+            raise invalid_request("A multipart part has no name in its Content-Disposition.")
+        self._name = name.decode("utf-8", "replace")
+        self._is_file = b"filename" in options
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._is_file:
+            return
+        self._data += data[start:end]
+        if len(self._data) > MAX_TEXT_FIELD_BYTES:
+            raise invalid_request(
+                f"The text field is longer than {MAX_TEXT_FIELD_BYTES} bytes.", param=self._name
+            )
+
+    def _part_end(self) -> None:
+        assert self._name is not None
+        if self._is_file:
+            self.files.add(self._name)
+            return
+        try:
+            self.fields[self._name] = self._data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise invalid_request("A text field is not valid UTF-8.", param=self._name) from exc
+
+    def _end(self) -> None:
+        self._ended = True

@@ -1,0 +1,302 @@
+"""Typed settings from one YAML file.
+
+The file is the whole configuration: `${VAR}` references are expanded from the
+environment (so the upstream token can live outside the file), every field is
+checked, and each problem is reported with the path of the field that has it,
+because an operator fixing a config at 3 a.m. should not have to guess.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_TEAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; `problems` lists each one as 'field: what is wrong'."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+    def report(self) -> str:
+        return "\n".join(f"{self.source}: {problem}" for problem in self.problems)
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    base_url: str
+    token: str = field(repr=False)
+    auth_header: str = "authorization"
+    remix_route: str = "path"
+    timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    redis_url: str | None = None
+    data_dir: str = ".sora-gateway/store"
+
+
+@dataclass(frozen=True)
+class QuotaSettings:
+    max_in_flight: int = 2
+    wait_s: float = 20.0
+    max_job_s: float = 3600.0
+
+
+@dataclass(frozen=True)
+class TrackerSettings:
+    poll_interval_s: float = 5.0
+    lease_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class LimitsSettings:
+    max_body_bytes: int = 52_428_800
+
+
+@dataclass(frozen=True)
+class TeamSettings:
+    name: str
+    key_sha256: tuple[str, ...]
+    max_in_flight: int | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    upstream: UpstreamSettings
+    teams: tuple[TeamSettings, ...]
+    store: StoreSettings = StoreSettings()
+    quota: QuotaSettings = QuotaSettings()
+    tracker: TrackerSettings = TrackerSettings()
+    limits: LimitsSettings = LimitsSettings()
+
+
+def load_settings(path: str | os.PathLike[str]) -> Settings:
+    """Read, expand and validate the YAML file at `path`."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(source, [f"cannot read file: {exc.strerror}"]) from exc
+    return parse_settings(text, source=source)
+
+
+def parse_settings(
+    text: str, source: str = "<config>", environ: dict[str, str] | None = None
+) -> Settings:
+    """Validate YAML text; all problems are collected before raising."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, [f"not valid YAML: {exc}"]) from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(source, ["the file must be a YAML mapping"])
+    checker = _Checker(os.environ if environ is None else environ)
+    expanded = checker.expand(raw, "")
+    settings = checker.settings(expanded)
+    if checker.problems:
+        raise ConfigError(source, checker.problems)
+    assert settings is not None
+    return settings
+
+
+class _Checker:
+    """Walks the raw mapping, collecting problems instead of stopping at the first."""
+
+    def __init__(self, environ: os._Environ[str] | dict[str, str]) -> None:
+        self.environ = environ
+        self.problems: list[str] = []
+        self._unset: set[str] = set()  # fields already reported for a missing variable
+
+    def fail(self, where: str, message: str) -> None:
+        if where not in self._unset:
+            self.problems.append(f"{where}: {message}")
+
+    def expand(self, value: Any, where: str) -> Any:
+        if isinstance(value, dict):
+            return {k: self.expand(v, _join(where, str(k))) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.expand(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        if isinstance(value, str):
+            return _ENV_REF.sub(lambda m: self._env(m.group(1), where), value)
+        return value
+
+    def _env(self, name: str, where: str) -> str:
+        if name not in self.environ:
+            self.fail(where, f"environment variable {name} is not set")
+            self._unset.add(where)
+            return ""
+        return self.environ[name]
+
+    def section(self, raw: dict[str, Any], name: str, known: set[str]) -> dict[str, Any]:
+        value = raw.get(name)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.fail(name, "expected a mapping")
+            return {}
+        for key in value.keys() - known:
+            self.fail(_join(name, str(key)), "unknown field")
+        return value
+
+    def number(
+        self, sec: dict[str, Any], where: str, key: str, default: float, *, allow_zero: bool = False
+    ) -> float:
+        value = sec.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.fail(_join(where, key), f"expected a number, got {value!r}")
+            return default
+        if value < 0 or (value == 0 and not allow_zero):
+            self.fail(
+                _join(where, key), "must be zero or more" if allow_zero else "must be positive"
+            )
+            return default
+        return float(value)
+
+    def integer(self, sec: dict[str, Any], where: str, key: str, default: int) -> int:
+        value = sec.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(_join(where, key), f"expected a whole number, got {value!r}")
+            return default
+        if value < 1:
+            self.fail(_join(where, key), "must be at least 1")
+            return default
+        return value
+
+    def choice(self, sec: dict[str, Any], where: str, key: str, options: tuple[str, ...]) -> str:
+        value = sec.get(key, options[0])
+        if value not in options:
+            self.fail(_join(where, key), f"expected one of {', '.join(options)}, got {value!r}")
+            return options[0]
+        return value
+
+    def settings(self, raw: dict[str, Any]) -> Settings | None:
+        for key in raw.keys() - {"upstream", "store", "quota", "tracker", "limits", "teams"}:
+            self.fail(str(key), "unknown field")
+        upstream = self.upstream(raw)
+        store = self.store(raw)
+        quota_sec = self.section(raw, "quota", {"max_in_flight", "wait_s", "max_job_s"})
+        quota = QuotaSettings(
+            max_in_flight=self.integer(quota_sec, "quota", "max_in_flight", 2),
+            wait_s=self.number(quota_sec, "quota", "wait_s", 20.0, allow_zero=True),
+            max_job_s=self.number(quota_sec, "quota", "max_job_s", 3600.0),
+        )
+        tracker_sec = self.section(raw, "tracker", {"poll_interval_s", "lease_s"})
+        tracker = TrackerSettings(
+            poll_interval_s=self.number(tracker_sec, "tracker", "poll_interval_s", 5.0),
+            lease_s=self.number(tracker_sec, "tracker", "lease_s", 30.0),
+        )
+        limits_sec = self.section(raw, "limits", {"max_body_bytes"})
+        limits = LimitsSettings(
+            max_body_bytes=self.integer(limits_sec, "limits", "max_body_bytes", 52_428_800)
+        )
+        teams = self.teams(raw.get("teams"))
+        if upstream is None:
+            return None
+        return Settings(upstream, teams, store, quota, tracker, limits)
+
+    def upstream(self, raw: dict[str, Any]) -> UpstreamSettings | None:
+        if "upstream" not in raw:
+            self.fail("upstream", "required")
+            return None
+        sec = self.section(
+            raw, "upstream", {"base_url", "token", "auth_header", "remix_route", "timeout_s"}
+        )
+        base_url = sec.get("base_url")
+        if not isinstance(base_url, str) or not base_url:
+            self.fail("upstream.base_url", "required")
+            base_url = ""
+        elif not re.match(r"^https?://[^/\s]+", base_url):
+            self.fail("upstream.base_url", f"expected an http(s) URL, got {base_url!r}")
+        token = sec.get("token")
+        if not isinstance(token, str) or not token.strip():
+            # Never echo the value: it may be a real credential with a typo.
+            self.fail("upstream.token", "required (usually token: ${SORA_UPSTREAM_TOKEN})")
+            token = ""
+        return UpstreamSettings(
+            base_url=base_url.rstrip("/"),
+            token=token.strip(),
+            auth_header=self.choice(sec, "upstream", "auth_header", ("authorization", "api-key")),
+            remix_route=self.choice(sec, "upstream", "remix_route", ("path", "body")),
+            timeout_s=self.number(sec, "upstream", "timeout_s", 60.0),
+        )
+
+    def store(self, raw: dict[str, Any]) -> StoreSettings:
+        sec = self.section(raw, "store", {"redis_url", "data_dir"})
+        url = sec.get("redis_url")
+        if url is not None and (
+            not isinstance(url, str) or not re.match(r"^(redis|rediss|unix)://", url)
+        ):
+            self.fail("store.redis_url", "expected a redis://, rediss:// or unix:// URL")
+            url = None
+        data_dir = sec.get("data_dir", StoreSettings.data_dir)
+        if not isinstance(data_dir, str) or not data_dir:
+            self.fail("store.data_dir", "expected a directory path")
+            data_dir = StoreSettings.data_dir
+        return StoreSettings(redis_url=url or None, data_dir=data_dir)
+
+    def teams(self, raw: Any) -> tuple[TeamSettings, ...]:
+        if not isinstance(raw, list) or not raw:
+            self.fail("teams", "at least one team is required")
+            return ()
+        teams: list[TeamSettings] = []
+        names: set[str] = set()
+        digests: set[str] = set()
+        for i, entry in enumerate(raw):
+            where = f"teams[{i}]"
+            if not isinstance(entry, dict):
+                self.fail(where, "expected a mapping with name and key_sha256")
+                continue
+            for key in entry.keys() - {"name", "key_sha256", "max_in_flight"}:
+                self.fail(_join(where, str(key)), "unknown field")
+            name = entry.get("name")
+            if not isinstance(name, str) or not _TEAM_NAME.match(name):
+                self.fail(
+                    f"{where}.name",
+                    "expected 1-63 letters, digits, '.', '_' or '-', "
+                    "starting with a letter or digit",
+                )
+                name = f"team{i}"
+            elif name == "anonymous":
+                self.fail(f"{where}.name", "'anonymous' is reserved for unauthenticated requests")
+            elif name in names:
+                self.fail(f"{where}.name", f"duplicate team name {name!r}")
+            names.add(name)
+            keys = entry.get("key_sha256")
+            if isinstance(keys, str):
+                keys = [keys]
+            if not isinstance(keys, list) or not keys:
+                self.fail(f"{where}.key_sha256", "expected a list of SHA-256 hex digests")
+                keys = []
+            clean: list[str] = []
+            for j, digest in enumerate(keys):
+                kwhere = f"{where}.key_sha256[{j}]"
+                if not isinstance(digest, str) or not _HEX64.match(digest.strip().lower()):
+                    self.fail(kwhere, "expected 64 hex characters")
+                    continue
+                digest = digest.strip().lower()
+                if digest in digests:
+                    self.fail(kwhere, "this key digest is already used")
+                digests.add(digest)
+                clean.append(digest)
+            cap = entry.get("max_in_flight")
+            if cap is not None:
+                cap = self.integer(entry, where, "max_in_flight", 1)
+            teams.append(TeamSettings(name=name, key_sha256=tuple(clean), max_in_flight=cap))
+        return tuple(teams)
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key

@@ -1,0 +1,61 @@
+"""ASGI middleware that must see every request: request ids, and team auth on /v1.
+
+Both are plain ASGI so they also cover responses that Starlette's own error handling
+produces, and so auth runs before routing: an unknown /v1 path without a valid key is
+a 401, not a 404 that would confirm the path does not exist.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .auth import TeamDirectory
+from .errors import GatewayError
+
+REQUEST_ID_HEADER = "x-request-id"
+_CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+
+
+class RequestIdMiddleware:
+    """Gives every request an id (the client's, when it is sane) and echoes it back."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        offered = Headers(scope=scope).get(REQUEST_ID_HEADER, "")
+        request_id = offered if _CLIENT_REQUEST_ID.match(offered) else f"req_{uuid.uuid4().hex}"
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+class TeamAuthMiddleware:
+    """Resolves the caller's team for every /v1 request, or answers 401 right away."""
+
+    def __init__(self, app: ASGIApp, teams: TeamDirectory) -> None:
+        self.app = app
+        self.teams = teams
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if path == "/v1" or path.startswith("/v1/"):
+            try:
+                team = self.teams.authenticate(Headers(scope=scope))
+            except GatewayError as exc:
+                await exc.response()(scope, receive, send)
+                return
+            scope.setdefault("state", {})["team"] = team
+        await self.app(scope, receive, send)

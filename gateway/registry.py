@@ -1,0 +1,237 @@
+"""Who owns which video, and what the gateway last saw of it; kept in Redis.
+
+Ownership must be shared by every replica, so it lives in the store, not in memory.
+Each video is one hash holding its team, kind, status, expiry and the last upstream
+JSON body (served as-is by the list route, never re-encoded). Each team has an index
+ordered newest first by `created_at`, ties in the order the gateway recorded them;
+its members are `created_at:sequence:id`, so a lexicographic range is that order.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+
+from .errors import invalid_request
+
+PREFIX = "{sgw}:"
+TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
+# A record whose expiry upstream has not announced yet is kept this long after its last
+# update; one with an expiry is kept a day past it, so refusals can still say "expired".
+UNSETTLED_TTL_S = 7 * 86400
+EXPIRED_GRACE_S = 86400
+CHARACTER_TTL_S = 30 * 86400
+
+# KEYS[1] video hash, KEYS[2] team index, KEYS[3] sequence counter.
+# ARGV: id, team, kind, status, created_at (zero-padded), expires_at, body, ttl seconds.
+# Idempotent: recording the same id twice keeps its first index entry.
+RECORD_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  local seq = redis.call('INCR', KEYS[3])
+  local member = ARGV[5] .. ':' .. string.format('%016d', seq) .. ':' .. ARGV[1]
+  redis.call('HSET', KEYS[1], 'team', ARGV[2], 'kind', ARGV[3], 'member', member)
+  redis.call('ZADD', KEYS[2], 0, member)
+end
+redis.call('HSET', KEYS[1], 'status', ARGV[4], 'expires_at', ARGV[6], 'body', ARGV[7])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[8]))
+return 1
+"""
+
+# KEYS[1] video hash. ARGV: status, expires_at, body, ttl seconds.
+# Only an existing record is updated, so a concurrent delete is never undone.
+UPDATE_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'expires_at', ARGV[2], 'body', ARGV[3])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+return 1
+"""
+
+# KEYS[1] video hash. ARGV[1] key prefix. Removes the record and its index entry.
+FORGET_SCRIPT = """
+local team = redis.call('HGET', KEYS[1], 'team')
+local member = redis.call('HGET', KEYS[1], 'member')
+if team and member then
+  redis.call('ZREM', ARGV[1] .. 'team:' .. team .. ':videos', member)
+end
+return redis.call('DEL', KEYS[1])
+"""
+
+
+@dataclass(frozen=True)
+class VideoRecord:
+    id: str
+    team: str
+    kind: str
+    status: str
+    expires_at: int | None
+    body: str
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+@dataclass(frozen=True)
+class Page:
+    bodies: list[str]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+    def render(self) -> bytes:
+        """The list object, with each video's stored JSON spliced in unchanged."""
+        head = json.dumps({"object": "list"})[:-1]
+        tail = json.dumps(
+            {"first_id": self.first_id, "last_id": self.last_id, "has_more": self.has_more}
+        )[1:]
+        return f'{head}, "data": [{", ".join(self.bodies)}], {tail}'.encode()
+
+
+class VideoRegistry:
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+        self._record = redis.register_script(RECORD_SCRIPT)
+        self._update = redis.register_script(UPDATE_SCRIPT)
+        self._forget = redis.register_script(FORGET_SCRIPT)
+
+    async def record(self, team: str, kind: str, video: dict[str, Any], body: bytes) -> None:
+        """Remember a video the gateway just started for `team`."""
+        video_id = str(video["id"])
+        created_at = _int(video.get("created_at")) or int(time.time())
+        await self._record(
+            keys=[_video_key(video_id), _index_key(team), PREFIX + "seq"],
+            args=[
+                video_id,
+                team,
+                kind,
+                str(video.get("status") or "queued"),
+                f"{created_at:012d}",
+                _expiry_arg(video),
+                body,
+                _ttl(video),
+            ],
+        )
+
+    async def update(self, video: dict[str, Any], body: bytes) -> None:
+        """Store what upstream just said of a video the gateway already knows."""
+        await self._update(
+            keys=[_video_key(str(video["id"]))],
+            args=[str(video.get("status") or ""), _expiry_arg(video), body, _ttl(video)],
+        )
+
+    async def get(self, video_id: str) -> VideoRecord | None:
+        values = await self._redis.hmget(
+            _video_key(video_id), ["team", "kind", "status", "expires_at", "body"]
+        )
+        team, kind, status, expires_at, body = (_str(v) for v in values)
+        if team is None:
+            return None
+        return VideoRecord(
+            id=video_id,
+            team=team,
+            kind=kind or "create",
+            status=status or "",
+            expires_at=int(expires_at) if expires_at else None,
+            body=body or "{}",
+        )
+
+    async def owned(self, team: str, video_id: str) -> VideoRecord | None:
+        """The record if `team` owns the video; None for unknown and foreign alike."""
+        record = await self.get(video_id)
+        return record if record is not None and record.team == team else None
+
+    async def forget(self, video_id: str) -> None:
+        await self._forget(keys=[_video_key(video_id)], args=[PREFIX])
+
+    async def page(self, team: str, *, after: str | None, limit: int, descending: bool) -> Page:
+        """One page of the team's videos; `after` must be one of the team's own."""
+        index = _index_key(team)
+        if after is None:
+            bound = "+" if descending else "-"
+        else:
+            owner, member = await self._redis.hmget(_video_key(after), ["team", "member"])
+            if member is None or _str(owner) != team:
+                raise invalid_request("'after' is not the id of one of your videos.", "after")
+            bound = "(" + _str(member)  # exclusive: the page starts past `after`
+        bodies: list[str] = []
+        ids: list[str] = []
+        has_more = False
+        while True:
+            want = limit + 1 - len(bodies)
+            if descending:
+                members = await self._redis.zrange(
+                    index, bound, "-", desc=True, bylex=True, offset=0, num=want
+                )
+            else:
+                members = await self._redis.zrange(
+                    index, bound, "+", bylex=True, offset=0, num=want
+                )
+            if not members:
+                break
+            members = [_str(m) for m in members]
+            video_ids = [m.rsplit(":", 1)[1] for m in members]
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for video_id in video_ids:
+                    pipe.hget(_video_key(video_id), "body")
+                found = await pipe.execute()
+            stale = [m for m, b in zip(members, found, strict=True) if b is None]
+            if stale:  # expired records: tidy their index entries as we pass
+                await self._redis.zrem(index, *stale)
+            for video_id, body in zip(video_ids, found, strict=True):
+                if body is not None:
+                    ids.append(video_id)
+                    bodies.append(_str(body))
+            bound = "(" + members[-1]
+            if len(bodies) > limit:
+                has_more = True
+                del bodies[limit:], ids[limit:]
+                break
+            if len(members) < want:
+                break
+        return Page(bodies, ids[0] if ids else None, ids[-1] if ids else None, has_more)
+
+    async def record_character(self, team: str, character_id: str) -> None:
+        await self._redis.set(_character_key(character_id), team, ex=CHARACTER_TTL_S)
+
+    async def character_owner(self, character_id: str) -> str | None:
+        return _str(await self._redis.get(_character_key(character_id)))
+
+
+def _video_key(video_id: str) -> str:
+    return f"{PREFIX}video:{video_id}"
+
+
+def _index_key(team: str) -> str:
+    return f"{PREFIX}team:{team}:videos"
+
+
+def _character_key(character_id: str) -> str:
+    return f"{PREFIX}character:{character_id}"
+
+
+def _expiry_arg(video: dict[str, Any]) -> str:
+    expires_at = _int(video.get("expires_at"))
+    return "" if expires_at is None else str(expires_at)
+
+
+def _ttl(video: dict[str, Any]) -> int:
+    expires_at = _int(video.get("expires_at"))
+    if expires_at is None:
+        return UNSETTLED_TTL_S
+    return max(60, expires_at - int(time.time()) + EXPIRED_GRACE_S)
+
+
+def _int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return int(value)
+    return None
+
+
+def _str(value: Any) -> Any:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,459 @@
+"""The /v1 handlers: parse, check, forward, record; each one thin.
+
+Every slot-taking route follows the contract's order: the team is known (middleware),
+then the body and ids are checked, then a remix/edit/extension source is checked
+against the registry, and only then does `_start_job` send anything upstream. All job
+starts go through `_start_job`, which is where the shared quota takes its slot.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from .auth import Team
+from .body import RequestBody, read_body
+from .errors import GatewayError, invalid_request, video_not_found
+from .registry import VideoRecord, VideoRegistry
+from .upstream import Reply, Upstream, UpstreamError, error_from_reply, response_headers
+
+ID_SYNTAX = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+MAX_PROMPT_CHARS = 32_000
+CONTENT_VARIANTS = ("video", "thumbnail", "spritesheet")
+NO_RETRY = {"x-should-retry": "false"}
+
+
+class VideoRoutes:
+    """Handlers for every /v1 route of the contract."""
+
+    def __init__(
+        self,
+        *,
+        registry: VideoRegistry,
+        upstream: Upstream,
+        max_body_bytes: int,
+        remix_route: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.registry = registry
+        self.upstream = upstream
+        self.max_body_bytes = max_body_bytes
+        self.remix_route = remix_route
+        self.clock = clock
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/v1/videos", self.create, methods=["POST"]),
+            Route("/v1/videos", self.list, methods=["GET"]),
+            Route("/v1/videos/remix", self.remix_by_body, methods=["POST"]),
+            Route("/v1/videos/edits", self.edit, methods=["POST"]),
+            Route("/v1/videos/extensions", self.extend, methods=["POST"]),
+            Route("/v1/videos/characters", self.create_character, methods=["POST"]),
+            Route("/v1/videos/characters/{character_id}", self.get_character, methods=["GET"]),
+            Route("/v1/videos/{video_id}", self.retrieve, methods=["GET"]),
+            Route("/v1/videos/{video_id}", self.delete, methods=["DELETE"]),
+            Route("/v1/videos/{video_id}/remix", self.remix, methods=["POST"]),
+            Route("/v1/videos/{video_id}/content", self.content, methods=["GET"]),
+        ]
+
+    # -- slot-taking routes -------------------------------------------------------------
+
+    async def create(self, request: Request) -> Response:
+        body = await self._body(request)
+        try:
+            _require_prompt(body)
+            return await self._start_job(request, "create", "videos", body)
+        finally:
+            body.close()
+
+    async def remix(self, request: Request) -> Response:
+        """`POST /v1/videos/{video_id}/remix`: the SDKs' form."""
+        source = _path_id(request, "video_id")
+        body = await self._body(request)
+        try:
+            _require_prompt(body)
+            await self._check_source(request, source, "video_id")
+            if self.remix_route == "path":
+                return await self._start_job(request, "remix", f"videos/{source}/remix", body)
+            return await self._start_job(
+                request, "remix", "videos/remix", _with_field(body, "video_id", source)
+            )
+        finally:
+            body.close()
+
+    async def remix_by_body(self, request: Request) -> Response:
+        """`POST /v1/videos/remix` with `{"video_id", "prompt"}`: the reseller's form."""
+        body = await self._body(request)
+        try:
+            source = _field_id(body.fields.get("video_id"), "video_id")
+            _require_prompt(body)
+            await self._check_source(request, source, "video_id")
+            if self.remix_route == "body":
+                return await self._start_job(request, "remix", "videos/remix", body)
+            if body.files:
+                raise invalid_request(
+                    "File parts are not accepted here; use POST /v1/videos/{video_id}/remix.",
+                    sorted(body.files)[0],
+                )
+            fields = {k: v for k, v in body.fields.items() if k != "video_id"}
+            return await self._start_job(
+                request, "remix", f"videos/{source}/remix", json.dumps(fields).encode()
+            )
+        finally:
+            body.close()
+
+    async def edit(self, request: Request) -> Response:
+        return await self._derived_job(request, "edit", "videos/edits")
+
+    async def extend(self, request: Request) -> Response:
+        return await self._derived_job(request, "extension", "videos/extensions")
+
+    async def _derived_job(self, request: Request, kind: str, path: str) -> Response:
+        """Edits and extensions: `video` is an uploaded file or `{"id"}` of a source video."""
+        body = await self._body(request)
+        try:
+            _require_prompt(body)
+            source = _source_reference(body)
+            if source is not None:
+                await self._check_source(request, source, "video.id")
+            return await self._start_job(request, kind, path, body)
+        finally:
+            body.close()
+
+    async def _start_job(
+        self, request: Request, kind: str, path: str, body: RequestBody | bytes
+    ) -> Response:
+        """Send a job-creating request upstream and record the job for the caller's team.
+
+        An answer that leaves it unknown whether the job exists upstream (a timeout, a
+        reset, a 5xx) is marked `x-should-retry: false`: the SDKs would otherwise retry
+        the create blindly and pay for a duplicate job.
+        """
+        team = _team(request)
+        if isinstance(body, bytes):
+            content: Any = body
+            content_type, length = "application/json", len(body)
+        else:
+            content, content_type, length = body.raw(), body.content_type, body.size
+        try:
+            reply = await self.upstream.call(
+                "POST",
+                path,
+                inbound=request.headers,
+                request_id=_request_id(request),
+                content=content,
+                content_type=content_type,
+                content_length=length,
+            )
+        except UpstreamError as exc:
+            if exc.maybe_sent:
+                exc.headers.update(NO_RETRY)
+            raise
+        if reply.status == 429:
+            raise _upstream_rate_limited(reply)
+        if reply.status >= 300:
+            error = error_from_reply(reply, self.upstream.scrub)
+            if reply.status >= 500:
+                error.headers.update(NO_RETRY)
+            raise error
+        video = _video_object(reply)
+        await self.registry.record(team.name, kind, video, reply.body)
+        return _passthrough(reply)
+
+    # -- reads and deletes --------------------------------------------------------------
+
+    async def retrieve(self, request: Request) -> Response:
+        video_id = _path_id(request, "video_id")
+        await self._owned(request, video_id)
+        reply = await self._refresh(request, video_id)
+        if reply is None:
+            raise video_not_found()
+        return _passthrough(reply)
+
+    async def delete(self, request: Request) -> Response:
+        video_id = _path_id(request, "video_id")
+        await self._owned(request, video_id)
+        reply = await self.upstream.call(
+            "DELETE", f"videos/{video_id}", inbound=request.headers, request_id=_request_id(request)
+        )
+        if reply.status == 404:
+            await self.registry.forget(video_id)
+            raise video_not_found()
+        if reply.status >= 300:
+            raise error_from_reply(reply, self.upstream.scrub)
+        await self.registry.forget(video_id)
+        return _passthrough(reply)
+
+    async def content(self, request: Request) -> Response:
+        video_id = _path_id(request, "video_id")
+        variant = request.query_params.get("variant", "video")
+        if variant not in CONTENT_VARIANTS:
+            raise invalid_request(
+                f"variant must be one of {', '.join(CONTENT_VARIANTS)}.", "variant"
+            )
+        await self._owned(request, video_id)
+        response = await self.upstream.open(
+            "GET",
+            f"videos/{video_id}/content",
+            params={"variant": variant},
+            inbound=request.headers,
+            request_id=_request_id(request),
+            pass_encoding=True,
+        )
+        if response.status_code >= 300:
+            try:
+                body = await response.aread()
+            finally:
+                await response.aclose()
+            raise error_from_reply(
+                Reply(response.status_code, response.headers, body), self.upstream.scrub
+            )
+        return StreamingResponse(
+            _relay(response),
+            status_code=response.status_code,
+            headers=response_headers(response.headers, streaming=True),
+        )
+
+    async def list(self, request: Request) -> Response:
+        query = request.query_params
+        limit_text = query.get("limit", "20")
+        if not limit_text.isdigit() or not 1 <= int(limit_text) <= 100:
+            raise invalid_request("limit must be a whole number from 1 to 100.", "limit")
+        order = query.get("order", "desc")
+        if order not in ("asc", "desc"):
+            raise invalid_request("order must be 'asc' or 'desc'.", "order")
+        after = query.get("after") or None
+        if after is not None and not ID_SYNTAX.match(after):
+            raise invalid_request("'after' is not a valid video id.", "after")
+        page = await self.registry.page(
+            _team(request).name, after=after, limit=int(limit_text), descending=order == "desc"
+        )
+        return Response(page.render(), media_type="application/json")
+
+    # -- characters ---------------------------------------------------------------------
+
+    async def create_character(self, request: Request) -> Response:
+        body = await self._body(request)
+        try:
+            if not isinstance(body.fields.get("name"), str) or not body.fields["name"].strip():
+                raise invalid_request("name is required.", "name")
+            if "video" not in body.files and "video" not in body.fields:
+                raise invalid_request("video is required.", "video")
+            reply = await self.upstream.call(
+                "POST",
+                "videos/characters",
+                inbound=request.headers,
+                request_id=_request_id(request),
+                content=body.raw(),
+                content_type=body.content_type,
+                content_length=body.size,
+            )
+        finally:
+            body.close()
+        if reply.status >= 300:
+            raise error_from_reply(reply, self.upstream.scrub)
+        character = _json_object(reply)
+        character_id = character.get("id")
+        if not isinstance(character_id, str) or not ID_SYNTAX.match(character_id):
+            raise GatewayError(502, "upstream_error", "Upstream answered without a character id.")
+        await self.registry.record_character(_team(request).name, character_id)
+        return _passthrough(reply)
+
+    async def get_character(self, request: Request) -> Response:
+        character_id = _path_id(request, "character_id")
+        if await self.registry.character_owner(character_id) != _team(request).name:
+            raise GatewayError(404, "character_not_found", "No character with that id was found.")
+        reply = await self.upstream.call(
+            "GET",
+            f"videos/characters/{character_id}",
+            inbound=request.headers,
+            request_id=_request_id(request),
+        )
+        if reply.status >= 300:
+            raise error_from_reply(reply, self.upstream.scrub)
+        return _passthrough(reply)
+
+    # -- shared steps -------------------------------------------------------------------
+
+    async def _body(self, request: Request) -> RequestBody:
+        return await read_body(request, self.max_body_bytes)
+
+    async def _owned(self, request: Request, video_id: str) -> VideoRecord:
+        record = await self.registry.owned(_team(request).name, video_id)
+        if record is None:
+            raise video_not_found()
+        return record
+
+    async def _refresh(self, request: Request, video_id: str) -> Reply | None:
+        """Ask upstream for a video's state and store it; None when upstream forgot it."""
+        reply = await self.upstream.call(
+            "GET", f"videos/{video_id}", inbound=request.headers, request_id=_request_id(request)
+        )
+        if reply.status == 404:
+            await self.registry.forget(video_id)
+            return None
+        if reply.status >= 300:
+            raise error_from_reply(reply, self.upstream.scrub)
+        await self.registry.update(_video_object(reply), reply.body)
+        return reply
+
+    async def _check_source(self, request: Request, video_id: str, param: str) -> None:
+        """Refuse a remix/edit/extension source before anything is spent on it."""
+        record = await self.registry.owned(_team(request).name, video_id)
+        if record is not None and not record.terminal:
+            if await self._refresh(request, video_id) is None:
+                record = None
+            else:
+                record = await self.registry.owned(_team(request).name, video_id)
+        if record is None:
+            raise GatewayError(
+                400, "invalid_video_id", "The source video is unknown to this team.", param=param
+            )
+        if record.status != "completed":
+            raise GatewayError(
+                400,
+                "video_not_completed",
+                f"The source video is {record.status or 'not completed'}; "
+                "only a completed video can be used.",
+                param=param,
+            )
+        if record.expires_at is not None and record.expires_at <= self.clock():
+            raise GatewayError(400, "video_expired", "The source video has expired.", param=param)
+
+
+# -- request parsing ------------------------------------------------------------------------
+
+
+def _team(request: Request) -> Team:
+    return request.state.team
+
+
+def _request_id(request: Request) -> str:
+    return request.state.request_id
+
+
+def _path_id(request: Request, name: str) -> str:
+    value = request.path_params[name]
+    if not ID_SYNTAX.match(value):
+        raise invalid_request(f"{name} is not a valid id.", name)
+    return value
+
+
+def _field_id(value: Any, param: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise invalid_request(f"{param} is required.", param)
+    if not ID_SYNTAX.match(value):
+        raise invalid_request(f"{param} is not a valid video id.", param)
+    return value
+
+
+def _require_prompt(body: RequestBody) -> None:
+    prompt = body.fields.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise invalid_request("prompt is required.", "prompt")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise invalid_request(f"prompt is longer than {MAX_PROMPT_CHARS} characters.", "prompt")
+
+
+def _source_reference(body: RequestBody) -> str | None:
+    """The `video.id` an edit or extension refers to; None when a file was uploaded."""
+    if "video" in body.files:
+        return None
+    if body.is_multipart:
+        reference = body.fields.get("video[id]")
+    else:
+        video = body.fields.get("video")
+        if video is not None and not isinstance(video, dict):
+            raise invalid_request('video must be a file or an object {"id": ...}.', "video")
+        reference = video.get("id") if video else None
+    if reference is None:
+        raise invalid_request('video is required: a file or {"id": ...}.', "video")
+    return _field_id(reference, "video.id")
+
+
+def _with_field(body: RequestBody, name: str, value: str) -> bytes | RequestBody:
+    """The body with one more field, for upstreams that take the remix source in the body."""
+    if not body.is_multipart:
+        return json.dumps({**body.fields, name: value}).encode()
+    return _PrefixedBody(body, _form_part(body.boundary, name, value))
+
+
+def _form_part(boundary: bytes, name: str, value: str) -> bytes:
+    return (
+        b"--" + boundary + b"\r\n"
+        b'Content-Disposition: form-data; name="' + name.encode() + b'"\r\n\r\n'
+        + value.encode() + b"\r\n"
+    )  # fmt: skip
+
+
+class _PrefixedBody(RequestBody):
+    """A multipart body replayed with one extra part in front."""
+
+    def __init__(self, body: RequestBody, prefix: bytes) -> None:
+        super().__init__(body.content_type, body.size + len(prefix), body.fields, body.files)
+        self._inner = body
+        self._prefix = prefix
+
+    async def raw(self) -> AsyncIterator[bytes]:
+        yield self._prefix
+        async for chunk in self._inner.raw():
+            yield chunk
+
+
+# -- upstream answers -----------------------------------------------------------------------
+
+
+def _json_object(reply: Reply) -> dict[str, Any]:
+    try:
+        value = reply.json()
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise GatewayError(502, "upstream_error", "Upstream answered with something not JSON.")
+    return value
+
+
+def _video_object(reply: Reply) -> dict[str, Any]:
+    video = _json_object(reply)
+    if not isinstance(video.get("id"), str) or not ID_SYNTAX.match(video["id"]):
+        raise GatewayError(
+            502, "upstream_error", "Upstream answered without a video id.", headers=NO_RETRY
+        )
+    return video
+
+
+def _passthrough(reply: Reply) -> Response:
+    """Upstream's own bytes, unchanged, with only the headers a client may see."""
+    return Response(reply.body, status_code=reply.status, headers=response_headers(reply.headers))
+
+
+def _upstream_rate_limited(reply: Reply) -> GatewayError:
+    headers = {
+        name: reply.headers[name]
+        for name in ("retry-after", "retry-after-ms")
+        if name in reply.headers
+    }
+    headers.setdefault("retry-after", "1")
+    return GatewayError(
+        429,
+        "upstream_rate_limited",
+        "The upstream API is at its concurrency limit; try again shortly.",
+        headers=headers,
+    )
+
+
+async def _relay(response: httpx.Response) -> AsyncIterator[bytes]:
+    """Upstream's bytes as they arrive; the upstream connection is released however it ends."""
+    try:
+        async for chunk in response.aiter_raw():
+            yield chunk
+    finally:
+        await response.aclose()
