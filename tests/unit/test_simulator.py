@@ -1,0 +1,738 @@
+"""The bundled upstream simulator, in process: the API as SDKs speak it, its rules, its knobs.
+
+Time is a fake clock moved by hand, so no test sleeps for a job to progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import time
+import tracemalloc
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from gateway.simulator import SimulatorSettings, create_simulator_app
+from gateway.simulator.media import BLOCK, NoiseContent, RangeNotSatisfiable, parse_range
+
+AUTH = {"Authorization": "Bearer test-key"}
+VIDEO_ID = re.compile(r"^video_[0-9a-f]{32}$")
+
+
+class FakeClock:
+    def __init__(self, start: float = 1_700_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def make_client(settings: SimulatorSettings, clock: FakeClock) -> httpx.AsyncClient:
+    app = create_simulator_app(settings, clock=clock)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://sim")
+
+
+@pytest.fixture
+async def client(clock: FakeClock) -> AsyncIterator[httpx.AsyncClient]:
+    async with make_client(SimulatorSettings(queue_s=1, run_s=4, expire_s=100), clock) as c:
+        yield c
+
+
+async def create(client: httpx.AsyncClient, prompt: str = "a cat", **fields: str) -> dict:
+    response = await client.post("/v1/videos", json={"prompt": prompt, **fields}, headers=AUTH)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+async def completed_video(client: httpx.AsyncClient, clock: FakeClock, **fields: str) -> dict:
+    video = await create(client, **fields)
+    clock.advance(5)
+    return video
+
+
+def assert_error(response: httpx.Response, status: int, code: str | None, param=None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == code
+    if param is not None:
+        assert error["param"] == param
+    return error
+
+
+# --- create and the video object ----------------------------------------------------------
+
+
+async def test_create_json_returns_queued_video_with_every_field(client, clock):
+    video = await create(client, "a fox", seconds="8", size="1280x720", model="sora-2-pro")
+    assert VIDEO_ID.match(video["id"])
+    assert video == {
+        "id": video["id"],
+        "object": "video",
+        "model": "sora-2-pro",
+        "status": "queued",
+        "progress": 0,
+        "created_at": int(clock.now),
+        "completed_at": None,
+        "expires_at": None,
+        "seconds": "8",
+        "size": "1280x720",
+        "prompt": "a fox",
+        "remixed_from_video_id": None,
+        "error": None,
+    }
+
+
+async def test_create_multipart_prompt_only_and_with_input_reference(client):
+    plain = await client.post("/v1/videos", files={"prompt": (None, "a dog")}, headers=AUTH)
+    assert plain.status_code == 200
+    assert (plain.json()["model"], plain.json()["seconds"], plain.json()["size"]) == (
+        "sora-2",
+        "4",
+        "720x1280",
+    )
+    with_file = await client.post(
+        "/v1/videos",
+        data={"prompt": "a dog", "seconds": "12", "size": "1024x1792"},
+        files={"input_reference": ("ref.jpg", b"\xff\xd8jpeg", "image/jpeg")},
+        headers=AUTH,
+    )
+    assert with_file.status_code == 200
+    assert with_file.json()["seconds"] == "12"
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "code"),
+    [
+        ({}, "prompt", "missing_required_parameter"),
+        ({"prompt": "  "}, "prompt", "missing_required_parameter"),
+        ({"prompt": "x" * 32001}, "prompt", "string_above_max_length"),
+        ({"prompt": "p", "seconds": "5"}, "seconds", "invalid_value"),
+        ({"prompt": "p", "size": "640x480"}, "size", "invalid_value"),
+        ({"prompt": "p", "model": ""}, "model", "invalid_value"),
+    ],
+)
+async def test_create_refuses_bad_values_naming_the_param(client, body, param, code):
+    response = await client.post("/v1/videos", json=body, headers=AUTH)
+    error = assert_error(response, 400, code, param)
+    assert error["type"] == "invalid_request_error"
+    assert (await client.get("/_sim/stats")).json()["jobs_created"] == 0
+
+
+async def test_create_accepts_longest_prompt_and_numeric_seconds(client):
+    assert (await create(client, "x" * 32000))["prompt"] == "x" * 32000
+    response = await client.post("/v1/videos", json={"prompt": "p", "seconds": 8}, headers=AUTH)
+    assert response.json()["seconds"] == "8"
+
+
+async def test_malformed_json_is_a_400(client):
+    response = await client.post(
+        "/v1/videos", content=b"{nope", headers={**AUTH, "content-type": "application/json"}
+    )
+    assert_error(response, 400, "invalid_json")
+
+
+# --- lifecycle by the clock ---------------------------------------------------------------
+
+
+async def test_job_moves_queued_in_progress_completed_by_the_clock(client, clock):
+    created_at = clock.now
+    video = await create(client)
+    url = f"/v1/videos/{video['id']}"
+    clock.advance(0.5)
+    assert (await client.get(url, headers=AUTH)).json()["status"] == "queued"
+    clock.advance(1.5)  # 1 s into a 4 s run
+    running = (await client.get(url, headers=AUTH)).json()
+    assert (running["status"], running["progress"]) == ("in_progress", 25)
+    clock.advance(3)
+    done = (await client.get(url, headers=AUTH)).json()
+    assert done["status"] == "completed"
+    assert done["progress"] == 100
+    assert done["completed_at"] == int(created_at + 5)
+    assert done["expires_at"] == int(created_at + 5 + 100)
+
+
+@pytest.mark.parametrize(("marker", "status"), [("#fail", "failed"), ("#cancel", "cancelled")])
+async def test_markers_end_a_job_failed_or_cancelled(client, clock, marker, status):
+    video = await create(client, f"a cat {marker}")
+    clock.advance(5)
+    ended = (await client.get(f"/v1/videos/{video['id']}", headers=AUTH)).json()
+    assert ended["status"] == status
+    assert ended["completed_at"] is not None
+    assert ended["expires_at"] is None
+    if status == "failed":
+        assert ended["error"]["code"] == "content_policy_violation"
+        assert ended["error"]["message"]
+
+
+async def test_retrieve_unknown_is_404_video_not_found(client):
+    response = await client.get("/v1/videos/video_nope", headers=AUTH)
+    error = assert_error(response, 404, "video_not_found")
+    assert error["type"] == "invalid_request_error"
+
+
+# --- the concurrency limit ----------------------------------------------------------------
+
+
+async def test_third_running_job_is_refused_with_429_until_one_ends(client, clock):
+    await create(client)
+    await create(client)
+    refused = await client.post("/v1/videos", json={"prompt": "third"}, headers=AUTH)
+    error = assert_error(refused, 429, "too_many_running_tasks")
+    assert error == {
+        "message": "Too many running tasks",
+        "type": "rate_limit_error",
+        "param": None,
+        "code": "too_many_running_tasks",
+    }
+    assert refused.headers["retry-after"] == "1"
+    clock.advance(5)
+    await create(client)
+    stats = (await client.get("/_sim/stats")).json()
+    assert (stats["limit_hits"], stats["max_concurrency"], stats["running"]) == (1, 2, 1)
+    assert stats["jobs_created"] == 3
+
+
+async def test_deleting_a_running_job_frees_its_place(client):
+    first = await create(client)
+    await create(client)
+    response = await client.request(
+        "DELETE",
+        f"/v1/videos/{first['id']}",
+        headers={**AUTH, "Content-Type": "application/json"},
+        content=b"",
+    )
+    assert response.json() == {"id": first["id"], "object": "video.deleted", "deleted": True}
+    assert_error(
+        await client.get(f"/v1/videos/{first['id']}", headers=AUTH), 404, "video_not_found"
+    )
+    assert_error(
+        await client.delete(f"/v1/videos/{first['id']}", headers=AUTH), 404, "video_not_found"
+    )
+    await create(client)
+    assert (await client.get("/_sim/stats")).json()["max_concurrency"] == 2
+
+
+async def test_concurrent_creates_never_exceed_the_limit(client):
+    async def attempt(i: int) -> int:
+        response = await client.post("/v1/videos", data={"prompt": f"p{i}"}, headers=AUTH)
+        return response.status_code
+
+    codes = await asyncio.gather(*(attempt(i) for i in range(12)))
+    assert sorted(codes) == [200, 200] + [429] * 10
+    stats = (await client.get("/_sim/stats")).json()
+    assert (stats["max_concurrency"], stats["limit_hits"], stats["running"]) == (2, 10, 2)
+
+
+async def test_max_concurrency_counts_only_jobs_running_at_admission(clock):
+    settings = SimulatorSettings(queue_s=1, run_s=1, max_running=3)
+    async with make_client(settings, clock) as c:
+        await create(c)
+        clock.advance(1.5)
+        await create(c)
+        clock.advance(1.5)  # the first has ended
+        await create(c)
+        assert (await c.get("/_sim/stats")).json()["max_concurrency"] == 2
+
+
+# --- list ---------------------------------------------------------------------------------
+
+
+async def test_list_is_newest_first_and_pages_with_after(client, clock):
+    ids = []
+    for i in range(5):
+        ids.append((await create(client, f"p{i}"))["id"])
+        clock.advance(5)
+    page = (await client.get("/v1/videos?limit=2", headers=AUTH)).json()
+    assert [v["id"] for v in page["data"]] == [ids[4], ids[3]]
+    assert (page["object"], page["first_id"], page["last_id"], page["has_more"]) == (
+        "list",
+        ids[4],
+        ids[3],
+        True,
+    )
+    rest = (await client.get(f"/v1/videos?after={ids[3]}&limit=100", headers=AUTH)).json()
+    assert [v["id"] for v in rest["data"]] == [ids[2], ids[1], ids[0]]
+    assert rest["has_more"] is False
+    ascending = (await client.get("/v1/videos?order=asc", headers=AUTH)).json()
+    assert [v["id"] for v in ascending["data"]] == ids
+
+
+async def test_list_ties_keep_creation_order(client):
+    first, second = await create(client), await create(client)
+    page = (await client.get("/v1/videos", headers=AUTH)).json()
+    assert [v["id"] for v in page["data"]] == [second["id"], first["id"]]
+
+
+async def test_list_empty_and_bad_params(client):
+    empty = (await client.get("/v1/videos", headers=AUTH)).json()
+    assert empty == {
+        "object": "list",
+        "data": [],
+        "first_id": None,
+        "last_id": None,
+        "has_more": False,
+    }
+    for query, param in [("limit=0", "limit"), ("limit=101", "limit"), ("order=up", "order")]:
+        assert_error(
+            await client.get(f"/v1/videos?{query}", headers=AUTH), 400, "invalid_value", param
+        )
+    assert_error(
+        await client.get("/v1/videos?after=video_x", headers=AUTH), 400, "invalid_value", "after"
+    )
+
+
+# --- remix, edits, extensions -------------------------------------------------------------
+
+
+async def test_remix_by_path_inherits_size_and_seconds(client, clock):
+    source = await completed_video(client, clock, seconds="12", size="1792x1024")
+    response = await client.post(
+        f"/v1/videos/{source['id']}/remix", json={"prompt": "teal"}, headers=AUTH
+    )
+    remix = response.json()
+    assert (remix["status"], remix["seconds"], remix["size"]) == ("queued", "12", "1792x1024")
+    assert remix["remixed_from_video_id"] == source["id"]
+    assert remix["prompt"] == "teal"
+
+
+async def test_remix_by_body_and_multipart(client, clock):
+    source = await completed_video(client, clock)
+    by_body = await client.post(
+        "/v1/videos/remix", json={"video_id": source["id"], "prompt": "rust"}, headers=AUTH
+    )
+    assert by_body.json()["remixed_from_video_id"] == source["id"]
+    multipart = await client.post(
+        f"/v1/videos/{source['id']}/remix", files={"prompt": (None, "sand")}, headers=AUTH
+    )
+    assert multipart.json()["remixed_from_video_id"] == source["id"]
+    missing = await client.post("/v1/videos/remix", json={"prompt": "x"}, headers=AUTH)
+    assert_error(missing, 400, "missing_required_parameter", "video_id")
+
+
+async def test_remix_source_rules(client, clock):
+    async def remix(video_id: str) -> httpx.Response:
+        return await client.post(
+            "/v1/videos/remix", json={"video_id": video_id, "prompt": "p"}, headers=AUTH
+        )
+
+    assert_error(await remix("video_unknown"), 400, "invalid_video_id", "video_id")
+    running = await create(client)
+    assert_error(await remix(running["id"]), 400, "video_not_completed")
+    failed = await create(client, "#fail")
+    clock.advance(5)
+    assert_error(await remix(failed["id"]), 400, "video_not_completed")
+    assert (await remix(running["id"])).status_code == 200
+    clock.advance(5 + 100 + 1)  # past expires_at of `running`
+    assert_error(await remix(running["id"]), 400, "video_expired")
+    stats = (await client.get("/_sim/stats")).json()
+    assert stats["jobs_created"] == 3
+
+
+async def test_remix_counts_against_the_limit(client, clock):
+    source = await completed_video(client, clock)
+    await create(client)
+    await create(client)
+    response = await client.post(
+        f"/v1/videos/{source['id']}/remix", json={"prompt": "p"}, headers=AUTH
+    )
+    assert_error(response, 429, "too_many_running_tasks")
+
+
+async def test_edit_by_json_id_multipart_id_and_file(client, clock):
+    source = await completed_video(client, clock, size="1280x720", seconds="8")
+    by_json = await client.post(
+        "/v1/videos/edits", json={"prompt": "e", "video": {"id": source["id"]}}, headers=AUTH
+    )
+    assert (by_json.json()["size"], by_json.json()["seconds"]) == ("1280x720", "8")
+    by_form = await client.post(
+        "/v1/videos/edits", data={"prompt": "e", "video[id]": source["id"]}, headers=AUTH
+    )
+    assert by_form.json()["size"] == "1280x720"
+    clock.advance(5)
+    by_file = await client.post(
+        "/v1/videos/edits",
+        data={"prompt": "e"},
+        files={"video": ("in.mp4", b"\x00\x00\x00\x18ftypmp42", "video/mp4")},
+        headers=AUTH,
+    )
+    assert by_file.status_code == 200
+    assert by_file.json()["size"] == "720x1280"
+
+
+async def test_edit_and_extension_source_errors(client):
+    for path in ("/v1/videos/edits", "/v1/videos/extensions"):
+        unknown = await client.post(
+            path, json={"prompt": "p", "video": {"id": "video_zz"}}, headers=AUTH
+        )
+        assert_error(unknown, 400, "invalid_video_id", "video.id")
+        missing = await client.post(path, json={"prompt": "p"}, headers=AUTH)
+        assert_error(missing, 400, "missing_required_parameter", "video")
+        bare = await client.post(path, json={"prompt": "p", "video": "video_zz"}, headers=AUTH)
+        assert_error(bare, 400, "invalid_type", "video")
+
+
+async def test_extension_reports_the_stitched_total(client, clock):
+    source = await completed_video(client, clock, seconds="8")
+    response = await client.post(
+        "/v1/videos/extensions",
+        data={"prompt": "more", "seconds": "16", "video[id]": source["id"]},
+        headers=AUTH,
+    )
+    assert response.json()["seconds"] == "24"
+    bad = await client.post(
+        "/v1/videos/extensions",
+        json={"prompt": "more", "seconds": "7", "video": {"id": source["id"]}},
+        headers=AUTH,
+    )
+    assert_error(bad, 400, "invalid_value", "seconds")
+
+
+# --- content ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("variant", "media_type", "magic"),
+    [
+        ("video", "video/mp4", b"ftyp"),
+        ("thumbnail", "image/webp", b"WEBP"),
+        ("spritesheet", "image/jpeg", b"\xff\xd8\xff"),
+    ],
+)
+async def test_content_variants_are_real_media(client, clock, variant, media_type, magic):
+    video = await completed_video(client, clock)
+    response = await client.get(
+        f"/v1/videos/{video['id']}/content",
+        params={"variant": variant},
+        headers={**AUTH, "Accept": "application/binary"},
+    )
+    assert response.status_code == 200
+    assert response.headers["content-type"] == media_type
+    assert response.headers["accept-ranges"] == "bytes"
+    assert int(response.headers["content-length"]) == len(response.content)
+    assert 1000 < len(response.content) < 50_000
+    assert magic in response.content[:12]
+
+
+async def test_content_refusals(client, clock):
+    video = await create(client)
+    url = f"/v1/videos/{video['id']}/content"
+    assert_error(await client.get(url, headers=AUTH), 400, "video_not_completed")
+    clock.advance(5)
+    bad = await client.get(url, params={"variant": "gif"}, headers=AUTH)
+    assert_error(bad, 400, "invalid_value", "variant")
+    gone = await client.get("/v1/videos/video_x/content", headers=AUTH)
+    assert_error(gone, 404, "video_not_found")
+
+
+async def test_content_ranges(client, clock):
+    video = await completed_video(client, clock)
+    url = f"/v1/videos/{video['id']}/content"
+    full = (await client.get(url, headers=AUTH)).content
+    size = len(full)
+
+    async def ranged(spec: str) -> httpx.Response:
+        return await client.get(url, headers={**AUTH, "Range": spec})
+
+    cases = {
+        "bytes=0-9": (0, 10),
+        "bytes=100-": (100, size),
+        "bytes=-50": (size - 50, size),
+        f"bytes=10-{size + 500}": (10, size),
+        f"bytes=-{size + 5}": (0, size),
+    }
+    for spec, (start, stop) in cases.items():
+        response = await ranged(spec)
+        assert response.status_code == 206, spec
+        assert response.content == full[start:stop], spec
+        assert response.headers["content-range"] == f"bytes {start}-{stop - 1}/{size}"
+        assert response.headers["content-length"] == str(stop - start)
+    unsatisfiable = await ranged(f"bytes={size}-")
+    assert unsatisfiable.status_code == 416
+    assert unsatisfiable.headers["content-range"] == f"bytes */{size}"
+    for ignored in ("bytes=0-1,5-6", "items=0-1", "bytes=9-3"):
+        response = await ranged(ignored)
+        assert (response.status_code, response.content) == (200, full), ignored
+
+
+async def test_noise_content_is_deterministic_and_range_consistent(clock):
+    length = 2 * BLOCK + 12345
+    settings = SimulatorSettings(queue_s=0, run_s=0, content_bytes=length, max_running=5)
+    async with make_client(settings, clock) as c:
+        one, two = await create(c), await create(c)
+        url = f"/v1/videos/{one['id']}/content"
+        first = (await c.get(url, headers=AUTH)).content
+        again = (await c.get(url, headers=AUTH)).content
+        other = (await c.get(f"/v1/videos/{two['id']}/content", headers=AUTH)).content
+        assert len(first) == length
+        assert first == again
+        assert first != other
+        assert first[:BLOCK] != first[BLOCK : 2 * BLOCK]  # every block carries its own stamp
+        start, stop = BLOCK - 100, 2 * BLOCK + 7
+        part = await c.get(url, headers={**AUTH, "Range": f"bytes={start}-{stop - 1}"})
+        assert part.content == first[start:stop]
+        thumb = await c.get(url, params={"variant": "thumbnail"}, headers=AUTH)
+        assert thumb.content[8:12] == b"WEBP"  # only the video variant is noise
+
+
+def test_noise_of_a_gibibyte_costs_no_memory():
+    content = NoiseContent("video_big", 1 << 30)
+    digest = hashlib.sha256()
+    tracemalloc.start()
+    try:
+        total = 0
+        for chunk in content.chunks(0, content.length):
+            total += len(chunk)
+            digest.update(chunk[:64])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert total == 1 << 30
+    assert peak < 4 * BLOCK
+
+
+def test_parse_range_edges():
+    assert parse_range(None, 10) is None
+    assert parse_range("bytes=0-0", 10).stop == 1
+    with pytest.raises(RangeNotSatisfiable):
+        parse_range("bytes=-0", 10)
+    with pytest.raises(RangeNotSatisfiable):
+        parse_range("bytes=0-", 0)
+    assert parse_range("bytes=²-3", 10) is None
+
+
+# --- characters ---------------------------------------------------------------------------
+
+
+async def test_characters_create_and_get(client):
+    response = await client.post(
+        "/v1/videos/characters",
+        data={"name": "Ada"},
+        files={"video": ("ada.mp4", b"\x00" * 64, "video/mp4")},
+        headers=AUTH,
+    )
+    character = response.json()
+    assert character["id"].startswith("char_")
+    assert (character["object"], character["name"]) == ("character", "Ada")
+    fetched = await client.get(f"/v1/videos/characters/{character['id']}", headers=AUTH)
+    assert fetched.json() == character
+    missing = await client.get("/v1/videos/characters/char_nope", headers=AUTH)
+    assert_error(missing, 404, "character_not_found")
+    no_file = await client.post("/v1/videos/characters", data={"name": "Bo"}, headers=AUTH)
+    assert_error(no_file, 400, "missing_required_parameter", "video")
+
+
+# --- auth, routing, headers ---------------------------------------------------------------
+
+
+async def test_auth_with_a_configured_token(clock):
+    async with make_client(SimulatorSettings(token="sk-up"), clock) as c:
+        ok_bearer = await c.get("/v1/videos", headers={"Authorization": "Bearer sk-up"})
+        ok_api_key = await c.get("/v1/videos", headers={"api-key": "sk-up"})
+        assert (ok_bearer.status_code, ok_api_key.status_code) == (200, 200)
+        for headers in (
+            {},
+            {"Authorization": "Bearer team-key"},
+            {"api-key": "team-key"},
+            {"Authorization": "sk-up"},
+            {"Authorization": "Bearer team-key", "api-key": "sk-up"},  # Authorization wins
+        ):
+            assert_error(await c.get("/v1/videos", headers=headers), 401, "invalid_api_key")
+        stats = (await c.get("/_sim/stats")).json()
+        assert stats["auth_rejected"] == 5
+        assert stats["requests"] == 7
+        assert stats["credentials_seen"] == ["sk-up", "team-key"]
+
+
+async def test_any_credential_without_a_token_but_never_none(client):
+    assert (await client.get("/v1/videos", headers={"api-key": "whatever"})).status_code == 200
+    assert_error(await client.get("/v1/videos"), 401, "invalid_api_key")
+    assert_error(
+        await client.get("/v1/videos", headers={"Authorization": "Bearer "}), 401, "invalid_api_key"
+    )
+
+
+async def test_unknown_v1_routes_and_methods_answer_in_the_envelope(client):
+    assert_error(await client.get("/v1/models", headers=AUTH), 404, None)
+    assert_error(await client.get("/v1/nope"), 401, "invalid_api_key")  # auth comes first
+    not_allowed = await client.put("/v1/videos", headers=AUTH)
+    assert_error(not_allowed, 405, "method_not_allowed")
+    assert {"GET", "POST"} <= set(not_allowed.headers["allow"].split(", "))
+    assert (await client.get("/healthz")).status_code == 200
+
+
+async def test_every_v1_answer_has_a_request_id(client):
+    ok = await client.get("/v1/videos", headers=AUTH)
+    refused = await client.get("/v1/videos")
+    assert ok.headers["x-request-id"].startswith("req_")
+    assert refused.headers["x-request-id"] != ok.headers["x-request-id"]
+
+
+async def test_poll_after_header_only_when_configured(client):
+    assert (
+        "openai-poll-after-ms"
+        not in (await client.post("/v1/videos", json={"prompt": "p"}, headers=AUTH)).headers
+    )
+    await client.post("/_sim/config", json={"poll_after_ms": 250})
+    video = await client.post("/v1/videos", json={"prompt": "p"}, headers=AUTH)
+    assert video.headers["openai-poll-after-ms"] == "250"
+    again = await client.get(f"/v1/videos/{video.json()['id']}", headers=AUTH)
+    assert again.headers["openai-poll-after-ms"] == "250"
+
+
+async def test_request_log_keeps_lowercased_headers(client):
+    await client.get("/v1/videos?limit=5", headers={**AUTH, "X-Custom": "1"})
+    await client.get("/healthz")  # not /v1: not logged
+    await client.post("/v1/videos", json={"prompt": "p"}, headers=AUTH)
+    log = (await client.get("/_sim/requests")).json()
+    assert [(r["method"], r["path"]) for r in log] == [
+        ("GET", "/v1/videos"),
+        ("POST", "/v1/videos"),
+    ]
+    assert log[0]["query"] == "limit=5"
+    assert log[0]["headers"]["x-custom"] == "1"
+    assert log[0]["headers"]["authorization"] == "Bearer test-key"
+    assert (await client.get("/_sim/requests?limit=1")).json() == log[-1:]
+
+
+# --- faults, config, reset ----------------------------------------------------------------
+
+
+async def test_fail_next_answers_500_without_doing_anything(client):
+    await client.post("/_sim/faults", json={"fail_next": 2})
+    for _ in range(2):
+        response = await client.post("/v1/videos", json={"prompt": "p"}, headers=AUTH)
+        assert assert_error(response, 500, "internal_error")["type"] == "server_error"
+    assert (await client.get("/_sim/stats")).json()["jobs_created"] == 0
+    await create(client)
+
+
+async def test_rate_limit_next_refuses_without_creating(client):
+    await client.post("/_sim/faults", json={"rate_limit_next": 1})
+    refused = await client.post("/v1/videos", json={"prompt": "p"}, headers=AUTH)
+    assert_error(refused, 429, "rate_limit_exceeded")
+    assert refused.headers["retry-after"] == "1"
+    stats = (await client.get("/_sim/stats")).json()
+    assert (stats["jobs_created"], stats["limit_hits"]) == (0, 0)
+    await create(client)
+
+
+async def test_create_then_500_creates_the_job(client):
+    await client.post("/_sim/faults", json={"create_then_500_next": 1})
+    response = await client.post("/v1/videos", json={"prompt": "p"}, headers=AUTH)
+    assert_error(response, 500, "internal_error")
+    listed = (await client.get("/v1/videos", headers=AUTH)).json()["data"]
+    assert len(listed) == 1
+    assert (await client.get("/_sim/stats")).json()["running"] == 1
+
+
+async def test_create_then_hang_holds_the_answer_until_reset(client):
+    await client.post("/_sim/faults", json={"create_then_hang_next": 1})
+    hung = asyncio.create_task(client.post("/v1/videos", json={"prompt": "p"}, headers=AUTH))
+    for _ in range(200):
+        if (await client.get("/_sim/stats")).json()["jobs_created"] == 1:
+            break
+        await asyncio.sleep(0.005)
+    assert (await client.get("/_sim/stats")).json()["running"] == 1
+    assert not hung.done()
+    await client.post("/_sim/reset")
+    response = await asyncio.wait_for(hung, 2)
+    assert response.status_code == 500
+    assert (await client.get("/_sim/stats")).json()["jobs_created"] == 0
+
+
+async def test_latency_is_added_to_v1_answers(client):
+    await client.post("/_sim/faults", json={"latency_ms": 60})
+    started = time.perf_counter()
+    await client.get("/v1/videos", headers=AUTH)
+    assert time.perf_counter() - started >= 0.06
+    faults = (await client.get("/_sim/faults")).json()
+    assert faults["latency_ms"] == 60
+
+
+async def test_bad_fault_and_config_values_are_refused(client):
+    for body, param in [({"fail_next": -1}, "fail_next"), ({"bogus": 1}, "bogus")]:
+        assert_error(await client.post("/_sim/faults", json=body), 400, "invalid_value", param)
+    for body, param in [({"run_s": "x"}, "run_s"), ({"max_running": 1.5}, "max_running")]:
+        assert_error(await client.post("/_sim/config", json=body), 400, "invalid_value", param)
+
+
+async def test_config_changes_apply_to_new_jobs_and_reset_restores_them(client, clock):
+    config = (await client.post("/_sim/config", json={"queue_s": 0, "run_s": 10})).json()
+    assert (config["queue_s"], config["run_s"], config["token_set"]) == (0.0, 10.0, False)
+    assert "token" not in config
+    video = await create(client)
+    assert video["status"] == "in_progress"
+    clock.advance(5)
+    assert (await client.get(f"/v1/videos/{video['id']}", headers=AUTH)).json()["progress"] == 50
+    await client.post("/_sim/faults", json={"fail_next": 3, "latency_ms": 5})
+    await client.post("/_sim/reset")
+    assert (await client.get("/_sim/config")).json()["run_s"] == 4.0
+    assert (await client.get("/_sim/faults")).json()["fail_next"] == 0
+    stats = (await client.get("/_sim/stats")).json()
+    assert stats == {
+        "max_concurrency": 0,
+        "limit_hits": 0,
+        "running": 0,
+        "jobs_created": 0,
+        "requests": 0,
+        "auth_rejected": 0,
+        "credentials_seen": [],
+    }
+    assert_error(
+        await client.get(f"/v1/videos/{video['id']}", headers=AUTH), 404, "video_not_found"
+    )
+
+
+async def test_token_can_be_set_at_runtime(client):
+    await client.post("/_sim/config", json={"token": "sk-new"})
+    assert_error(await client.get("/v1/videos", headers=AUTH), 401, "invalid_api_key")
+    ok = await client.get("/v1/videos", headers={"Authorization": "Bearer sk-new"})
+    assert ok.status_code == 200
+
+
+# --- the official SDK, in process ---------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the SDK marks Sora deprecated
+async def test_official_sdk_round_trip(clock):
+    openai = pytest.importorskip("openai")
+    httpx2 = pytest.importorskip("httpx2")
+    app = create_simulator_app(SimulatorSettings(queue_s=0, run_s=0), clock=clock)
+    transport = httpx2.ASGITransport(app=app)
+    async with httpx2.AsyncClient(transport=transport, base_url="http://sim/v1") as http:
+        sdk = openai.AsyncOpenAI(base_url="http://sim/v1", api_key="x", http_client=http)
+        video = await sdk.videos.create(prompt="a cat", seconds="8")
+        assert video.status == "completed"
+        with_ref = await sdk.videos.create(
+            prompt="a cat", input_reference=("ref.jpg", b"\xff\xd8", "image/jpeg")
+        )
+        remix = await sdk.videos.remix(video.id, prompt="teal")
+        assert remix.remixed_from_video_id == video.id
+        # openai 3.57 refuses video={"id": ...} client-side (it expects a file there), so
+        # the reference goes in extra_body, which the SDK flattens to the part `video[id]`.
+        by_id = {"extra_body": {"video": {"id": video.id}}}
+        edit = await sdk.videos.edit(prompt="edit", video=openai.omit, **by_id)
+        extension = await sdk.videos.extend(prompt="more", seconds="4", video=openai.omit, **by_id)
+        assert extension.seconds == "12"
+        listed = [v.id async for v in sdk.videos.list(limit=2)]
+        assert listed == [extension.id, edit.id, remix.id, with_ref.id, video.id]
+        data = await (await sdk.videos.download_content(video.id)).aread()
+        assert data[4:8] == b"ftyp"
+        thumb = await sdk.videos.download_content(video.id, variant="thumbnail")
+        assert (await thumb.aread())[8:12] == b"WEBP"
+        deleted = await sdk.videos.delete(video.id)
+        assert deleted.deleted is True
+        with pytest.raises(openai.NotFoundError):
+            await sdk.videos.retrieve(video.id)
