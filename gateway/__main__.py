@@ -73,7 +73,7 @@ def _check_config(path: str) -> int:
 def _new_key(team: str) -> int:
     key = new_key()
     print(key)
-    print(f'  - name: {team}\n    key_sha256: ["{key_digest(key)}"]')
+    print(f'- {{name: {team}, key_sha256: ["{key_digest(key)}"]}}')
     return 0
 
 

@@ -8,6 +8,7 @@ because an operator fixing a config at 3 a.m. should not have to guess.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -100,7 +101,11 @@ def parse_settings(
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(source, [f"not valid YAML: {exc}"]) from exc
+        # Only the position: the offending line itself may hold a literal secret.
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "syntax error"
+        raise ConfigError(source, [f"not valid YAML{where}: {problem}"]) from exc
     if not isinstance(raw, dict):
         raise ConfigError(source, ["the file must be a YAML mapping"])
     checker = _Checker(os.environ if environ is None else environ)
@@ -158,7 +163,7 @@ class _Checker:
         if isinstance(value, bool) or not isinstance(value, int | float):
             self.fail(_join(where, key), f"expected a number, got {value!r}")
             return default
-        if value < 0 or (value == 0 and not allow_zero):
+        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
             self.fail(
                 _join(where, key), "must be zero or more" if allow_zero else "must be positive"
             )

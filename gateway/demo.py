@@ -7,6 +7,7 @@ credential, and prints a snippet with the official SDK that works as printed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import sys
@@ -67,7 +68,8 @@ def run_demo(config_path: str, port: int | None) -> int:
             )
         )
         base_url = f"http://127.0.0.1:{gateway_port}/v1"
-        asyncio.run(_serve_both(simulator, gateway, base_url, key))
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_serve_both(simulator, gateway, base_url, key))
     return 0
 
 

@@ -213,7 +213,7 @@ def error_from_reply(reply: Reply, scrub: Any) -> GatewayError:
         error = {"message": reply.body[:500].decode("utf-8", "replace")}
     headers = {
         name: reply.headers[name]
-        for name in ("retry-after", "retry-after-ms")
+        for name in ("retry-after", "retry-after-ms", "content-range")
         if name in reply.headers
     }
     return GatewayError(

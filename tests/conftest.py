@@ -39,10 +39,10 @@ class Stack:
         return self.gateway.url + "/v1"
 
     def client(self, team: str = "alpha", **kwargs: Any) -> httpx.Client:
+        kwargs.setdefault("timeout", 30.0)
         return httpx.Client(
             base_url=self.gateway.url,
             headers={"authorization": f"Bearer {self.keys[team]}"},
-            timeout=30.0,
             **kwargs,
         )
 

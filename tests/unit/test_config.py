@@ -1,0 +1,405 @@
+"""Config (CONTRACT §4) and the config-related commands (§5): defaults, every error named."""
+
+from __future__ import annotations
+
+import hashlib
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from gateway.__main__ import main
+from gateway.config import ConfigError, load_settings, parse_settings
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "config" / "gateway.example.yaml"
+TOKEN = "sk-upstream-DO-NOT-PRINT-7f3a9c"
+D1, D2, D3 = "a" * 64, "b" * 64, "c" * 64
+
+
+def minimal(**overrides: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "upstream": {"base_url": "https://api.example.com/v1", "token": TOKEN},
+        "teams": [{"name": "marketing", "key_sha256": [D1]}],
+    }
+    config.update(overrides)
+    return config
+
+
+def parse(config: dict[str, Any] | str, environ: dict[str, str] | None = None):
+    text = config if isinstance(config, str) else yaml.safe_dump(config)
+    return parse_settings(text, source="test.yaml", environ=environ or {})
+
+
+def problems(config: dict[str, Any] | str, environ: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse(config, environ)
+    error = caught.value
+    assert error.problems, "a ConfigError must list its problems"
+    assert TOKEN not in str(error) and TOKEN not in error.report()
+    # The report names the file with every problem.
+    assert error.report() == "\n".join(f"test.yaml: {p}" for p in error.problems)
+    return error.problems
+
+
+# -- the example file -----------------------------------------------------------------------
+
+
+def test_the_example_config_validates_with_the_token_variable_set(monkeypatch):
+    monkeypatch.setenv("SORA_UPSTREAM_TOKEN", TOKEN)
+    settings = load_settings(EXAMPLE)
+    assert settings.upstream.token == TOKEN
+    assert settings.upstream.base_url == "https://api.example.com/v1"
+    assert [team.name for team in settings.teams] == ["marketing", "research"]
+    assert settings.teams[0].max_in_flight == 1
+    assert settings.teams[1].max_in_flight is None
+
+
+def test_the_example_config_without_the_variable_names_it(monkeypatch):
+    monkeypatch.delenv("SORA_UPSTREAM_TOKEN", raising=False)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(EXAMPLE)
+    assert caught.value.problems == [
+        "upstream.token: environment variable SORA_UPSTREAM_TOKEN is not set"
+    ]
+    assert str(EXAMPLE) in caught.value.report()
+
+
+def test_env_references_are_expanded_anywhere_in_a_string():
+    config = minimal()
+    config["upstream"]["base_url"] = "https://${HOST}/v1"
+    config["upstream"]["token"] = "${TOK}"
+    config["teams"][0]["key_sha256"] = ["${DIGEST}"]
+    settings = parse(config, {"HOST": "sora.example.net", "TOK": TOKEN, "DIGEST": D2})
+    assert settings.upstream.base_url == "https://sora.example.net/v1"
+    assert settings.upstream.token == TOKEN
+    assert settings.teams[0].key_sha256 == (D2,)
+
+
+def test_every_unset_variable_is_named_with_its_field():
+    config = minimal()
+    config["upstream"]["token"] = "${NOPE_TOKEN}"
+    config["teams"][0]["key_sha256"] = ["${NOPE_DIGEST}"]
+    found = problems(config)
+    assert "upstream.token: environment variable NOPE_TOKEN is not set" in found
+    assert "teams[0].key_sha256[0]: environment variable NOPE_DIGEST is not set" in found
+    # One message per missing variable, not a second "required" for the same field.
+    assert len([p for p in found if p.startswith("upstream.token")]) == 1
+
+
+# -- defaults -------------------------------------------------------------------------------
+
+
+def test_every_section_4_default():
+    settings = parse(minimal())
+    assert settings.upstream.auth_header == "authorization"
+    assert settings.upstream.remix_route == "path"
+    assert settings.upstream.timeout_s == 60
+    assert settings.store.redis_url is None  # the embedded store is started
+    assert settings.quota.max_in_flight == 2
+    assert settings.quota.wait_s == 20
+    assert settings.quota.max_job_s == 3600
+    assert settings.tracker.poll_interval_s == 5
+    assert settings.tracker.lease_s == 30
+    assert settings.limits.max_body_bytes == 52428800
+    assert settings.teams[0].max_in_flight is None
+
+
+def test_explicit_values_are_taken():
+    config = minimal(
+        store={"redis_url": "redis://10.0.0.5:6380/2"},
+        quota={"max_in_flight": 5, "wait_s": 0, "max_job_s": 60},
+        tracker={"poll_interval_s": 0.5, "lease_s": 10},
+        limits={"max_body_bytes": 1024},
+    )
+    config["upstream"].update(auth_header="api-key", remix_route="body", timeout_s=2.5)
+    config["teams"].append({"name": "research", "key_sha256": [D2, D3], "max_in_flight": 1})
+    settings = parse(config)
+    assert settings.upstream.auth_header == "api-key"
+    assert settings.upstream.remix_route == "body"
+    assert settings.upstream.timeout_s == 2.5
+    assert settings.store.redis_url == "redis://10.0.0.5:6380/2"
+    assert (settings.quota.max_in_flight, settings.quota.wait_s) == (5, 0)
+    assert settings.quota.max_job_s == 60
+    assert (settings.tracker.poll_interval_s, settings.tracker.lease_s) == (0.5, 10)
+    assert settings.limits.max_body_bytes == 1024
+    assert settings.teams[1].key_sha256 == (D2, D3)
+    assert settings.teams[1].max_in_flight == 1
+
+
+def test_digests_are_normalised_and_a_single_string_is_accepted():
+    config = minimal()
+    config["teams"][0]["key_sha256"] = " " + "AB" * 32 + " "
+    assert parse(config).teams[0].key_sha256 == ("ab" * 32,)
+
+
+# -- required fields ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda c: c.pop("upstream"), "upstream: required"),
+        (lambda c: c["upstream"].pop("base_url"), "upstream.base_url: required"),
+        (lambda c: c["upstream"].update(base_url=""), "upstream.base_url: required"),
+        (lambda c: c["upstream"].pop("token"), "upstream.token: required"),
+        (lambda c: c["upstream"].update(token="   "), "upstream.token: required"),
+        (lambda c: c.pop("teams"), "teams: at least one team is required"),
+        (lambda c: c.update(teams=[]), "teams: at least one team is required"),
+    ],
+)
+def test_missing_required_fields_are_named(mutate, expected):
+    config = minimal()
+    mutate(config)
+    assert any(p.startswith(expected) for p in problems(config)), expected
+
+
+def test_an_empty_or_non_mapping_file_is_refused():
+    assert problems("") == ["the file must be a YAML mapping"]
+    assert problems("- a\n- b\n") == ["the file must be a YAML mapping"]
+    assert problems("upstream: [\n")[0].startswith("not valid YAML")
+
+
+# -- each kind of error names its field path ------------------------------------------------
+
+
+def with_team(index: int, **team: Any) -> dict[str, Any]:
+    config = minimal()
+    while len(config["teams"]) <= index:
+        n = len(config["teams"])
+        config["teams"].append({"name": f"team{n}", "key_sha256": [f"{n:064x}"]})
+    config["teams"][index] = team
+    return config
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        (
+            with_team(1, name="research", key_sha256=["abc"]),
+            "teams[1].key_sha256[0]: expected 64 hex characters",
+        ),
+        (
+            with_team(1, name="research", key_sha256=[D2, "z" * 64]),
+            "teams[1].key_sha256[1]: expected 64 hex characters",
+        ),
+        (
+            with_team(0, name="research", key_sha256=[]),
+            "teams[0].key_sha256: expected a list of SHA-256 hex digests",
+        ),
+        (with_team(0, name="research"), "teams[0].key_sha256: expected a list"),
+        (with_team(0, key_sha256=[D1]), "teams[0].name: expected 1-63 letters"),
+        (with_team(0, name="has space", key_sha256=[D1]), "teams[0].name: expected 1-63"),
+        (with_team(0, name="-dash", key_sha256=[D1]), "teams[0].name: expected 1-63"),
+        (with_team(0, name="x" * 64, key_sha256=[D1]), "teams[0].name: expected 1-63"),
+        (with_team(0, name="anonymous", key_sha256=[D1]), "teams[0].name: 'anonymous'"),
+        (
+            with_team(1, name="r", key_sha256=[D2], max_in_flight=0),
+            "teams[1].max_in_flight: must be at least 1",
+        ),
+        (
+            with_team(1, name="r", key_sha256=[D2], max_in_flight="two"),
+            "teams[1].max_in_flight: expected a whole number",
+        ),
+        (minimal(teams=["marketing"]), "teams[0]: expected a mapping"),
+        (minimal(teams={"marketing": D1}), "teams: at least one team is required"),
+        (minimal(quota={"max_in_flight": 0}), "quota.max_in_flight: must be at least 1"),
+        (minimal(quota={"max_in_flight": 1.5}), "quota.max_in_flight: expected a whole number"),
+        (minimal(quota={"max_in_flight": True}), "quota.max_in_flight: expected a whole number"),
+        (minimal(quota={"wait_s": -1}), "quota.wait_s: must be zero or more"),
+        (minimal(quota={"wait_s": "20s"}), "quota.wait_s: expected a number"),
+        (minimal(quota={"max_job_s": 0}), "quota.max_job_s: must be positive"),
+        (minimal(tracker={"poll_interval_s": 0}), "tracker.poll_interval_s: must be positive"),
+        (minimal(tracker={"lease_s": -5}), "tracker.lease_s: must be positive"),
+        (minimal(limits={"max_body_bytes": 0}), "limits.max_body_bytes: must be at least 1"),
+        (minimal(limits={"max_body_bytes": "50MB"}), "limits.max_body_bytes: expected a whole"),
+        (minimal(store={"redis_url": "http://redis:6379"}), "store.redis_url: expected a redis"),
+        (minimal(store={"data_dir": ""}), "store.data_dir: expected a directory path"),
+        (minimal(quota=[1, 2]), "quota: expected a mapping"),
+        (minimal(upstream="https://api.example.com/v1"), "upstream: expected a mapping"),
+    ],
+)
+def test_each_error_names_its_field_path(config, expected):
+    found = problems(config)
+    assert any(p.startswith(expected) for p in found), found
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("base_url", "api.example.com/v1", "upstream.base_url: expected an http(s) URL"),
+        ("base_url", "ftp://api.example.com", "upstream.base_url: expected an http(s) URL"),
+        ("timeout_s", 0, "upstream.timeout_s: must be positive"),
+        ("timeout_s", "60", "upstream.timeout_s: expected a number"),
+    ],
+)
+def test_upstream_field_errors(field, value, expected):
+    config = minimal()
+    config["upstream"][field] = value
+    found = problems(config)
+    assert any(p.startswith(expected) for p in found), found
+
+
+@pytest.mark.parametrize(
+    "where", ["upstream.timeout_s", "quota.wait_s", "quota.max_job_s", "tracker.poll_interval_s"]
+)
+def test_nan_is_not_a_number_of_seconds(where):
+    section, key = where.split(".")
+    text = yaml.safe_dump(minimal()) + f"{section}:\n  {key}: .nan\n"
+    if section == "upstream":
+        text = yaml.safe_dump(minimal()).replace("upstream:\n", f"upstream:\n  {key}: .nan\n")
+    found = problems(text)
+    assert any(p.startswith(f"{where}: ") for p in found), found
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("auth_header", "bearer"), ("auth_header", "Authorization"), ("remix_route", "query")],
+)
+def test_bad_enum_values_name_the_field_and_the_choices(field, value):
+    config = minimal()
+    config["upstream"][field] = value
+    (found,) = problems(config)
+    options = {"auth_header": "authorization, api-key", "remix_route": "path, body"}[field]
+    assert found == f"upstream.{field}: expected one of {options}, got {value!r}"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda c: c.update(extra=1), "extra: unknown field"),
+        (lambda c: c["upstream"].update(tokne="x"), "upstream.tokne: unknown field"),
+        (lambda c: c.update(quota={"max_inflight": 2}), "quota.max_inflight: unknown field"),
+        (lambda c: c.update(tracker={"lease": 3}), "tracker.lease: unknown field"),
+        (lambda c: c.update(limits={"max_body": 3}), "limits.max_body: unknown field"),
+        (lambda c: c.update(store={"url": "redis://x"}), "store.url: unknown field"),
+        (lambda c: c["teams"][0].update(keys=[D2]), "teams[0].keys: unknown field"),
+    ],
+)
+def test_unknown_fields_are_named(mutate, expected):
+    config = minimal()
+    mutate(config)
+    assert expected in problems(config)
+
+
+def test_duplicate_team_names_and_keys_are_refused():
+    config = minimal()
+    config["teams"] = [
+        {"name": "marketing", "key_sha256": [D1]},
+        {"name": "marketing", "key_sha256": [D2]},
+        {"name": "research", "key_sha256": [D3, D1.upper()]},
+        {"name": "sales", "key_sha256": [D2[:63] + "c", D2[:63] + "c"]},
+    ]
+    found = problems(config)
+    assert "teams[1].name: duplicate team name 'marketing'" in found
+    assert "teams[2].key_sha256[1]: this key digest is already used" in found
+    assert "teams[3].key_sha256[1]: this key digest is already used" in found
+    assert len(found) == 3
+
+
+def test_all_problems_are_reported_at_once():
+    config = minimal(extra=True, quota={"max_in_flight": 0})
+    config["upstream"]["auth_header"] = "x"
+    config["teams"][0]["key_sha256"] = ["nope"]
+    found = problems(config)
+    assert {p.split(":")[0] for p in found} == {
+        "extra",
+        "quota.max_in_flight",
+        "upstream.auth_header",
+        "teams[0].key_sha256[0]",
+    }
+
+
+def test_the_token_value_never_appears_in_errors_or_repr(monkeypatch):
+    config = minimal(quota={"max_in_flight": "x"}, extra=1)
+    config["teams"][0]["key_sha256"] = ["bad"]
+    problems(config)  # asserts the token is absent from the message and the report
+    # Nor when it came from the environment.
+    config["upstream"]["token"] = "${SORA_UPSTREAM_TOKEN}"
+    problems(config, {"SORA_UPSTREAM_TOKEN": TOKEN})
+    settings = parse(minimal())
+    assert TOKEN not in repr(settings)
+    assert TOKEN not in repr(settings.upstream)
+
+
+def test_an_unreadable_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        load_settings(tmp_path / "missing.yaml")
+    assert caught.value.problems[0].startswith("cannot read file")
+    assert str(tmp_path / "missing.yaml") in caught.value.report()
+
+
+# -- the commands ---------------------------------------------------------------------------
+
+
+def write(tmp_path: Path, config: dict[str, Any]) -> Path:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_check_config_accepts_a_good_file(tmp_path, capsys):
+    path = write(tmp_path, minimal())
+    assert main(["check-config", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert str(path) in out
+    assert "OK" in out
+    assert TOKEN not in out + err
+
+
+def test_check_config_refuses_a_bad_file_naming_path_and_field(tmp_path, capsys):
+    config = minimal()
+    config["teams"].append({"name": "research", "key_sha256": ["123"]})
+    path = write(tmp_path, config)
+    assert main(["check-config", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert f"{path}: teams[1].key_sha256[0]: expected 64 hex characters" in err
+    assert TOKEN not in out + err
+
+
+def test_check_config_names_an_unset_variable(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("SORA_UPSTREAM_TOKEN", raising=False)
+    assert main(["check-config", str(EXAMPLE)]) == 1
+    err = capsys.readouterr().err
+    assert str(EXAMPLE) in err
+    assert "SORA_UPSTREAM_TOKEN" in err
+
+
+def test_check_config_of_a_missing_file_fails(tmp_path, capsys):
+    assert main(["check-config", str(tmp_path / "nope.yaml")]) == 1
+    assert str(tmp_path / "nope.yaml") in capsys.readouterr().err
+
+
+def test_new_key_prints_the_key_then_the_entry_with_its_digest(capsys):
+    assert main(["new-key", "marketing"]) == 0
+    out = capsys.readouterr().out
+    first, *rest = out.splitlines()
+    key = first.strip()
+    assert key and " " not in key and len(key) >= 32
+    entry = "\n".join(rest)
+    assert "key_sha256" in rest[0] or "key_sha256" in rest[1]
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    assert digest in entry
+    assert key not in entry  # the key is printed once; the config gets only its digest
+    # The entry is pasteable as printed: under `teams:` it is a valid team.
+    text = textwrap.dedent(
+        """\
+        upstream:
+          base_url: https://api.example.com/v1
+          token: t
+        teams:
+        """
+    )
+    settings = parse(text + entry + "\n")
+    assert settings.teams[0].name == "marketing"
+    assert settings.teams[0].key_sha256 == (digest,)
+
+
+def test_new_key_makes_a_fresh_key_each_time(capsys):
+    main(["new-key", "a"])
+    main(["new-key", "a"])
+    lines = capsys.readouterr().out.splitlines()
+    keys = lines[0::2]
+    assert len(keys) == 2 and keys[0] != keys[1]
