@@ -36,9 +36,9 @@ def new_key() -> str:
 
 def presented_key(headers: Headers) -> str | None:
     """The key a client sent: `Authorization: Bearer` wins over `api-key`, as the contract says."""
-    authorization = headers.get("authorization")
-    if authorization is not None:
-        scheme, _, value = authorization.strip().partition(" ")
+    authorization = headers.get("authorization", "").strip()
+    if authorization:
+        scheme, _, value = authorization.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
         return None

@@ -17,7 +17,8 @@ from .auth import TeamDirectory
 from .errors import GatewayError
 
 REQUEST_ID_HEADER = "x-request-id"
-_CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+# Any printable ASCII the client chose, within reason; anything else gets a fresh id.
+_CLIENT_REQUEST_ID = re.compile(r"^[\x21-\x7e][\x20-\x7e]{0,127}$")
 
 
 class RequestIdMiddleware:

@@ -180,3 +180,19 @@ async def test_operational_routes_need_no_key(client):
 async def test_a_v1_lookalike_path_is_not_a_v1_path(client):
     reply = await client.get("/v1videos")
     assert reply.status_code == 404  # routed (and unknown), not refused with 401
+
+
+def test_a_blank_authorization_header_counts_as_not_sent(directory):
+    assert authenticate(directory, authorization="  ", api_key=RESEARCH_KEY).name == "research"
+
+
+async def test_a_client_request_id_with_spaces_is_echoed():
+    async def ok(request: Request) -> JSONResponse:
+        return JSONResponse({})
+
+    app = RequestIdMiddleware(Starlette(routes=[Route("/x", ok)]))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+        echoed = await c.get("/x", headers={"x-request-id": "batch 7 / item 3"})
+        fresh = await c.get("/x", headers={"x-request-id": "x" * 129})
+    assert echoed.headers["x-request-id"] == "batch 7 / item 3"
+    assert fresh.headers["x-request-id"].startswith("req_")
