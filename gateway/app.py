@@ -7,8 +7,12 @@ never through module globals.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import os
+import socket
+import uuid
 from collections.abc import AsyncIterator
 
 import redis.exceptions
@@ -22,15 +26,16 @@ from starlette.types import ASGIApp
 from .auth import TeamDirectory
 from .config import Settings
 from .errors import GatewayError, store_unavailable
+from .ledger import SlotLedger
 from .middleware import RequestIdMiddleware, TeamAuthMiddleware
+from .quota import JobSlots
 from .registry import VideoRegistry
-from .store import connect
+from .store import STORE_ERRORS, connect
+from .tracker import Tracker
 from .upstream import Upstream
 from .videos import VideoRoutes
 
 log = logging.getLogger("gateway")
-
-STORE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
 def create_app(settings: Settings, *, redis_url: str | None = None) -> ASGIApp:
@@ -40,9 +45,30 @@ def create_app(settings: Settings, *, redis_url: str | None = None) -> ASGIApp:
         raise ValueError("no store URL: set store.redis_url or start the embedded store")
     store = connect(url)
     upstream = Upstream(settings.upstream)
-    videos = VideoRoutes(
-        registry=VideoRegistry(store),
+    registry = VideoRegistry(store)
+    ledger = SlotLedger(
+        store,
+        limit=settings.quota.max_in_flight,
+        team_caps={t.name: t.max_in_flight for t in settings.teams if t.max_in_flight},
+        owner=replica_id(),
+        lease_s=settings.tracker.lease_s,
+    )
+    slots = JobSlots(ledger, wait_s=settings.quota.wait_s)
+    tracker = Tracker(
+        ledger=ledger,
+        slots=slots,
+        registry=registry,
         upstream=upstream,
+        poll_interval_s=settings.tracker.poll_interval_s,
+        max_job_s=settings.quota.max_job_s,
+        # A lost create's job is listed upstream by the time its request would have
+        # timed out; two more polls give a slow listing the benefit of the doubt.
+        settle_after_s=settings.upstream.timeout_s + 2 * settings.tracker.poll_interval_s,
+    )
+    videos = VideoRoutes(
+        registry=registry,
+        upstream=upstream,
+        slots=slots,
         max_body_bytes=settings.limits.max_body_bytes,
         remix_route=settings.upstream.remix_route,
     )
@@ -59,9 +85,16 @@ def create_app(settings: Settings, *, redis_url: str | None = None) -> ASGIApp:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        background = [
+            asyncio.create_task(tracker.run(), name="tracker"),
+            asyncio.create_task(slots.listen(store), name="release-listener"),
+        ]
         try:
             yield
         finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             await upstream.aclose()
             await store.aclose()
 
@@ -81,6 +114,11 @@ def create_app(settings: Settings, *, redis_url: str | None = None) -> ASGIApp:
         lifespan=lifespan,
     )
     return RequestIdMiddleware(TeamAuthMiddleware(app, TeamDirectory(settings.teams)))
+
+
+def replica_id() -> str:
+    """Names this process in the ledger: the owner of the slots it admits and tracks."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
 async def _gateway_error(request: Request, exc: Exception) -> Response:

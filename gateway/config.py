@@ -203,6 +203,10 @@ class _Checker:
             poll_interval_s=self.number(tracker_sec, "tracker", "poll_interval_s", 5.0),
             lease_s=self.number(tracker_sec, "tracker", "lease_s", 30.0),
         )
+        if tracker.lease_s < 2 * tracker.poll_interval_s:
+            # A live replica renews once per poll: a shorter lease would let others
+            # adopt its jobs while it is healthy.
+            self.fail("tracker.lease_s", "must be at least twice tracker.poll_interval_s")
         limits_sec = self.section(raw, "limits", {"max_body_bytes"})
         limits = LimitsSettings(
             max_body_bytes=self.integer(limits_sec, "limits", "max_body_bytes", 52_428_800)

@@ -144,6 +144,16 @@ class VideoRegistry:
         record = await self.get(video_id)
         return record if record is not None and record.team == team else None
 
+    async def known(self, video_ids: list[str]) -> set[str]:
+        """Which of these videos the gateway has a record of (one round trip)."""
+        if not video_ids:
+            return set()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for video_id in video_ids:
+                pipe.exists(_video_key(video_id))
+            found = await pipe.execute()
+        return {video_id for video_id, hit in zip(video_ids, found, strict=True) if hit}
+
     async def forget(self, video_id: str) -> None:
         await self._forget(keys=[_video_key(video_id)], args=[PREFIX])
 

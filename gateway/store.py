@@ -20,6 +20,8 @@ import redis
 from redis.asyncio import Redis
 
 STARTUP_TIMEOUT_S = 10.0
+# What a dead or unreachable store raises: every such failure means 503, never a guess.
+STORE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
 def connect(url: str) -> Redis:

@@ -2,13 +2,15 @@
 
 Every slot-taking route follows the contract's order: the team is known (middleware),
 then the body and ids are checked, then a remix/edit/extension source is checked
-against the registry, and only then does `_start_job` send anything upstream. All job
-starts go through `_start_job`, which is where the shared quota takes its slot.
+against the registry, then `_start_job` waits for a shared slot, and only then is
+anything sent upstream. Whatever shows a job's end (a retrieve, a delete, upstream
+forgetting it) frees its slot at once, without waiting for the tracker.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -22,8 +24,12 @@ from starlette.routing import Route
 from .auth import Team
 from .body import RequestBody, read_body
 from .errors import GatewayError, invalid_request, video_not_found
-from .registry import VideoRecord, VideoRegistry
+from .quota import JobSlots
+from .registry import TERMINAL_STATUSES, VideoRecord, VideoRegistry
+from .store import STORE_ERRORS
 from .upstream import Reply, Upstream, UpstreamError, error_from_reply, response_headers
+
+log = logging.getLogger("gateway.videos")
 
 ID_SYNTAX = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 MAX_PROMPT_CHARS = 32_000
@@ -39,12 +45,14 @@ class VideoRoutes:
         *,
         registry: VideoRegistry,
         upstream: Upstream,
+        slots: JobSlots,
         max_body_bytes: int,
         remix_route: str,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.registry = registry
         self.upstream = upstream
+        self.slots = slots
         self.max_body_bytes = max_body_bytes
         self.remix_route = remix_route
         self.clock = clock
@@ -131,41 +139,60 @@ class VideoRoutes:
     async def _start_job(
         self, request: Request, kind: str, path: str, body: RequestBody | bytes
     ) -> Response:
-        """Send a job-creating request upstream and record the job for the caller's team.
+        """Take a shared slot, send the job-creating request upstream, record the job.
 
-        An answer that leaves it unknown whether the job exists upstream (a timeout, a
-        reset, a 5xx) is marked `x-should-retry: false`: the SDKs would otherwise retry
-        the create blindly and pay for a duplicate job.
+        Upstream's refusal (4xx, 429) frees the slot at once. An answer that leaves it
+        unknown whether the job exists upstream (a timeout, a reset, a 5xx) keeps the
+        slot for the tracker to settle, and is marked `x-should-retry: false`: the SDKs
+        would otherwise retry the create blindly and pay for a duplicate job.
         """
         team = _team(request)
+        prompt = str(body.fields.get("prompt", "")) if isinstance(body, RequestBody) else ""
         if isinstance(body, bytes):
+            prompt = str(json.loads(body).get("prompt", ""))
             content: Any = body
             content_type, length = "application/json", len(body)
         else:
             content, content_type, length = body.raw(), body.content_type, body.size
-        try:
-            reply = await self.upstream.call(
-                "POST",
-                path,
-                inbound=request.headers,
-                request_id=_request_id(request),
-                content=content,
-                content_type=content_type,
-                content_length=length,
-            )
-        except UpstreamError as exc:
-            if exc.maybe_sent:
-                exc.headers.update(NO_RETRY)
-            raise
-        if reply.status == 429:
-            raise _upstream_rate_limited(reply)
-        if reply.status >= 300:
-            error = error_from_reply(reply, self.upstream.scrub)
-            if reply.status >= 500:
-                error.headers.update(NO_RETRY)
-            raise error
-        video = _video_object(reply)
-        await self.registry.record(team.name, kind, video, reply.body)
+        async with self.slots.hold(team, kind, prompt, request.is_disconnected) as ticket:
+            try:
+                reply = await self.upstream.call(
+                    "POST",
+                    path,
+                    inbound=request.headers,
+                    request_id=_request_id(request),
+                    content=content,
+                    content_type=content_type,
+                    content_length=length,
+                )
+            except UpstreamError as exc:
+                if exc.maybe_sent:
+                    exc.headers.update(NO_RETRY)
+                raise
+            if reply.status == 429:
+                await ticket.release()
+                raise _upstream_rate_limited(reply)
+            if reply.status >= 300:
+                error = error_from_reply(reply, self.upstream.scrub)
+                if reply.status < 500:
+                    await ticket.release()
+                else:
+                    error.headers.update(NO_RETRY)
+                raise error
+            video = _video_object(reply)
+            try:
+                await ticket.bind(video["id"])
+                await self.registry.record(team.name, kind, video, reply.body)
+            except STORE_ERRORS:
+                # The job runs upstream; the tracker will find and record it once the
+                # store is back. The client must not create it a second time.
+                log.error("could not record a created job", extra={"video_id": video["id"]})
+                raise GatewayError(
+                    503,
+                    "store_unavailable",
+                    f"Job {video['id']} was started but not yet recorded; do not retry it.",
+                    headers=NO_RETRY,
+                ) from None
         return _passthrough(reply)
 
     # -- reads and deletes --------------------------------------------------------------
@@ -185,11 +212,12 @@ class VideoRoutes:
             "DELETE", f"videos/{video_id}", inbound=request.headers, request_id=_request_id(request)
         )
         if reply.status == 404:
-            await self.registry.forget(video_id)
+            await self._gone(video_id)
             raise video_not_found()
         if reply.status >= 300:
             raise error_from_reply(reply, self.upstream.scrub)
         await self.registry.forget(video_id)
+        await self.slots.finish(video_id=video_id, outcome="deleted")
         return _passthrough(reply)
 
     async def content(self, request: Request) -> Response:
@@ -298,12 +326,20 @@ class VideoRoutes:
             "GET", f"videos/{video_id}", inbound=request.headers, request_id=_request_id(request)
         )
         if reply.status == 404:
-            await self.registry.forget(video_id)
+            await self._gone(video_id)
             return None
         if reply.status >= 300:
             raise error_from_reply(reply, self.upstream.scrub)
-        await self.registry.update(_video_object(reply), reply.body)
+        video = _video_object(reply)
+        await self.registry.update(video, reply.body)
+        if video.get("status") in TERMINAL_STATUSES:
+            await self.slots.finish(video_id=video_id, outcome=str(video["status"]))
         return reply
+
+    async def _gone(self, video_id: str) -> None:
+        """Upstream no longer knows the video: forget it, and free its slot if it held one."""
+        await self.registry.forget(video_id)
+        await self.slots.finish(video_id=video_id, outcome="vanished")
 
     async def _check_source(self, request: Request, video_id: str, param: str) -> None:
         """Refuse a remix/edit/extension source before anything is spent on it."""

@@ -89,6 +89,7 @@ def gateway_config(
     return {
         "upstream": {"base_url": simulator_url + "/v1", "token": token, **upstream},
         "store": {"redis_url": store_url},
+        "tracker": {"poll_interval_s": 0.5, "lease_s": 3},
         "limits": {"max_body_bytes": 4 * 1024 * 1024},
         "teams": [{"name": team, "key_sha256": [key_digest(key)]} for team, key in keys.items()],
     }

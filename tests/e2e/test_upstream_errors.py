@@ -305,11 +305,6 @@ def test_without_redis_team_routes_fail_closed_with_503(
     assert_error(reply, 503, "store_unavailable")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="videos.py _start_job sends the create upstream before touching Redis; "
-    "the 503 only comes from registry.record afterwards (no shared slot count is taken)",
-)
 def test_without_redis_a_create_is_never_sent_upstream(stack, no_store_gateway):
     with client_for(no_store_gateway, stack.keys["alpha"]) as client:
         reply = client.post("/v1/videos", json=PROMPT)

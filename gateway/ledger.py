@@ -1,0 +1,389 @@
+"""The slot ledger: the shared count of video jobs running upstream, kept in Redis.
+
+A slot is held for the whole life of a job upstream (minutes), not for one HTTP
+request, and it is freed only on evidence that the job ended. Every change is one Lua
+script, atomic and idempotent on ids the caller makes, with time taken from Redis
+`TIME` so replicas with skewed clocks agree. All keys share the `{sgw}` hash tag.
+
+State:
+- `holders`  ZSET slot id -> lease deadline (ms). Its size is the count; nothing else is.
+- `slots`    HASH slot id -> JSON {team, state, video, owner, started, kind, fp}; state is
+  `reserved` (create sent or about to be), `bound` (a job id is known) or `unknown`
+  (the create's answer was lost: the job may exist upstream; the tracker settles it).
+- `jobs`     HASH video id -> slot id: one job is counted by one slot.
+- `queue`    ZSET waiting slot id -> arrival number; `beats` ZSET waiter -> heartbeat
+  deadline (a waiter whose replica died drops out); `queue_team` HASH waiter -> team.
+
+A lease is a liveness promise of the replica that owns the slot: the owner renews it
+while the job runs; when it runs out, another replica adopts the slot and keeps the job
+counted. Expiry never frees a slot by itself.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+
+from .registry import PREFIX
+
+RELEASED_CHANNEL = PREFIX + "released"
+KEYS = [
+    PREFIX + "holders",
+    PREFIX + "slots",
+    PREFIX + "jobs",
+    PREFIX + "queue",
+    PREFIX + "beats",
+    PREFIX + "queue_team",
+    PREFIX + "queue_seq",
+]
+
+# Shared by every script: the key names above and Redis time in milliseconds.
+_PRELUDE = """
+local holders, slots, jobs = KEYS[1], KEYS[2], KEYS[3]
+local queue, beats, queue_team, queue_seq = KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
+# Admit a waiter if the shared limit and its team's cap allow and no earlier waiter
+# that could run is ahead of it; otherwise (re)queue it and refresh its heartbeat.
+# ARGV: slot id, team, limit, lease ms, heartbeat ms, owner replica, kind,
+#       fingerprint, caps (JSON object team -> cap; absent teams have no cap).
+# Returns {1, 'admitted'} or {0, 'global_limit' | 'team_limit', waiters ahead, holders}.
+ACQUIRE_SCRIPT = (
+    _PRELUDE
+    + """
+local slot, team, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local now = now_ms()
+if redis.call('ZSCORE', holders, slot) then return {1, 'admitted'} end
+for _, w in ipairs(redis.call('ZRANGEBYSCORE', beats, '-inf', now)) do
+  redis.call('ZREM', queue, w)
+  redis.call('ZREM', beats, w)
+  redis.call('HDEL', queue_team, w)
+end
+if not redis.call('ZSCORE', queue, slot) then
+  redis.call('ZADD', queue, redis.call('INCR', queue_seq), slot)
+  redis.call('HSET', queue_team, slot, team)
+end
+redis.call('ZADD', beats, now + tonumber(ARGV[5]), slot)
+local caps = cjson.decode(ARGV[9])
+local held = {}
+local total = 0
+for _, h in ipairs(redis.call('ZRANGE', holders, 0, -1)) do
+  local raw = redis.call('HGET', slots, h)
+  local t = raw and cjson.decode(raw).team or ''
+  held[t] = (held[t] or 0) + 1
+  total = total + 1
+end
+local mine_full = caps[team] ~= nil and (held[team] or 0) >= caps[team]
+local counts = {}
+for t, n in pairs(held) do counts[t] = n end
+local waiters = redis.call('ZRANGE', queue, 0, -1)
+for _, w in ipairs(waiters) do
+  if total >= limit then break end
+  local t = redis.call('HGET', queue_team, w) or ''
+  if caps[t] == nil or (counts[t] or 0) < caps[t] then
+    if w == slot then
+      redis.call('ZADD', holders, now + tonumber(ARGV[4]), slot)
+      redis.call('HSET', slots, slot, cjson.encode({
+        team = team, state = 'reserved', video = '', owner = ARGV[6],
+        started = now, kind = ARGV[7], fp = ARGV[8]}))
+      redis.call('ZREM', queue, slot)
+      redis.call('ZREM', beats, slot)
+      redis.call('HDEL', queue_team, slot)
+      return {1, 'admitted'}
+    end
+    counts[t] = (counts[t] or 0) + 1
+    total = total + 1
+  end
+end
+local ahead = 0
+for _, w in ipairs(waiters) do
+  if w == slot then break end
+  local t = redis.call('HGET', queue_team, w) or ''
+  if caps[t] == nil or (held[t] or 0) < caps[t] then ahead = ahead + 1 end
+end
+return {0, mine_full and 'team_limit' or 'global_limit', ahead, total}
+"""
+)
+
+# Leave the queue (the client gave up or went away). ARGV: slot id.
+ABANDON_SCRIPT = (
+    _PRELUDE
+    + """
+redis.call('ZREM', queue, ARGV[1])
+redis.call('ZREM', beats, ARGV[1])
+redis.call('HDEL', queue_team, ARGV[1])
+return 1
+"""
+)
+
+# The create answered with a job id: the slot now counts that job. The slot is
+# (re)counted even if it was released meanwhile, because the job runs upstream either
+# way. If another slot had claimed this job (the tracker's guess for a lost answer),
+# that slot goes back to `unknown` to be settled again.
+# ARGV: slot id, video id, lease ms, owner, team, kind.
+BIND_SCRIPT = (
+    _PRELUDE
+    + """
+local slot, video = ARGV[1], ARGV[2]
+local now = now_ms()
+local raw = redis.call('HGET', slots, slot)
+local rec
+if raw then
+  rec = cjson.decode(raw)
+else
+  rec = {team = ARGV[5], kind = ARGV[6], owner = ARGV[4], started = now, fp = ''}
+end
+local prev = redis.call('HGET', jobs, video)
+if prev and prev ~= slot then
+  local praw = redis.call('HGET', slots, prev)
+  if praw then
+    local p = cjson.decode(praw)
+    p.state = 'unknown'
+    p.video = ''
+    redis.call('HSET', slots, prev, cjson.encode(p))
+  end
+end
+if rec.video and rec.video ~= '' and rec.video ~= video
+   and redis.call('HGET', jobs, rec.video) == slot then
+  redis.call('HDEL', jobs, rec.video)
+end
+rec.state = 'bound'
+rec.video = video
+redis.call('HSET', slots, slot, cjson.encode(rec))
+redis.call('HSET', jobs, video, slot)
+local deadline = now + tonumber(ARGV[3])
+local current = redis.call('ZSCORE', holders, slot)
+if current and tonumber(current) > deadline then deadline = tonumber(current) end
+redis.call('ZADD', holders, deadline, slot)
+return 1
+"""
+)
+
+# The create's outcome is unknown (timeout, reset, 5xx, cancelled): keep the slot,
+# marked for the tracker to settle. ARGV: slot id.
+MARK_UNKNOWN_SCRIPT = (
+    _PRELUDE
+    + """
+local raw = redis.call('HGET', slots, ARGV[1])
+if not raw then return 0 end
+local rec = cjson.decode(raw)
+if rec.state == 'bound' then return 0 end
+rec.state = 'unknown'
+redis.call('HSET', slots, ARGV[1], cjson.encode(rec))
+return 1
+"""
+)
+
+# The owner saw its job still running: extend the lease. A slot adopted by another
+# replica is not renewed by its old owner (returns 0: stop tracking it).
+# ARGV: slot id, owner, lease ms.
+RENEW_SCRIPT = (
+    _PRELUDE
+    + """
+local raw = redis.call('HGET', slots, ARGV[1])
+if not raw or not redis.call('ZSCORE', holders, ARGV[1]) then return 0 end
+if cjson.decode(raw).owner ~= ARGV[2] then return 0 end
+redis.call('ZADD', holders, 'XX', now_ms() + tonumber(ARGV[3]), ARGV[1])
+return 1
+"""
+)
+
+# Take over a slot whose lease ran out (its replica died or stalled). The job stays
+# counted; a slot still `reserved` lost its request with its replica, so it becomes
+# `unknown`. ARGV: slot id, new owner, lease ms. Returns 1 if adopted.
+ADOPT_SCRIPT = (
+    _PRELUDE
+    + """
+local now = now_ms()
+local deadline = redis.call('ZSCORE', holders, ARGV[1])
+local raw = redis.call('HGET', slots, ARGV[1])
+if not deadline or not raw or tonumber(deadline) > now then return 0 end
+local rec = cjson.decode(raw)
+rec.owner = ARGV[2]
+if rec.state == 'reserved' then rec.state = 'unknown' end
+redis.call('HSET', slots, ARGV[1], cjson.encode(rec))
+redis.call('ZADD', holders, now + tonumber(ARGV[3]), ARGV[1])
+return 1
+"""
+)
+
+# The job ended (or never existed): free its slot, by slot id or by video id.
+# Idempotent: only the call that actually freed it gets {1, team, kind, started ms,
+# now ms}, so whoever gets that counts the job's end exactly once; others get {0}.
+# ARGV: slot id or '', video id or '', channel to publish the release on.
+RELEASE_SCRIPT = (
+    _PRELUDE
+    + """
+local slot = ARGV[1]
+if slot == '' then
+  if ARGV[2] == '' then return {0} end
+  slot = redis.call('HGET', jobs, ARGV[2])
+  if not slot then return {0} end
+end
+local raw = redis.call('HGET', slots, slot)
+local rec = raw and cjson.decode(raw) or {}
+if rec.video and rec.video ~= '' and redis.call('HGET', jobs, rec.video) == slot then
+  redis.call('HDEL', jobs, rec.video)
+end
+redis.call('HDEL', slots, slot)
+if redis.call('ZREM', holders, slot) == 0 then return {0} end
+redis.call('PUBLISH', ARGV[3], slot)
+return {1, rec.team or '', rec.kind or '', tostring(rec.started or 0), tostring(now_ms())}
+"""
+)
+
+
+@dataclass(frozen=True)
+class Admission:
+    admitted: bool
+    reason: str | None = None  # 'global_limit' | 'team_limit' when not admitted
+    ahead: int = 0  # earlier waiters whose team may run
+    holders: int = 0
+
+
+@dataclass(frozen=True)
+class Release:
+    team: str
+    kind: str
+    held_s: float  # from admission to release, by the store's clock
+
+
+@dataclass(frozen=True)
+class Slot:
+    id: str
+    team: str
+    state: str
+    video: str
+    owner: str
+    started_ms: int
+    kind: str
+    fingerprint: str
+    deadline_ms: int
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    now_ms: int
+    slots: list[Slot]
+    claimed_videos: frozenset[str]
+    waiting: int
+
+
+class SlotLedger:
+    """The scripts above, registered once, with typed arguments and results."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        limit: int,
+        team_caps: dict[str, int],
+        owner: str,
+        lease_s: float,
+        heartbeat_s: float = 5.0,
+    ) -> None:
+        self.redis = redis
+        self.limit = limit
+        self.owner = owner
+        self.lease_ms = int(lease_s * 1000)
+        self.heartbeat_ms = int(heartbeat_s * 1000)
+        self._caps = json.dumps(team_caps) if team_caps else "{}"
+        self._acquire = redis.register_script(ACQUIRE_SCRIPT)
+        self._abandon = redis.register_script(ABANDON_SCRIPT)
+        self._bind = redis.register_script(BIND_SCRIPT)
+        self._unknown = redis.register_script(MARK_UNKNOWN_SCRIPT)
+        self._renew = redis.register_script(RENEW_SCRIPT)
+        self._adopt = redis.register_script(ADOPT_SCRIPT)
+        self._release = redis.register_script(RELEASE_SCRIPT)
+
+    async def try_acquire(self, slot_id: str, team: str, kind: str, fingerprint: str) -> Admission:
+        result = await self._acquire(
+            keys=KEYS,
+            args=[
+                slot_id,
+                team,
+                self.limit,
+                self.lease_ms,
+                self.heartbeat_ms,
+                self.owner,
+                kind,
+                fingerprint,
+                self._caps,
+            ],
+        )
+        if int(result[0]) == 1:
+            return Admission(True)
+        return Admission(False, _text(result[1]), int(result[2]), int(result[3]))
+
+    async def abandon(self, slot_id: str) -> None:
+        await self._abandon(keys=KEYS, args=[slot_id])
+
+    async def bind(self, slot_id: str, video_id: str, *, team: str, kind: str) -> None:
+        await self._bind(keys=KEYS, args=[slot_id, video_id, self.lease_ms, self.owner, team, kind])
+
+    async def mark_unknown(self, slot_id: str) -> bool:
+        return bool(await self._unknown(keys=KEYS, args=[slot_id]))
+
+    async def renew(self, slot_id: str) -> bool:
+        return bool(await self._renew(keys=KEYS, args=[slot_id, self.owner, self.lease_ms]))
+
+    async def adopt(self, slot_id: str) -> bool:
+        return bool(await self._adopt(keys=KEYS, args=[slot_id, self.owner, self.lease_ms]))
+
+    async def release(self, slot_id: str = "", *, video_id: str = "") -> Release | None:
+        """Free a slot; what was freed, for the one call that freed it, else None."""
+        result = await self._release(keys=KEYS, args=[slot_id, video_id, RELEASED_CHANNEL])
+        if int(result[0]) != 1:
+            return None
+        team, kind, started, now = (_text(v) for v in result[1:5])
+        return Release(team, kind, (int(now) - int(float(started))) / 1000)
+
+    async def in_use(self) -> int:
+        return int(await self.redis.zcard(KEYS[0]))
+
+    async def snapshot(self) -> Snapshot:
+        """Every slot with its lease, read in one round trip (for the tracker and metrics)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.time()
+            pipe.zrange(KEYS[0], 0, -1, withscores=True)
+            pipe.hgetall(KEYS[1])
+            pipe.hkeys(KEYS[2])
+            pipe.zcard(KEYS[3])
+            (secs, micros), holders, records, claimed, waiting = await pipe.execute()
+        slots = []
+        for raw_id, deadline in holders:
+            slot_id = _text(raw_id)
+            raw = records.get(raw_id) or records.get(slot_id)
+            if raw is None:
+                continue
+            rec: dict[str, Any] = json.loads(raw)
+            slots.append(
+                Slot(
+                    id=slot_id,
+                    team=str(rec.get("team", "")),
+                    state=str(rec.get("state", "")),
+                    video=str(rec.get("video", "")),
+                    owner=str(rec.get("owner", "")),
+                    started_ms=int(rec.get("started", 0)),
+                    kind=str(rec.get("kind", "")),
+                    fingerprint=str(rec.get("fp", "")),
+                    deadline_ms=int(deadline),
+                )
+            )
+        return Snapshot(
+            now_ms=int(secs) * 1000 + int(micros) // 1000,
+            slots=slots,
+            claimed_videos=frozenset(_text(v) for v in claimed),
+            waiting=int(waiting),
+        )
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,187 @@
+"""Admission of job-creating requests: a fair wait for a slot, then the create's outcome.
+
+`JobSlots.hold` is the only way a request spends a slot. It waits (in arrival order,
+across replicas) up to `quota.wait_s`, then yields a ticket; the handler binds the
+ticket to the job id upstream returned, or releases it when upstream refused the job.
+Any other way out of the block (a timeout, a 5xx, a cancelled request) leaves the slot
+counted as `unknown` for the tracker to settle: when in doubt, the job is running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import math
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+from redis.asyncio import Redis
+
+from .auth import Team
+from .errors import GatewayError
+from .ledger import RELEASED_CHANNEL, SlotLedger
+from .store import STORE_ERRORS
+from .upstream import UpstreamError
+
+log = logging.getLogger("gateway.quota")
+
+T = TypeVar("T")
+
+RECHECK_S = 0.25  # a waiter re-checks at least this often, even without a wake-up
+DEFAULT_JOB_S = 30.0  # the retry estimate's guess until a job has been seen to end
+
+
+def fingerprint(prompt: str) -> str:
+    """A short digest of the prompt, to recognise a job whose create answer was lost."""
+    return hashlib.sha256(prompt.encode()).hexdigest()[:16]
+
+
+class Ticket:
+    """One admitted slot, as seen by the request that asked for it."""
+
+    def __init__(self, slots: JobSlots, slot_id: str, team: Team, kind: str) -> None:
+        self._slots = slots
+        self.slot_id = slot_id
+        self.team = team
+        self.kind = kind
+        self.settled = False
+
+    async def bind(self, video_id: str) -> None:
+        await _shielded(
+            self._slots.ledger.bind(self.slot_id, video_id, team=self.team.name, kind=self.kind)
+        )
+        self.settled = True
+
+    async def release(self) -> None:
+        """Upstream refused the job: nothing runs, the slot is free at once."""
+        await _shielded(self._slots.ledger.release(self.slot_id))
+        self.settled = True
+
+
+class JobSlots:
+    def __init__(self, ledger: SlotLedger, *, wait_s: float) -> None:
+        self.ledger = ledger
+        self.wait_s = wait_s
+        self.in_flight: set[str] = set()  # slots whose create is still running here
+        self.typical_job_s = DEFAULT_JOB_S
+        self._released = asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def hold(
+        self, team: Team, kind: str, prompt: str, disconnected: Callable[[], Awaitable[bool]]
+    ) -> AsyncIterator[Ticket]:
+        slot_id = await self._acquire(team, kind, fingerprint(prompt), disconnected)
+        ticket = Ticket(self, slot_id, team, kind)
+        self.in_flight.add(slot_id)
+        try:
+            yield ticket
+        except UpstreamError as exc:
+            if not ticket.settled and not exc.maybe_sent:
+                await ticket.release()  # nothing reached upstream
+            raise
+        finally:
+            self.in_flight.discard(slot_id)
+            if not ticket.settled:
+                try:
+                    await _shielded(self.ledger.mark_unknown(slot_id))
+                except STORE_ERRORS:
+                    # Still `reserved` in the store: the tracker treats a reserved slot
+                    # with no request behind it as unknown, so nothing is lost.
+                    log.warning("could not mark a slot unknown; the tracker will")
+
+    async def _acquire(
+        self, team: Team, kind: str, fp: str, disconnected: Callable[[], Awaitable[bool]]
+    ) -> str:
+        slot_id = f"slot_{uuid.uuid4().hex}"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait_s
+        try:
+            while True:
+                wake = self._released
+                admission = await self.ledger.try_acquire(slot_id, team.name, kind, fp)
+                if admission.admitted:
+                    return slot_id
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise self._full(admission.reason or "global_limit", admission.ahead)
+                if await disconnected():
+                    raise asyncio.CancelledError("the client went away while waiting")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), min(remaining, RECHECK_S))
+        except BaseException:
+            await _shielded(self.ledger.abandon(slot_id))
+            raise
+
+    def _full(self, reason: str, ahead: int) -> GatewayError:
+        """429 with an honest guess of when a slot may be free for this caller."""
+        rounds = ahead // max(1, self.ledger.limit) + 1
+        retry_s = max(1.0, rounds * self.typical_job_s / 2)
+        headers = {
+            "retry-after": str(math.ceil(retry_s)),
+            "retry-after-ms": str(int(retry_s * 1000)),
+        }
+        if reason == "team_limit":
+            return GatewayError(
+                429,
+                "team_concurrency_limit_exceeded",
+                "Your team already runs as many video jobs as it may; try again later.",
+                headers=headers,
+            )
+        return GatewayError(
+            429,
+            "concurrency_limit_exceeded",
+            "All shared video job slots are busy; try again later.",
+            headers=headers,
+        )
+
+    async def finish(self, *, slot_id: str = "", video_id: str = "", outcome: str) -> bool:
+        """A job was seen to end: free its slot. True for the one caller that freed it.
+
+        Every replica's tracker and every client's retrieve may see the same end; the
+        ledger lets exactly one of them through, and only that one counts the job.
+        """
+        released = await _shielded_result(self.ledger.release(slot_id, video_id=video_id))
+        if released is None:
+            return False
+        log.info(
+            "job ended",
+            extra={"team": released.team, "kind": released.kind, "outcome": outcome},
+        )
+        if outcome in ("completed", "failed", "cancelled"):
+            self.notice_job_duration(released.held_s)
+        return True
+
+    def notice_release(self) -> None:
+        """Wake every local waiter: a slot somewhere was freed."""
+        wake, self._released = self._released, asyncio.Event()
+        wake.set()
+
+    def notice_job_duration(self, seconds: float) -> None:
+        self.typical_job_s = 0.8 * self.typical_job_s + 0.2 * max(1.0, seconds)
+
+    async def listen(self, redis: Redis) -> None:
+        """Turn every replica's releases into local wake-ups; reconnects on its own."""
+        while True:
+            try:
+                async with redis.pubsub() as pubsub:
+                    await pubsub.subscribe(RELEASED_CHANNEL)
+                    async for message in pubsub.listen():
+                        if message.get("type") == "message":
+                            self.notice_release()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the store is down: waiters fall back to polling
+                log.debug("release listener reconnecting: %s", type(exc).__name__)
+                await asyncio.sleep(1.0)
+
+
+async def _shielded(work: Awaitable[object]) -> None:
+    """Run a ledger change to completion even if the request awaiting it is cancelled."""
+    await asyncio.shield(asyncio.ensure_future(work))
+
+
+async def _shielded_result(work: Awaitable[T]) -> T:
+    return await asyncio.shield(asyncio.ensure_future(work))

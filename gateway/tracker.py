@@ -1,0 +1,228 @@
+"""The tracker: every replica's background task that follows running jobs upstream.
+
+Slots come free because the gateway itself watches the jobs, not because a client
+happens to poll. Each tick the tracker reads the ledger once and, for the slots it owns
+(and any whose owner stopped renewing: it adopts those), it
+
+- renews slots whose create is still in flight in this process;
+- polls bound jobs upstream, in parallel with a bound: running -> renew, ended or
+  gone -> release (and the registry learns the new state);
+- settles `unknown` slots (a create whose answer was lost) by finding the job among
+  upstream's recent ones, or releasing the slot once it can no longer appear;
+- releases, as a last resort, any job older than `quota.max_job_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import uuid
+from collections.abc import Iterable
+from dataclasses import replace
+from typing import Any
+
+from starlette.datastructures import Headers
+
+from .ledger import Slot, SlotLedger, Snapshot
+from .quota import JobSlots, fingerprint
+from .registry import TERMINAL_STATUSES, VideoRegistry
+from .upstream import Upstream, UpstreamError
+
+log = logging.getLogger("gateway.tracker")
+
+MAX_PARALLEL_POLLS = 8
+LIST_MATCH_SKEW_S = 60  # a lost create's job was created at most this long before its slot
+
+
+class Tracker:
+    def __init__(
+        self,
+        *,
+        ledger: SlotLedger,
+        slots: JobSlots,
+        registry: VideoRegistry,
+        upstream: Upstream,
+        poll_interval_s: float,
+        max_job_s: float,
+        settle_after_s: float,
+    ) -> None:
+        self.ledger = ledger
+        self.slots = slots
+        self.registry = registry
+        self.upstream = upstream
+        self.poll_interval_s = poll_interval_s
+        self.max_job_ms = int(max_job_s * 1000)
+        self.settle_after_ms = int(settle_after_s * 1000)
+        self._next_poll_ms: dict[str, int] = {}
+        self._polls = asyncio.Semaphore(MAX_PARALLEL_POLLS)
+        self.lease_expiries = 0
+
+    async def run(self) -> None:
+        """Tick forever; a failed tick (store or upstream down) is logged and retried."""
+        while True:
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("tracker tick failed: %s", type(exc).__name__)
+            # A little jitter keeps replicas from polling upstream in lockstep.
+            await asyncio.sleep(self.poll_interval_s * random.uniform(0.8, 1.0))
+
+    async def tick(self) -> None:
+        snapshot = await self.ledger.snapshot()
+        polls: list[Slot] = []
+        unknown: list[Slot] = []
+        for slot in snapshot.slots:
+            mine = await self._claim(slot, snapshot.now_ms)
+            if mine is None:
+                continue
+            in_flight = mine.id in self.slots.in_flight
+            if not in_flight and snapshot.now_ms - mine.started_ms > self.max_job_ms:
+                await self._expire(mine)
+            elif mine.state == "reserved":
+                if in_flight:
+                    await self.ledger.renew(mine.id)
+                else:  # its request ended without settling it
+                    await self.ledger.mark_unknown(mine.id)
+            elif mine.state == "bound":
+                if self._next_poll_ms.get(mine.id, 0) <= snapshot.now_ms:
+                    polls.append(mine)
+                else:
+                    await self.ledger.renew(mine.id)
+            elif mine.state == "unknown" and not in_flight:
+                unknown.append(mine)
+        live = {slot.id for slot in snapshot.slots}
+        for slot_id in self._next_poll_ms.keys() - live:
+            del self._next_poll_ms[slot_id]
+        await asyncio.gather(*(self._poll(slot, snapshot.now_ms) for slot in polls))
+        if unknown:
+            await self._settle(unknown, snapshot)
+
+    async def _claim(self, slot: Slot, now_ms: int) -> Slot | None:
+        """The slot if this replica should look after it, adopting it from a dead owner."""
+        if slot.owner == self.ledger.owner:
+            return slot
+        if slot.deadline_ms > now_ms or not await self.ledger.adopt(slot.id):
+            return None
+        log.info("adopted a slot whose replica stopped renewing", extra={"team": slot.team})
+        state = "unknown" if slot.state == "reserved" else slot.state
+        return replace(slot, owner=self.ledger.owner, state=state)
+
+    async def _expire(self, slot: Slot) -> None:
+        if await self.slots.finish(slot_id=slot.id, outcome="lease_expired"):
+            self.lease_expiries += 1
+            log.warning(
+                "released a job never seen to end after quota.max_job_s",
+                extra={"team": slot.team, "video_id": slot.video},
+            )
+
+    async def _poll(self, slot: Slot, now_ms: int) -> None:
+        async with self._polls:
+            try:
+                reply = await self.upstream.call(
+                    "GET", f"videos/{slot.video}", inbound=Headers(), request_id=_tracker_id()
+                )
+            except UpstreamError:
+                await self.ledger.renew(slot.id)  # upstream is unwell, the job is not over
+                return
+        if reply.status == 404:
+            await self.registry.forget(slot.video)
+            await self.slots.finish(slot_id=slot.id, outcome="vanished")
+            return
+        video = _object(reply.body) if reply.status < 300 else None
+        if video is None:
+            await self.ledger.renew(slot.id)
+            return
+        await self.registry.update(video, reply.body)
+        if video.get("status") in TERMINAL_STATUSES:
+            await self.slots.finish(slot_id=slot.id, outcome=str(video["status"]))
+            return
+        if not await self.ledger.renew(slot.id):
+            return  # another replica adopted it while we were stalled
+        after_ms = reply.headers.get("openai-poll-after-ms", "")
+        if after_ms.isdigit():
+            self._next_poll_ms[slot.id] = now_ms + int(after_ms)
+
+    async def _settle(self, unknown: list[Slot], snapshot: Snapshot) -> None:
+        """Find each lost create's job among upstream's recent jobs, or give up on it."""
+        try:
+            reply = await self.upstream.call(
+                "GET",
+                "videos",
+                params={"limit": "100", "order": "desc"},
+                inbound=Headers(),
+                request_id=_tracker_id(),
+            )
+        except UpstreamError:
+            reply = None
+        listing = _object(reply.body) if reply is not None and reply.status < 300 else None
+        if listing is None:
+            for slot in unknown:
+                await self.ledger.renew(slot.id)
+            return
+        candidates = await self._unclaimed(listing.get("data") or [], snapshot)
+        for slot in sorted(unknown, key=lambda s: s.started_ms):
+            match = _match(slot, candidates)
+            if match is not None:
+                candidates.remove(match)
+                await self._adopt_job(slot, match)
+            elif snapshot.now_ms - slot.started_ms > self.settle_after_ms:
+                log.info("released a lost create that never appeared upstream")
+                await self.slots.finish(slot_id=slot.id, outcome="never_started")
+            else:
+                await self.ledger.renew(slot.id)
+
+    async def _unclaimed(self, jobs: Iterable[Any], snapshot: Snapshot) -> list[dict[str, Any]]:
+        """Upstream jobs that no slot counts and the gateway never recorded."""
+        jobs = [
+            job
+            for job in jobs
+            if isinstance(job, dict)
+            and isinstance(job.get("id"), str)
+            and job["id"] not in snapshot.claimed_videos
+        ]
+        known = await self.registry.known([job["id"] for job in jobs])
+        return [job for job in jobs if job["id"] not in known]
+
+    async def _adopt_job(self, slot: Slot, job: dict[str, Any]) -> None:
+        """The lost create's job was found: count it, and give it to the team that asked."""
+        await self.ledger.bind(slot.id, job["id"], team=slot.team, kind=slot.kind)
+        await self.registry.record(slot.team, slot.kind, job, json.dumps(job).encode())
+        log.info("found the job of a create whose answer was lost", extra={"video_id": job["id"]})
+        if job.get("status") in TERMINAL_STATUSES:
+            await self.slots.finish(slot_id=slot.id, outcome=str(job["status"]))
+
+
+def _match(slot: Slot, candidates: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The candidate most likely to be this slot's job: same prompt, created after it."""
+    earliest = slot.started_ms / 1000 - LIST_MATCH_SKEW_S
+    recent = [
+        job
+        for job in candidates
+        if not isinstance(job.get("created_at"), int | float) or job["created_at"] >= earliest
+    ]
+    for job in sorted(recent, key=lambda j: j.get("created_at") or 0):
+        prompt = job.get("prompt")
+        if isinstance(prompt, str) and fingerprint(prompt) == slot.fingerprint:
+            return job
+    # Upstreams that do not echo the prompt: any running job nobody counts is ours to
+    # count, since counting it is what keeps the account under its limit.
+    for job in sorted(recent, key=lambda j: j.get("created_at") or 0):
+        if "prompt" not in job and job.get("status") in ("queued", "in_progress"):
+            return job
+    return None
+
+
+def _object(body: bytes) -> dict[str, Any] | None:
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _tracker_id() -> str:
+    return f"req_tracker_{uuid.uuid4().hex[:16]}"
