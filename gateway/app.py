@@ -16,6 +16,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import redis.exceptions
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -27,6 +28,7 @@ from .auth import TeamDirectory
 from .config import Settings
 from .errors import GatewayError, store_unavailable
 from .ledger import SlotLedger
+from .metrics import GatewayMetrics, QuotaGauges, RequestMetricsMiddleware
 from .middleware import RequestIdMiddleware, TeamAuthMiddleware
 from .quota import JobSlots
 from .registry import VideoRegistry
@@ -44,7 +46,8 @@ def create_app(settings: Settings, *, redis_url: str | None = None) -> ASGIApp:
     if url is None:
         raise ValueError("no store URL: set store.redis_url or start the embedded store")
     store = connect(url)
-    upstream = Upstream(settings.upstream)
+    metrics = GatewayMetrics(team.name for team in settings.teams)
+    upstream = Upstream(settings.upstream, metrics)
     registry = VideoRegistry(store)
     ledger = SlotLedger(
         store,
@@ -53,7 +56,7 @@ def create_app(settings: Settings, *, redis_url: str | None = None) -> ASGIApp:
         owner=replica_id(),
         lease_s=settings.tracker.lease_s,
     )
-    slots = JobSlots(ledger, wait_s=settings.quota.wait_s)
+    slots = JobSlots(ledger, metrics, wait_s=settings.quota.wait_s)
     tracker = Tracker(
         ledger=ledger,
         slots=slots,
@@ -75,6 +78,21 @@ def create_app(settings: Settings, *, redis_url: str | None = None) -> ASGIApp:
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
+
+    async def metrics_page(request: Request) -> Response:
+        try:
+            usage = await ledger.usage()
+        except STORE_ERRORS:
+            metrics.store_errors.inc()
+            gauges = None
+        else:
+            gauges = QuotaGauges(usage.in_use, ledger.limit, usage.waiting)
+        return Response(metrics.exposition(gauges), media_type=CONTENT_TYPE_LATEST)
+
+    async def store_error(request: Request, exc: Exception) -> Response:
+        metrics.store_errors.inc()
+        log.warning("store unreachable: %s", type(exc).__name__)
+        return store_unavailable().response()
 
     async def readyz(request: Request) -> Response:
         try:
@@ -102,18 +120,20 @@ def create_app(settings: Settings, *, redis_url: str | None = None) -> ASGIApp:
         routes=[
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", metrics_page, methods=["GET"]),
             *videos.routes(),
         ],
         exception_handlers={
             GatewayError: _gateway_error,
             HTTPException: _http_error,
-            redis.exceptions.ConnectionError: _store_error,
-            redis.exceptions.TimeoutError: _store_error,
+            redis.exceptions.ConnectionError: store_error,
+            redis.exceptions.TimeoutError: store_error,
             Exception: _internal_error,
         },
         lifespan=lifespan,
     )
-    return RequestIdMiddleware(TeamAuthMiddleware(app, TeamDirectory(settings.teams)))
+    teams = TeamDirectory(settings.teams)
+    return RequestIdMiddleware(RequestMetricsMiddleware(TeamAuthMiddleware(app, teams), metrics))
 
 
 def replica_id() -> str:
@@ -136,11 +156,6 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     else:
         error = GatewayError(exc.status_code, None, str(exc.detail))
     return error.response()
-
-
-async def _store_error(request: Request, exc: Exception) -> Response:
-    log.warning("store unreachable: %s", type(exc).__name__)
-    return store_unavailable().response()
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:

@@ -249,6 +249,12 @@ class Admission:
 
 
 @dataclass(frozen=True)
+class Usage:
+    in_use: int
+    waiting: int
+
+
+@dataclass(frozen=True)
 class Release:
     team: str
     kind: str
@@ -345,8 +351,13 @@ class SlotLedger:
         team, kind, started, now = (_text(v) for v in result[1:5])
         return Release(team, kind, (int(now) - int(float(started))) / 1000)
 
-    async def in_use(self) -> int:
-        return int(await self.redis.zcard(KEYS[0]))
+    async def usage(self) -> Usage:
+        """Slots held and requests waiting, in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zcard(KEYS[0])
+            pipe.zcard(KEYS[3])
+            in_use, waiting = await pipe.execute()
+        return Usage(int(in_use), int(waiting))
 
     async def snapshot(self) -> Snapshot:
         """Every slot with its lease, read in one round trip (for the tracker and metrics)."""

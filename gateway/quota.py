@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 from .auth import Team
 from .errors import GatewayError
 from .ledger import RELEASED_CHANNEL, SlotLedger
+from .metrics import GatewayMetrics
 from .store import STORE_ERRORS
 from .upstream import UpstreamError
 
@@ -62,8 +63,9 @@ class Ticket:
 
 
 class JobSlots:
-    def __init__(self, ledger: SlotLedger, *, wait_s: float) -> None:
+    def __init__(self, ledger: SlotLedger, metrics: GatewayMetrics, *, wait_s: float) -> None:
         self.ledger = ledger
+        self.metrics = metrics
         self.wait_s = wait_s
         self.in_flight: set[str] = set()  # slots whose create is still running here
         self.typical_job_s = DEFAULT_JOB_S
@@ -97,16 +99,24 @@ class JobSlots:
     ) -> str:
         slot_id = f"slot_{uuid.uuid4().hex}"
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.wait_s
+        started = loop.time()
+        deadline = started + self.wait_s
         try:
             while True:
                 wake = self._released
-                admission = await self.ledger.try_acquire(slot_id, team.name, kind, fp)
+                try:
+                    admission = await self.ledger.try_acquire(slot_id, team.name, kind, fp)
+                except STORE_ERRORS:
+                    self.metrics.quota_rejections.labels(team.name, "store_unavailable").inc()
+                    raise
                 if admission.admitted:
+                    self.metrics.slot_wait.labels(team.name).observe(loop.time() - started)
                     return slot_id
                 remaining = deadline - loop.time()
                 if remaining <= 0:
-                    raise self._full(admission.reason or "global_limit", admission.ahead)
+                    reason = admission.reason or "global_limit"
+                    self.metrics.quota_rejections.labels(team.name, reason).inc()
+                    raise self._full(reason, admission.ahead)
                 if await disconnected():
                     raise asyncio.CancelledError("the client went away while waiting")
                 with contextlib.suppress(TimeoutError):
@@ -150,6 +160,7 @@ class JobSlots:
             "job ended",
             extra={"team": released.team, "kind": released.kind, "outcome": outcome},
         )
+        self.metrics.job_ended(released.team, released.kind, outcome, released.held_s)
         if outcome in ("completed", "failed", "cancelled"):
             self.notice_job_duration(released.held_s)
         return True

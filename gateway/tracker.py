@@ -28,6 +28,7 @@ from starlette.datastructures import Headers
 from .ledger import Slot, SlotLedger, Snapshot
 from .quota import JobSlots, fingerprint
 from .registry import TERMINAL_STATUSES, VideoRegistry
+from .store import STORE_ERRORS
 from .upstream import Upstream, UpstreamError
 
 log = logging.getLogger("gateway.tracker")
@@ -57,7 +58,6 @@ class Tracker:
         self.settle_after_ms = int(settle_after_s * 1000)
         self._next_poll_ms: dict[str, int] = {}
         self._polls = asyncio.Semaphore(MAX_PARALLEL_POLLS)
-        self.lease_expiries = 0
 
     async def run(self) -> None:
         """Tick forever; a failed tick (store or upstream down) is logged and retried."""
@@ -66,8 +66,11 @@ class Tracker:
                 await self.tick()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
-                log.warning("tracker tick failed: %s", type(exc).__name__)
+            except STORE_ERRORS:
+                self.slots.metrics.store_errors.inc()
+                log.warning("tracker tick failed: the store is unreachable")
+            except Exception:
+                log.exception("tracker tick failed")
             # A little jitter keeps replicas from polling upstream in lockstep.
             await asyncio.sleep(self.poll_interval_s * random.uniform(0.8, 1.0))
 
@@ -113,7 +116,6 @@ class Tracker:
 
     async def _expire(self, slot: Slot) -> None:
         if await self.slots.finish(slot_id=slot.id, outcome="lease_expired"):
-            self.lease_expiries += 1
             log.warning(
                 "released a job never seen to end after quota.max_job_s",
                 extra={"team": slot.team, "video_id": slot.video},

@@ -10,6 +10,7 @@ reached upstream (a create that may exist upstream must not invite a blind retry
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,7 @@ from starlette.datastructures import Headers
 
 from .config import UpstreamSettings
 from .errors import GatewayError
+from .metrics import GatewayMetrics
 
 # Request headers a client may pass to upstream; everything else is dropped.
 FORWARDED_REQUEST_HEADERS = ("accept", "range", "user-agent", "openai-beta", "if-range")
@@ -37,6 +39,8 @@ FORWARDED_RESPONSE_HEADERS = (
     "retry-after-ms",
 )
 STREAM_RESPONSE_HEADERS = ("content-length", "content-encoding")
+# Fixed path words; any other segment is an id and becomes a placeholder in metrics.
+_PATH_WORDS = frozenset({"videos", "remix", "edits", "extensions", "characters", "content"})
 
 
 class UpstreamError(GatewayError):
@@ -61,9 +65,13 @@ class Reply:
 
 class Upstream:
     def __init__(
-        self, settings: UpstreamSettings, transport: httpx.AsyncBaseTransport | None = None
+        self,
+        settings: UpstreamSettings,
+        metrics: GatewayMetrics,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics
         if settings.auth_header == "api-key":
             self._auth = ("api-key", settings.token)
         else:
@@ -132,10 +140,23 @@ class Upstream:
                 pass_encoding=pass_encoding,
             ),
         )
+        route = route_template(path)
+        started = time.perf_counter()
         try:
-            return await self._client.send(request, stream=True)
+            response = await self._client.send(request, stream=True)
         except httpx.HTTPError as exc:
-            raise _transport_error(exc) from None
+            error = _transport_error(exc)
+            self.metrics.upstream_errors.labels(error.code.removeprefix("upstream_")).inc()
+            raise error from None
+        status = response.status_code
+        self.metrics.upstream_duration.labels(route, str(status)).observe(
+            time.perf_counter() - started
+        )
+        if status >= 500:
+            self.metrics.upstream_errors.labels("error").inc()
+        elif status == 429:
+            self.metrics.upstream_errors.labels("rate_limited").inc()
+        return response
 
     async def call(self, method: str, path: str, **kwargs: Any) -> Reply:
         """Send a request and read the whole answer."""
@@ -151,6 +172,11 @@ class Upstream:
     def scrub(self, text: str) -> str:
         """Remove the token from text that came from upstream, in case it quotes it."""
         return text.replace(self.settings.token, "***") if self.settings.token else text
+
+
+def route_template(path: str) -> str:
+    """`videos/video_123/content` -> `/videos/{id}/content`: bounded metric labels."""
+    return "/" + "/".join(s if s in _PATH_WORDS else "{id}" for s in path.strip("/").split("/"))
 
 
 def _transport_error(exc: httpx.HTTPError) -> UpstreamError:

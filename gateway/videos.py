@@ -170,6 +170,8 @@ class VideoRoutes:
                     exc.headers.update(NO_RETRY)
                 raise
             if reply.status == 429:
+                # Upstream's own limit: our count is wrong somewhere. Worth an alert.
+                self.slots.metrics.quota_rejections.labels(team.name, "upstream_429").inc()
                 await ticket.release()
                 raise _upstream_rate_limited(reply)
             if reply.status >= 300:
@@ -349,12 +351,18 @@ class VideoRoutes:
                 record = None
             else:
                 record = await self.registry.owned(_team(request).name, video_id)
+        refusal = self._refusal(record, param)
+        if refusal is not None:
+            self.slots.metrics.remix_rejections.labels(refusal.code).inc()
+            raise refusal
+
+    def _refusal(self, record: VideoRecord | None, param: str) -> GatewayError | None:
         if record is None:
-            raise GatewayError(
+            return GatewayError(
                 400, "invalid_video_id", "The source video is unknown to this team.", param=param
             )
         if record.status != "completed":
-            raise GatewayError(
+            return GatewayError(
                 400,
                 "video_not_completed",
                 f"The source video is {record.status or 'not completed'}; "
@@ -362,7 +370,8 @@ class VideoRoutes:
                 param=param,
             )
         if record.expires_at is not None and record.expires_at <= self.clock():
-            raise GatewayError(400, "video_expired", "The source video has expired.", param=param)
+            return GatewayError(400, "video_expired", "The source video has expired.", param=param)
+        return None
 
 
 # -- request parsing ------------------------------------------------------------------------

@@ -1,0 +1,191 @@
+"""Prometheus metrics: the contract's names, bounded labels, right across processes.
+
+Counters and histograms live in one `GatewayMetrics` per app (its own registry, so
+several apps in one process never collide). Under several worker processes
+`PROMETHEUS_MULTIPROC_DIR` makes prometheus-client keep them in files that
+`/metrics` merges. The shared quota's gauges are not process state at all: they are
+read from the store once per scrape, so every replica and worker reports the same
+number, the ledger's.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Iterator
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+PREFIX = "sora_gateway_"
+JOB_OUTCOMES = frozenset(
+    {"completed", "failed", "cancelled", "deleted", "vanished", "lease_expired"}
+)
+ANONYMOUS = "anonymous"
+# Video jobs take minutes; HTTP requests take milliseconds (or a long download).
+JOB_BUCKETS = (5, 10, 20, 30, 60, 120, 180, 300, 600, 900, 1800, 3600)
+WAIT_BUCKETS = (0.005, 0.05, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60)
+
+
+class GatewayMetrics:
+    def __init__(self, team_names: Iterable[str]) -> None:
+        self.teams = frozenset(team_names)
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            PREFIX + "requests_total",
+            "Requests answered, by route template, method, status and team.",
+            ["route", "method", "status", "team"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            PREFIX + "request_duration_seconds",
+            "Time to answer a request (to the end of its body).",
+            ["route", "method"],
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            PREFIX + "upstream_request_duration_seconds",
+            "Time upstream took to answer (headers), by upstream route template and status.",
+            ["route", "status"],
+            registry=r,
+        )
+        self.slot_wait = Histogram(
+            PREFIX + "slot_wait_seconds",
+            "Time a job-creating request waited for a shared slot.",
+            ["team"],
+            buckets=WAIT_BUCKETS,
+            registry=r,
+        )
+        self.quota_rejections = Counter(
+            PREFIX + "quota_rejections_total",
+            "Job-creating requests refused for lack of a slot, by team and reason.",
+            ["team", "reason"],
+            registry=r,
+        )
+        self.jobs = Counter(
+            PREFIX + "jobs_total",
+            "Video jobs seen to end, counted once each, by team, kind and outcome.",
+            ["team", "kind", "outcome"],
+            registry=r,
+        )
+        self.job_duration = Histogram(
+            PREFIX + "job_duration_seconds",
+            "How long a job held its slot, from admission to its end.",
+            ["kind"],
+            buckets=JOB_BUCKETS,
+            registry=r,
+        )
+        self.remix_rejections = Counter(
+            PREFIX + "remix_rejections_total",
+            "Remix, edit and extension sources refused before anything was spent.",
+            ["code"],
+            registry=r,
+        )
+        self.store_errors = Counter(
+            PREFIX + "store_errors_total", "Operations that failed to reach the store.", registry=r
+        )
+        self.upstream_errors = Counter(
+            PREFIX + "upstream_errors_total",
+            "Upstream failures: timeout, unavailable, error (reset or 5xx), rate_limited.",
+            ["kind"],
+            registry=r,
+        )
+        self.lease_expiries = Counter(
+            PREFIX + "lease_expiries_total",
+            "Jobs released by quota.max_job_s because they were never seen to end.",
+            registry=r,
+        )
+
+    def team(self, name: str | None) -> str:
+        """A label value that can only be a configured team name or `anonymous`."""
+        return name if name in self.teams else ANONYMOUS
+
+    def job_ended(self, team: str, kind: str, outcome: str, held_s: float) -> None:
+        if outcome not in JOB_OUTCOMES:
+            return
+        self.jobs.labels(self.team(team), kind, outcome).inc()
+        self.job_duration.labels(kind).observe(held_s)
+        if outcome == "lease_expired":
+            self.lease_expiries.inc()
+
+    def exposition(self, quota: QuotaGauges | None) -> bytes:
+        """The whole text format: this process's (or all workers') series plus the quota's.
+
+        Without the store the quota gauges are left out rather than guessed.
+        """
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            merged = CollectorRegistry()
+            multiprocess.MultiProcessCollector(merged)
+            own = generate_latest(merged)
+        else:
+            own = generate_latest(self.registry)
+        if quota is None:
+            return own
+        scrape = CollectorRegistry()
+        scrape.register(quota)
+        return own + generate_latest(scrape)
+
+
+class QuotaGauges(Collector):
+    """The ledger's numbers as read for one scrape."""
+
+    def __init__(self, in_use: int, limit: int, waiting: int) -> None:
+        self.values = (in_use, limit, waiting)
+
+    def collect(self) -> Iterator[Metric]:
+        in_use, limit, waiting = self.values
+        yield GaugeMetricFamily(
+            PREFIX + "slots_in_use", "Shared job slots held, read from the store.", value=in_use
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "slots_limit", "The shared limit (quota.max_in_flight).", value=limit
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "slot_queue_length",
+            "Requests waiting for a shared slot, over all replicas.",
+            value=waiting,
+        )
+
+
+class RequestMetricsMiddleware:
+    """Counts and times every HTTP request by its route template, never its raw path."""
+
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            method = scope["method"] if scope["method"] in _METHODS else "OTHER"
+            team = getattr(scope.get("state", {}).get("team"), "name", None)
+            self.metrics.requests.labels(route, method, str(status), self.metrics.team(team)).inc()
+            self.metrics.request_duration.labels(route, method).observe(
+                time.perf_counter() - started
+            )
+
+
+_METHODS = frozenset({"GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS"})
