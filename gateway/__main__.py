@@ -21,6 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--config", required=True, help="path of the YAML config")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument(
+        "--workers", type=int, default=1, help="worker processes, each a full replica"
+    )
 
     check = commands.add_parser("check-config", help="validate a config file")
     check.add_argument("path")
@@ -52,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "new-key":
         return _new_key(args.team)
     if args.command == "serve":
-        return _serve(args.config, args.host, args.port)
+        from .serve import serve
+
+        return serve(args.config, args.host, args.port, args.workers)
     if args.command == "simulate":
         return _simulate(args)
     from .demo import run_demo
@@ -74,31 +79,6 @@ def _new_key(team: str) -> int:
     key = new_key()
     print(key)
     print(f'- {{name: {team}, key_sha256: ["{key_digest(key)}"]}}')
-    return 0
-
-
-def _serve(path: str, host: str, port: int) -> int:
-    import uvicorn
-
-    from .app import create_app
-    from .store import EmbeddedRedis
-
-    try:
-        settings = load_settings(path)
-    except ConfigError as exc:
-        print(exc.report(), file=sys.stderr)
-        return 1
-    embedded = None
-    url = settings.store.redis_url
-    if url is None:
-        embedded = EmbeddedRedis(settings.store.data_dir).start()
-        url = embedded.url
-        logging.getLogger("gateway").info("embedded store started in %s", embedded.data_dir)
-    try:
-        uvicorn.run(create_app(settings, redis_url=url), host=host, port=port, log_level="info")
-    finally:
-        if embedded is not None:
-            embedded.stop()
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import os
 import socket
@@ -28,6 +29,7 @@ from .auth import TeamDirectory
 from .config import Settings
 from .errors import GatewayError, store_unavailable
 from .ledger import SlotLedger
+from .logs import AccessLogMiddleware
 from .metrics import GatewayMetrics, QuotaGauges, RequestMetricsMiddleware
 from .middleware import RequestIdMiddleware, TeamAuthMiddleware
 from .quota import JobSlots
@@ -63,6 +65,7 @@ def create_app(settings: Settings, *, redis_url: str | None = None) -> ASGIApp:
         registry=registry,
         upstream=upstream,
         poll_interval_s=settings.tracker.poll_interval_s,
+        lease_s=settings.tracker.lease_s,
         max_job_s=settings.quota.max_job_s,
         # A lost create's job is listed upstream by the time its request would have
         # timed out; two more polls give a slow listing the benefit of the doubt.
@@ -80,6 +83,13 @@ def create_app(settings: Settings, *, redis_url: str | None = None) -> ASGIApp:
         return JSONResponse({"status": "ok"})
 
     async def metrics_page(request: Request) -> Response:
+        expected = settings.metrics.bearer_token
+        if expected is not None and not hmac.compare_digest(
+            request.headers.get("authorization", ""), f"Bearer {expected}"
+        ):
+            return GatewayError(
+                401, "invalid_api_key", "This page needs its bearer token."
+            ).response()
         try:
             usage = await ledger.usage()
         except STORE_ERRORS:
@@ -133,7 +143,9 @@ def create_app(settings: Settings, *, redis_url: str | None = None) -> ASGIApp:
         lifespan=lifespan,
     )
     teams = TeamDirectory(settings.teams)
-    return RequestIdMiddleware(RequestMetricsMiddleware(TeamAuthMiddleware(app, teams), metrics))
+    return RequestIdMiddleware(
+        AccessLogMiddleware(RequestMetricsMiddleware(TeamAuthMiddleware(app, teams), metrics))
+    )
 
 
 def replica_id() -> str:

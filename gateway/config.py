@@ -68,6 +68,18 @@ class LimitsSettings:
 
 
 @dataclass(frozen=True)
+class LoggingSettings:
+    level: str = "info"
+    format: str = "json"
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    # When set, /metrics answers only `Authorization: Bearer <token>`.
+    bearer_token: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
 class TeamSettings:
     name: str
     key_sha256: tuple[str, ...]
@@ -82,6 +94,8 @@ class Settings:
     quota: QuotaSettings = QuotaSettings()
     tracker: TrackerSettings = TrackerSettings()
     limits: LimitsSettings = LimitsSettings()
+    logging: LoggingSettings = LoggingSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
 
 def load_settings(path: str | os.PathLike[str]) -> Settings:
@@ -188,7 +202,17 @@ class _Checker:
         return value
 
     def settings(self, raw: dict[str, Any]) -> Settings | None:
-        for key in raw.keys() - {"upstream", "store", "quota", "tracker", "limits", "teams"}:
+        sections = {
+            "upstream",
+            "store",
+            "quota",
+            "tracker",
+            "limits",
+            "logging",
+            "metrics",
+            "teams",
+        }
+        for key in raw.keys() - sections:
             self.fail(str(key), "unknown field")
         upstream = self.upstream(raw)
         store = self.store(raw)
@@ -211,10 +235,31 @@ class _Checker:
         limits = LimitsSettings(
             max_body_bytes=self.integer(limits_sec, "limits", "max_body_bytes", 52_428_800)
         )
+        logging_sec = self.section(raw, "logging", {"level", "format"})
+        logging = LoggingSettings(
+            level=self.choice(
+                logging_sec, "logging", "level", ("info", "debug", "warning", "error")
+            ),
+            format=self.choice(logging_sec, "logging", "format", ("json", "text")),
+        )
+        metrics_sec = self.section(raw, "metrics", {"bearer_token"})
+        bearer = metrics_sec.get("bearer_token")
+        if bearer is not None and (not isinstance(bearer, str) or not bearer.strip()):
+            self.fail("metrics.bearer_token", "expected a non-empty string")
+            bearer = None
         teams = self.teams(raw.get("teams"))
         if upstream is None:
             return None
-        return Settings(upstream, teams, store, quota, tracker, limits)
+        return Settings(
+            upstream,
+            teams,
+            store,
+            quota,
+            tracker,
+            limits,
+            logging,
+            MetricsSettings(bearer_token=bearer.strip() if bearer else None),
+        )
 
     def upstream(self, raw: dict[str, Any]) -> UpstreamSettings | None:
         if "upstream" not in raw:

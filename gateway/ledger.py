@@ -216,7 +216,7 @@ return 1
 
 # The job ended (or never existed): free its slot, by slot id or by video id.
 # Idempotent: only the call that actually freed it gets {1, team, kind, started ms,
-# now ms}, so whoever gets that counts the job's end exactly once; others get {0}.
+# now ms, video}, so whoever gets that counts the job's end exactly once; others get {0}.
 # ARGV: slot id or '', video id or '', channel to publish the release on.
 RELEASE_SCRIPT = (
     _PRELUDE
@@ -235,7 +235,8 @@ end
 redis.call('HDEL', slots, slot)
 if redis.call('ZREM', holders, slot) == 0 then return {0} end
 redis.call('PUBLISH', ARGV[3], slot)
-return {1, rec.team or '', rec.kind or '', tostring(rec.started or 0), tostring(now_ms())}
+return {1, rec.team or '', rec.kind or '', tostring(rec.started or 0), tostring(now_ms()),
+        rec.video or ''}
 """
 )
 
@@ -258,6 +259,7 @@ class Usage:
 class Release:
     team: str
     kind: str
+    video: str
     held_s: float  # from admission to release, by the store's clock
 
 
@@ -348,8 +350,8 @@ class SlotLedger:
         result = await self._release(keys=KEYS, args=[slot_id, video_id, RELEASED_CHANNEL])
         if int(result[0]) != 1:
             return None
-        team, kind, started, now = (_text(v) for v in result[1:5])
-        return Release(team, kind, (int(now) - int(float(started))) / 1000)
+        team, kind, started, now, video = (_text(v) for v in result[1:6])
+        return Release(team, kind, video, (int(now) - int(float(started))) / 1000)
 
     async def usage(self) -> Usage:
         """Slots held and requests waiting, in one round trip."""

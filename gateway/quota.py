@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 from .auth import Team
 from .errors import GatewayError
 from .ledger import RELEASED_CHANNEL, SlotLedger
+from .logs import note
 from .metrics import GatewayMetrics
 from .store import STORE_ERRORS
 from .upstream import UpstreamError
@@ -55,6 +56,10 @@ class Ticket:
             self._slots.ledger.bind(self.slot_id, video_id, team=self.team.name, kind=self.kind)
         )
         self.settled = True
+        log.info(
+            "job started",
+            extra={"team": self.team.name, "kind": self.kind, "video_id": video_id},
+        )
 
     async def release(self) -> None:
         """Upstream refused the job: nothing runs, the slot is free at once."""
@@ -110,7 +115,9 @@ class JobSlots:
                     self.metrics.quota_rejections.labels(team.name, "store_unavailable").inc()
                     raise
                 if admission.admitted:
-                    self.metrics.slot_wait.labels(team.name).observe(loop.time() - started)
+                    waited = loop.time() - started
+                    self.metrics.slot_wait.labels(team.name).observe(waited)
+                    note(wait_ms=round(waited * 1000, 2))
                     return slot_id
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -158,7 +165,13 @@ class JobSlots:
             return False
         log.info(
             "job ended",
-            extra={"team": released.team, "kind": released.kind, "outcome": outcome},
+            extra={
+                "team": released.team,
+                "kind": released.kind,
+                "video_id": released.video or None,
+                "outcome": outcome,
+                "held_s": round(released.held_s, 3),
+            },
         )
         self.metrics.job_ended(released.team, released.kind, outcome, released.held_s)
         if outcome in ("completed", "failed", "cancelled"):

@@ -46,6 +46,7 @@ class Tracker:
         registry: VideoRegistry,
         upstream: Upstream,
         poll_interval_s: float,
+        lease_s: float,
         max_job_s: float,
         settle_after_s: float,
     ) -> None:
@@ -54,6 +55,8 @@ class Tracker:
         self.registry = registry
         self.upstream = upstream
         self.poll_interval_s = poll_interval_s
+        # One slow upstream answer must not hold a tick past the leases it should renew.
+        self.call_timeout_s = lease_s / 3
         self.max_job_ms = int(max_job_s * 1000)
         self.settle_after_ms = int(settle_after_s * 1000)
         self._next_poll_ms: dict[str, int] = {}
@@ -124,10 +127,13 @@ class Tracker:
     async def _poll(self, slot: Slot, now_ms: int) -> None:
         async with self._polls:
             try:
-                reply = await self.upstream.call(
-                    "GET", f"videos/{slot.video}", inbound=Headers(), request_id=_tracker_id()
+                reply = await asyncio.wait_for(
+                    self.upstream.call(
+                        "GET", f"videos/{slot.video}", inbound=Headers(), request_id=_tracker_id()
+                    ),
+                    self.call_timeout_s,
                 )
-            except UpstreamError:
+            except (UpstreamError, TimeoutError):
                 await self.ledger.renew(slot.id)  # upstream is unwell, the job is not over
                 return
         if reply.status == 404:
@@ -151,14 +157,17 @@ class Tracker:
     async def _settle(self, unknown: list[Slot], snapshot: Snapshot) -> None:
         """Find each lost create's job among upstream's recent jobs, or give up on it."""
         try:
-            reply = await self.upstream.call(
-                "GET",
-                "videos",
-                params={"limit": "100", "order": "desc"},
-                inbound=Headers(),
-                request_id=_tracker_id(),
+            reply = await asyncio.wait_for(
+                self.upstream.call(
+                    "GET",
+                    "videos",
+                    params={"limit": "100", "order": "desc"},
+                    inbound=Headers(),
+                    request_id=_tracker_id(),
+                ),
+                self.call_timeout_s,
             )
-        except UpstreamError:
+        except (UpstreamError, TimeoutError):
             reply = None
         listing = _object(reply.body) if reply is not None and reply.status < 300 else None
         if listing is None:

@@ -20,6 +20,7 @@ from starlette.datastructures import Headers
 
 from .config import UpstreamSettings
 from .errors import GatewayError
+from .logs import note
 from .metrics import GatewayMetrics
 
 # Request headers a client may pass to upstream; everything else is dropped.
@@ -149,9 +150,9 @@ class Upstream:
             self.metrics.upstream_errors.labels(error.code.removeprefix("upstream_")).inc()
             raise error from None
         status = response.status_code
-        self.metrics.upstream_duration.labels(route, str(status)).observe(
-            time.perf_counter() - started
-        )
+        elapsed = time.perf_counter() - started
+        self.metrics.upstream_duration.labels(route, str(status)).observe(elapsed)
+        note(upstream_status=status, upstream_ms=round(elapsed * 1000, 2))
         if status >= 500:
             self.metrics.upstream_errors.labels("error").inc()
         elif status == 429:

@@ -24,6 +24,7 @@ from starlette.routing import Route
 from .auth import Team
 from .body import RequestBody, read_body
 from .errors import GatewayError, invalid_request, video_not_found
+from .logs import note
 from .quota import JobSlots
 from .registry import TERMINAL_STATUSES, VideoRecord, VideoRegistry
 from .store import STORE_ERRORS
@@ -182,6 +183,7 @@ class VideoRoutes:
                     error.headers.update(NO_RETRY)
                 raise error
             video = _video_object(reply)
+            note(video_id=video["id"])
             try:
                 await ticket.bind(video["id"])
                 await self.registry.record(team.name, kind, video, reply.body)
@@ -389,6 +391,8 @@ def _path_id(request: Request, name: str) -> str:
     value = request.path_params[name]
     if not ID_SYNTAX.match(value):
         raise invalid_request(f"{name} is not a valid id.", name)
+    if name == "video_id":
+        note(video_id=value)
     return value
 
 

@@ -1,0 +1,67 @@
+"""`sora-gateway serve`: the gateway under uvicorn, with one or several worker processes.
+
+With several workers each process is a full replica (its own tracker and release
+listener) sharing the store, and prometheus-client's multiprocess mode lets any
+worker's `/metrics` report all of them: the gateway makes and removes that directory
+itself. Without `store.redis_url` an embedded store is started first, and stopped last.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+
+import uvicorn
+from starlette.types import ASGIApp
+
+from . import logs
+from .app import create_app
+from .config import ConfigError, load_settings
+from .store import EmbeddedRedis
+
+CONFIG_ENV = "SORA_GATEWAY_CONFIG"
+STORE_ENV = "SORA_GATEWAY_STORE_URL"
+# Long enough to finish a download in flight; the orchestrator's grace must be longer.
+GRACEFUL_SHUTDOWN_S = 30
+
+
+def serve(config_path: str, host: str, port: int, workers: int = 1) -> int:
+    try:
+        settings = load_settings(config_path)
+    except ConfigError as exc:
+        print(exc.report(), file=sys.stderr)
+        return 1
+    logs.configure(settings.logging.level, settings.logging.format)
+    with ExitStack() as stack:
+        url = settings.store.redis_url
+        if url is None:
+            embedded = stack.enter_context(EmbeddedRedis(settings.store.data_dir))
+            url = embedded.url
+        options = {
+            "host": host,
+            "port": port,
+            "log_config": None,
+            "access_log": False,
+            "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
+        }
+        if workers <= 1:
+            uvicorn.run(create_app(settings, redis_url=url), **options)
+            return 0
+        metrics_dir = tempfile.mkdtemp(prefix="sgw-metrics-")
+        stack.callback(shutil.rmtree, metrics_dir, ignore_errors=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        os.environ[CONFIG_ENV] = str(Path(config_path).resolve())
+        os.environ[STORE_ENV] = url
+        uvicorn.run("gateway.serve:app_from_environment", factory=True, workers=workers, **options)
+    return 0
+
+
+def app_from_environment() -> ASGIApp:
+    """The app factory each worker process calls (uvicorn imports it by name)."""
+    settings = load_settings(os.environ[CONFIG_ENV])
+    logs.configure(settings.logging.level, settings.logging.format)
+    return create_app(settings, redis_url=os.environ[STORE_ENV])
