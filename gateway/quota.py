@@ -125,7 +125,8 @@ class JobSlots:
                     self.metrics.quota_rejections.labels(team.name, reason).inc()
                     raise self._full(reason, admission.ahead)
                 if await disconnected():
-                    raise asyncio.CancelledError("the client went away while waiting")
+                    # Nobody will read this answer; it only ends the request quietly.
+                    raise GatewayError(499, "client_disconnected", "The client went away.")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), min(remaining, RECHECK_S))
         except BaseException:

@@ -93,7 +93,7 @@ class VideoRoutes:
             if self.remix_route == "path":
                 return await self._start_job(request, "remix", f"videos/{source}/remix", body)
             return await self._start_job(
-                request, "remix", "videos/remix", _with_field(body, "video_id", source)
+                request, "remix", "videos/remix", body, _with_field(body, "video_id", source)
             )
         finally:
             body.close()
@@ -114,7 +114,7 @@ class VideoRoutes:
                 )
             fields = {k: v for k, v in body.fields.items() if k != "video_id"}
             return await self._start_job(
-                request, "remix", f"videos/{source}/remix", json.dumps(fields).encode()
+                request, "remix", f"videos/{source}/remix", body, json.dumps(fields).encode()
             )
         finally:
             body.close()
@@ -138,9 +138,17 @@ class VideoRoutes:
             body.close()
 
     async def _start_job(
-        self, request: Request, kind: str, path: str, body: RequestBody | bytes
+        self,
+        request: Request,
+        kind: str,
+        path: str,
+        body: RequestBody,
+        rewritten: RequestBody | bytes | None = None,
     ) -> Response:
         """Take a shared slot, send the job-creating request upstream, record the job.
+
+        `rewritten` is what to send instead of the client's own bytes, when the remix
+        form has to be translated for upstream.
 
         Upstream's refusal (4xx, 429) frees the slot at once. An answer that leaves it
         unknown whether the job exists upstream (a timeout, a reset, a 5xx) keeps the
@@ -148,13 +156,13 @@ class VideoRoutes:
         would otherwise retry the create blindly and pay for a duplicate job.
         """
         team = _team(request)
-        prompt = str(body.fields.get("prompt", "")) if isinstance(body, RequestBody) else ""
-        if isinstance(body, bytes):
-            prompt = str(json.loads(body).get("prompt", ""))
-            content: Any = body
-            content_type, length = "application/json", len(body)
+        outgoing = body if rewritten is None else rewritten
+        if isinstance(outgoing, bytes):
+            content: Any = outgoing
+            content_type, length = "application/json", len(outgoing)
         else:
-            content, content_type, length = body.raw(), body.content_type, body.size
+            content, content_type, length = outgoing.raw(), outgoing.content_type, outgoing.size
+        prompt = str(body.fields["prompt"])  # checked by _require_prompt before any slot
         async with self.slots.hold(team, kind, prompt, request.is_disconnected) as ticket:
             try:
                 reply = await self.upstream.call(
