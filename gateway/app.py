@@ -26,7 +26,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from .auth import TeamDirectory
-from .config import Settings
+from .config import Settings, TeamSettings
 from .errors import GatewayError, store_unavailable
 from .ledger import SlotLedger
 from .logs import AccessLogMiddleware
@@ -34,6 +34,7 @@ from .metrics import GatewayMetrics, QuotaGauges, RequestMetricsMiddleware
 from .middleware import RequestIdMiddleware, TeamAuthMiddleware
 from .quota import JobSlots
 from .registry import VideoRegistry
+from .reload import TeamsReloader
 from .store import STORE_ERRORS, connect
 from .tracker import Tracker
 from .upstream import Upstream
@@ -42,8 +43,14 @@ from .videos import VideoRoutes
 log = logging.getLogger("gateway")
 
 
-def create_app(settings: Settings, *, redis_url: str | None = None) -> ASGIApp:
-    """Build the gateway. `redis_url` overrides the config (the embedded store's address)."""
+def create_app(
+    settings: Settings, *, redis_url: str | None = None, config_path: str | None = None
+) -> ASGIApp:
+    """Build the gateway.
+
+    `redis_url` overrides the config (the embedded store's address); with `config_path`
+    the teams are reloaded when that file changes or the process gets SIGHUP.
+    """
     url = redis_url or settings.store.redis_url
     if url is None:
         raise ValueError("no store URL: set store.redis_url or start the embedded store")
@@ -54,7 +61,7 @@ def create_app(settings: Settings, *, redis_url: str | None = None) -> ASGIApp:
     ledger = SlotLedger(
         store,
         limit=settings.quota.max_in_flight,
-        team_caps={t.name: t.max_in_flight for t in settings.teams if t.max_in_flight},
+        team_caps=_caps(settings.teams),
         owner=replica_id(),
         lease_s=settings.tracker.lease_s,
     )
@@ -111,12 +118,22 @@ def create_app(settings: Settings, *, redis_url: str | None = None) -> ASGIApp:
             return store_unavailable().response()
         return JSONResponse({"status": "ready"})
 
+    teams = TeamDirectory(settings.teams)
+
+    def apply_teams(fresh: tuple[TeamSettings, ...]) -> None:
+        teams.update(fresh)
+        ledger.set_caps(_caps(fresh))
+        metrics.teams = frozenset(team.name for team in fresh)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         background = [
             asyncio.create_task(tracker.run(), name="tracker"),
             asyncio.create_task(slots.listen(store), name="release-listener"),
         ]
+        if config_path is not None:
+            reloader = TeamsReloader(config_path, settings, apply_teams)
+            background.append(asyncio.create_task(reloader.watch(), name="config-reloader"))
         try:
             yield
         finally:
@@ -142,10 +159,13 @@ def create_app(settings: Settings, *, redis_url: str | None = None) -> ASGIApp:
         },
         lifespan=lifespan,
     )
-    teams = TeamDirectory(settings.teams)
     return RequestIdMiddleware(
         AccessLogMiddleware(RequestMetricsMiddleware(TeamAuthMiddleware(app, teams), metrics))
     )
+
+
+def _caps(teams: tuple[TeamSettings, ...]) -> dict[str, int]:
+    return {team.name: team.max_in_flight for team in teams if team.max_in_flight}
 
 
 def replica_id() -> str:

@@ -49,18 +49,19 @@ def presented_key(headers: Headers) -> str | None:
 
 
 class TeamDirectory:
-    """Maps key digests to teams."""
+    """Maps key digests to teams; `update` swaps the whole map at once (key rotation)."""
 
     def __init__(self, teams: Iterable[TeamSettings]) -> None:
         self._by_digest: dict[str, Team] = {}
-        self.names: tuple[str, ...] = ()
-        names = []
+        self.update(teams)
+
+    def update(self, teams: Iterable[TeamSettings]) -> None:
+        by_digest = {}
         for entry in teams:
             team = Team(entry.name, entry.max_in_flight)
-            names.append(entry.name)
             for digest in entry.key_sha256:
-                self._by_digest[digest] = team
-        self.names = tuple(names)
+                by_digest[digest] = team
+        self._by_digest = by_digest
 
     def authenticate(self, headers: Headers) -> Team:
         key = presented_key(headers)

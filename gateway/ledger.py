@@ -302,7 +302,7 @@ class SlotLedger:
         self.owner = owner
         self.lease_ms = int(lease_s * 1000)
         self.heartbeat_ms = int(heartbeat_s * 1000)
-        self._caps = json.dumps(team_caps) if team_caps else "{}"
+        self.set_caps(team_caps)
         self._acquire = redis.register_script(ACQUIRE_SCRIPT)
         self._abandon = redis.register_script(ABANDON_SCRIPT)
         self._bind = redis.register_script(BIND_SCRIPT)
@@ -310,6 +310,10 @@ class SlotLedger:
         self._renew = redis.register_script(RENEW_SCRIPT)
         self._adopt = redis.register_script(ADOPT_SCRIPT)
         self._release = redis.register_script(RELEASE_SCRIPT)
+
+    def set_caps(self, team_caps: dict[str, int]) -> None:
+        """The teams' own caps, as the acquire script reads them (changed on reload)."""
+        self._caps = json.dumps(team_caps) if team_caps else "{}"
 
     async def try_acquire(self, slot_id: str, team: str, kind: str, fingerprint: str) -> Admission:
         result = await self._acquire(

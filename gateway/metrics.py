@@ -37,7 +37,7 @@ WAIT_BUCKETS = (0.005, 0.05, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60)
 
 class GatewayMetrics:
     def __init__(self, team_names: Iterable[str]) -> None:
-        self.teams = frozenset(team_names)
+        self.teams = frozenset(team_names)  # replaced whole when the teams are reloaded
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(

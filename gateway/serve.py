@@ -49,7 +49,8 @@ def serve(config_path: str, host: str, port: int, workers: int = 1) -> int:
             "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
         }
         if workers <= 1:
-            uvicorn.run(create_app(settings, redis_url=url), **options)
+            app = create_app(settings, redis_url=url, config_path=config_path)
+            uvicorn.run(app, **options)
             return 0
         metrics_dir = tempfile.mkdtemp(prefix="sgw-metrics-")
         stack.callback(shutil.rmtree, metrics_dir, ignore_errors=True)
@@ -62,6 +63,7 @@ def serve(config_path: str, host: str, port: int, workers: int = 1) -> int:
 
 def app_from_environment() -> ASGIApp:
     """The app factory each worker process calls (uvicorn imports it by name)."""
-    settings = load_settings(os.environ[CONFIG_ENV])
+    path = os.environ[CONFIG_ENV]
+    settings = load_settings(path)
     logs.configure(settings.logging.level, settings.logging.format)
-    return create_app(settings, redis_url=os.environ[STORE_ENV])
+    return create_app(settings, redis_url=os.environ[STORE_ENV], config_path=path)
