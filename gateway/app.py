@@ -35,7 +35,7 @@ from .middleware import RequestIdMiddleware, TeamAuthMiddleware
 from .quota import JobSlots
 from .registry import VideoRegistry
 from .reload import TeamsReloader
-from .store import STORE_ERRORS, connect
+from .store import STORE_ERRORS, connect, connect_sentinel
 from .tracker import Tracker
 from .upstream import Upstream
 from .videos import VideoRoutes
@@ -52,9 +52,12 @@ def create_app(
     the teams are reloaded when that file changes or the process gets SIGHUP.
     """
     url = redis_url or settings.store.redis_url
-    if url is None:
-        raise ValueError("no store URL: set store.redis_url or start the embedded store")
-    store = connect(url)
+    if url is not None:
+        store = connect(url)
+    elif settings.store.sentinel is not None:
+        store = connect_sentinel(settings.store.sentinel)
+    else:
+        raise ValueError("no store: set store.redis_url or store.sentinel, or start one")
     metrics = GatewayMetrics(team.name for team in settings.teams)
     upstream = Upstream(settings.upstream, metrics)
     registry = VideoRegistry(store)

@@ -44,9 +44,23 @@ class UpstreamSettings:
 
 
 @dataclass(frozen=True)
+class SentinelSettings:
+    master_name: str
+    hosts: tuple[tuple[str, int], ...]
+    password: str | None = field(default=None, repr=False)  # the Redis servers'
+    sentinel_password: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
 class StoreSettings:
     redis_url: str | None = None
     data_dir: str = ".sora-gateway/store"
+    sentinel: SentinelSettings | None = None
+
+    @property
+    def embedded(self) -> bool:
+        """No shared store is configured: the gateway starts its own."""
+        return self.redis_url is None and self.sentinel is None
 
 
 @dataclass(frozen=True)
@@ -266,7 +280,9 @@ class _Checker:
             self.fail("upstream", "required")
             return None
         sec = self.section(
-            raw, "upstream", {"base_url", "token", "auth_header", "remix_route", "timeout_s"}
+            raw,
+            "upstream",
+            {"base_url", "token", "token_file", "auth_header", "remix_route", "timeout_s"},
         )
         base_url = sec.get("base_url")
         if not isinstance(base_url, str) or not base_url:
@@ -275,6 +291,11 @@ class _Checker:
         elif not re.match(r"^https?://[^/\s]+", base_url):
             self.fail("upstream.base_url", f"expected an http(s) URL, got {base_url!r}")
         token = sec.get("token")
+        token_file = sec.get("token_file")
+        if token_file is not None:
+            if token is not None:
+                self.fail("upstream.token_file", "set either token or token_file, not both")
+            token = self._read_secret(token_file, "upstream.token_file")
         if not isinstance(token, str) or not token.strip():
             # Never echo the value: it may be a real credential with a typo.
             self.fail("upstream.token", "required (usually token: ${SORA_UPSTREAM_TOKEN})")
@@ -287,8 +308,24 @@ class _Checker:
             timeout_s=self.number(sec, "upstream", "timeout_s", 60.0),
         )
 
+    def _read_secret(self, path: Any, where: str) -> str | None:
+        """A secret mounted as a file (Docker and Kubernetes secrets)."""
+        if not isinstance(path, str) or not path:
+            self.fail(where, "expected a file path")
+            return None
+        try:
+            value = Path(path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            self.fail(where, f"cannot read {path}: {exc.strerror}")
+            self._unset.add("upstream.token")
+            return None
+        if not value:
+            self.fail(where, f"{path} is empty")
+            self._unset.add("upstream.token")
+        return value
+
     def store(self, raw: dict[str, Any]) -> StoreSettings:
-        sec = self.section(raw, "store", {"redis_url", "data_dir"})
+        sec = self.section(raw, "store", {"redis_url", "data_dir", "sentinel"})
         url = sec.get("redis_url")
         if url is not None and (
             not isinstance(url, str) or not re.match(r"^(redis|rediss|unix)://", url)
@@ -299,7 +336,40 @@ class _Checker:
         if not isinstance(data_dir, str) or not data_dir:
             self.fail("store.data_dir", "expected a directory path")
             data_dir = StoreSettings.data_dir
-        return StoreSettings(redis_url=url or None, data_dir=data_dir)
+        sentinel = self.sentinel(sec) if "sentinel" in sec else None
+        if sentinel is not None and url:
+            self.fail("store", "set either redis_url or sentinel, not both")
+        return StoreSettings(redis_url=url or None, data_dir=data_dir, sentinel=sentinel)
+
+    def sentinel(self, store: dict[str, Any]) -> SentinelSettings | None:
+        sec = self.section(
+            store, "sentinel", {"master_name", "hosts", "password", "sentinel_password"}
+        )
+        where = "store.sentinel"
+        name = sec.get("master_name")
+        if not isinstance(name, str) or not name:
+            self.fail(f"{where}.master_name", "required")
+        hosts: list[tuple[str, int]] = []
+        raw_hosts = sec.get("hosts")
+        if not isinstance(raw_hosts, list) or not raw_hosts:
+            self.fail(f"{where}.hosts", "expected a list of host:port")
+            raw_hosts = []
+        for i, entry in enumerate(raw_hosts):
+            host, _, port = str(entry).rpartition(":")
+            if not host or not port.isdigit():
+                self.fail(f"{where}.hosts[{i}]", f"expected host:port, got {entry!r}")
+                continue
+            hosts.append((host, int(port)))
+        secrets = {}
+        for key in ("password", "sentinel_password"):
+            value = sec.get(key)
+            if value is not None and not isinstance(value, str):
+                self.fail(f"{where}.{key}", "expected a string")
+                value = None
+            secrets[key] = value or None
+        if not isinstance(name, str) or not name or not hosts:
+            return None
+        return SentinelSettings(name, tuple(hosts), **secrets)
 
     def teams(self, raw: Any) -> tuple[TeamSettings, ...]:
         if not isinstance(raw, list) or not raw:

@@ -38,9 +38,8 @@ def serve(config_path: str, host: str, port: int, workers: int = 1) -> int:
     logs.configure(settings.logging.level, settings.logging.format)
     with ExitStack() as stack:
         url = settings.store.redis_url
-        if url is None:
-            embedded = stack.enter_context(EmbeddedRedis(settings.store.data_dir))
-            url = embedded.url
+        if settings.store.embedded:
+            url = stack.enter_context(EmbeddedRedis(settings.store.data_dir)).url
         options = {
             "host": host,
             "port": port,
@@ -56,7 +55,8 @@ def serve(config_path: str, host: str, port: int, workers: int = 1) -> int:
         stack.callback(shutil.rmtree, metrics_dir, ignore_errors=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
         os.environ[CONFIG_ENV] = str(Path(config_path).resolve())
-        os.environ[STORE_ENV] = url
+        if url is not None:
+            os.environ[STORE_ENV] = url
         uvicorn.run("gateway.serve:app_from_environment", factory=True, workers=workers, **options)
     return 0
 
@@ -66,4 +66,4 @@ def app_from_environment() -> ASGIApp:
     path = os.environ[CONFIG_ENV]
     settings = load_settings(path)
     logs.configure(settings.logging.level, settings.logging.format)
-    return create_app(settings, redis_url=os.environ[STORE_ENV], config_path=path)
+    return create_app(settings, redis_url=os.environ.get(STORE_ENV), config_path=path)

@@ -15,24 +15,44 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 from redis.asyncio import Redis
+from redis.asyncio.sentinel import Sentinel
+
+from .config import SentinelSettings
 
 STARTUP_TIMEOUT_S = 10.0
 # What a dead or unreachable store raises: every such failure means 503, never a guess.
 STORE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
+# A dead store must mean a quick 503, not a hang.
+_CLIENT_OPTIONS: dict[str, Any] = {
+    "socket_timeout": 2.0,
+    "socket_connect_timeout": 2.0,
+    "health_check_interval": 10,
+    "retry_on_timeout": False,
+}
+
+
 def connect(url: str) -> Redis:
-    """An asyncio client that fails fast: a dead store must mean a quick 503, not a hang."""
-    return Redis.from_url(
-        url,
-        socket_timeout=2.0,
-        socket_connect_timeout=2.0,
-        health_check_interval=10,
-        retry_on_timeout=False,
+    """An asyncio client for one Redis at `url`."""
+    return Redis.from_url(url, **_CLIENT_OPTIONS)
+
+
+def connect_sentinel(settings: SentinelSettings) -> Redis:
+    """A client for the current primary; after a failover it finds the new one itself."""
+    sentinel = Sentinel(
+        list(settings.hosts),
+        sentinel_kwargs={
+            "password": settings.sentinel_password,
+            "socket_timeout": 1.0,
+            "socket_connect_timeout": 1.0,
+        },
     )
+    return sentinel.master_for(settings.master_name, password=settings.password, **_CLIENT_OPTIONS)
 
 
 def server_binary() -> str:

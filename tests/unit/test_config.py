@@ -403,3 +403,71 @@ def test_new_key_makes_a_fresh_key_each_time(capsys):
     lines = capsys.readouterr().out.splitlines()
     keys = lines[0::2]
     assert len(keys) == 2 and keys[0] != keys[1]
+
+
+# -- secrets from files, Sentinel, logging, metrics -------------------------------------------
+
+
+def test_the_token_can_come_from_a_mounted_file(tmp_path):
+    secret = tmp_path / "token"
+    secret.write_text(f"  {TOKEN}\n")
+    config = minimal(upstream={"base_url": "https://api.example.com/v1", "token_file": str(secret)})
+    assert parse(config).upstream.token == TOKEN
+
+
+def test_a_missing_token_file_is_named_once(tmp_path):
+    missing = tmp_path / "nope"
+    config = minimal(upstream={"base_url": "https://x/v1", "token_file": str(missing)})
+    found = problems(config)
+    assert found == [f"upstream.token_file: cannot read {missing}: No such file or directory"]
+
+
+def test_token_and_token_file_together_are_refused(tmp_path):
+    secret = tmp_path / "token"
+    secret.write_text(TOKEN)
+    config = minimal(
+        upstream={"base_url": "https://x/v1", "token": TOKEN, "token_file": str(secret)}
+    )
+    assert "upstream.token_file: set either token or token_file, not both" in problems(config)
+
+
+def test_sentinel_settings_are_parsed():
+    config = minimal(
+        store={"sentinel": {"master_name": "main", "hosts": ["s1:26379", "10.0.0.2:26380"]}}
+    )
+    store = parse(config).store
+    assert store.sentinel is not None and not store.embedded
+    assert store.sentinel.master_name == "main"
+    assert store.sentinel.hosts == (("s1", 26379), ("10.0.0.2", 26380))
+
+
+@pytest.mark.parametrize(
+    ("sentinel", "expected"),
+    [
+        ({"hosts": ["s1:1"]}, "store.sentinel.master_name: required"),
+        ({"master_name": "m"}, "store.sentinel.hosts: expected a list of host:port"),
+        ({"master_name": "m", "hosts": ["s1"]}, "store.sentinel.hosts[0]: expected host:port"),
+    ],
+)
+def test_bad_sentinel_settings_name_their_field(sentinel, expected):
+    assert any(p.startswith(expected) for p in problems(minimal(store={"sentinel": sentinel})))
+
+
+def test_redis_url_and_sentinel_are_exclusive():
+    store = {"redis_url": "redis://x:6379/0", "sentinel": {"master_name": "m", "hosts": ["s:1"]}}
+    assert "store: set either redis_url or sentinel, not both" in problems(minimal(store=store))
+
+
+def test_logging_and_metrics_sections():
+    settings = parse(minimal(logging={"level": "debug", "format": "text"}))
+    assert (settings.logging.level, settings.logging.format) == ("debug", "text")
+    assert parse(minimal()).logging.format == "json"
+    assert parse(minimal(metrics={"bearer_token": "m"})).metrics.bearer_token == "m"
+    assert "logging.format: expected one of json, text, got 'xml'" in problems(
+        minimal(logging={"format": "xml"})
+    )
+
+
+def test_a_lease_shorter_than_two_polls_is_refused():
+    found = problems(minimal(tracker={"poll_interval_s": 5, "lease_s": 8}))
+    assert found == ["tracker.lease_s: must be at least twice tracker.poll_interval_s"]
