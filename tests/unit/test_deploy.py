@@ -1,0 +1,203 @@
+"""The shipped deployment files: compose stack, Kubernetes manifests, Dockerfile.
+
+No engine runs here, so the checks are the ones that need none: `docker compose config`
+(or `docker-compose config`) where a client has it, offline schema validation of the
+manifests, and cross-checks that the files agree with each other and with the config
+the gateway will load from them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from gateway.config import load_settings, parse_settings
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+K8S = DEPLOY / "k8s"
+COMPOSE_ENV = {"SORA_UPSTREAM_TOKEN": "compose-test-token", "SORA_TEAM_KEY_SHA256": "a" * 64}
+
+
+def load(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+def manifests() -> dict[str, dict[str, Any]]:
+    kustomization = load(K8S / "kustomization.yaml")
+    found = {}
+    for name in kustomization["resources"]:
+        resource = load(K8S / name)
+        found[resource["kind"]] = resource
+    return found
+
+
+# -- docker compose --------------------------------------------------------------------------
+
+
+def compose_command() -> list[str] | None:
+    docker = shutil.which("docker")
+    if (
+        docker
+        and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0
+    ):
+        return [docker, "compose"]
+    legacy = shutil.which("docker-compose")
+    return [legacy] if legacy else None
+
+
+def test_docker_compose_accepts_the_stack() -> None:
+    command = compose_command()
+    if command is None:
+        pytest.skip("no docker compose client here; the structural checks below still run")
+    result = subprocess.run(
+        [*command, "-f", str(REPO / "docker-compose.yml"), "config"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **COMPOSE_ENV},
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr
+    rendered = yaml.safe_load(result.stdout)
+    assert set(rendered["services"]) >= {"redis", "simulator", "gateway-1", "gateway-2"}
+
+
+def test_compose_refuses_to_start_without_the_secrets() -> None:
+    command = compose_command()
+    if command is None:
+        pytest.skip("no docker compose client here")
+    env = {k: v for k, v in os.environ.items() if k not in COMPOSE_ENV}
+    result = subprocess.run(
+        [*command, "-f", str(REPO / "docker-compose.yml"), "config"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
+    assert result.returncode != 0
+    assert "SORA_UPSTREAM_TOKEN" in result.stderr + result.stdout
+
+
+def test_compose_services_ports_and_volumes_agree_with_the_config_files() -> None:
+    compose = load(REPO / "docker-compose.yml")
+    services = compose["services"]
+    assert set(services) == {
+        "redis",
+        "simulator",
+        "gateway-1",
+        "gateway-2",
+        "prometheus",
+        "grafana",
+    }
+    assert "--appendonly" in services["redis"]["command"]
+    assert services["redis"]["command"][services["redis"]["command"].index("--appendonly") + 1] == (
+        "yes"
+    )
+    for name in ("gateway-1", "gateway-2", "prometheus", "grafana"):
+        for volume in services[name].get("volumes", []):
+            source = volume.split(":", 1)[0]
+            if source.startswith("./"):
+                assert (REPO / source).exists(), f"{name} mounts a missing {source}"
+
+    # The gateway config the replicas mount loads, and points at the stack's services.
+    mounted = services["gateway-1"]["volumes"][0].split(":")
+    assert mounted[1] == "/etc/sora-gateway/gateway.yaml" and mounted[2] == "ro"
+    settings = parse_settings(
+        (REPO / mounted[0]).read_text(), environ={**os.environ, **COMPOSE_ENV}
+    )
+    simulator_port = services["simulator"]["command"][
+        services["simulator"]["command"].index("--port") + 1
+    ]
+    assert settings.upstream.base_url == f"http://simulator:{simulator_port}/v1"
+    assert settings.store.redis_url == "redis://redis:6379/0"
+
+    # Prometheus scrapes exactly the two replicas, on the port their image serves.
+    prometheus = load(DEPLOY / "prometheus" / "prometheus.yml")
+    targets = prometheus["scrape_configs"][0]["static_configs"][0]["targets"]
+    assert sorted(targets) == ["gateway-1:8080", "gateway-2:8080"]
+    for rules in prometheus["rule_files"]:
+        assert (DEPLOY / "prometheus" / rules).exists()
+
+    # Grafana finds the dashboard where its provisioning says it lives.
+    provider = load(DEPLOY / "grafana" / "provisioning" / "dashboards" / "dashboards.yml")
+    dashboards_path = provider["providers"][0]["options"]["path"]
+    grafana_mounts = dict(v.split(":")[1::-1] for v in services["grafana"]["volumes"])
+    assert grafana_mounts[dashboards_path] == "./deploy/grafana/dashboards"
+
+
+# -- Kubernetes --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", load(K8S / "kustomization.yaml")["resources"])
+def test_each_manifest_validates_against_the_kubernetes_schema(name: str) -> None:
+    resource = load(K8S / name)
+    kubernetes_validate.validate(resource, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_the_deployment_is_production_shaped() -> None:
+    found = manifests()
+    deployment = found["Deployment"]
+    spec = deployment["spec"]
+    pod = spec["template"]["spec"]
+    container = pod["containers"][0]
+    assert spec["replicas"] == 3
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    # Long enough for the gateway's own 30 s graceful shutdown plus the preStop pause.
+    assert pod["terminationGracePeriodSeconds"] >= 35
+    annotations = spec["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+
+    labels = spec["template"]["metadata"]["labels"]
+    for kind in ("Service", "PodDisruptionBudget"):
+        selector = found[kind]["spec"]["selector"]
+        selector = selector.get("matchLabels", selector)
+        assert selector.items() <= labels.items(), f"the {kind} does not select the pods"
+    assert found["PodDisruptionBudget"]["spec"]["minAvailable"] < spec["replicas"]
+
+
+def test_the_configmap_is_a_config_the_gateway_loads_with_the_mounted_secret(
+    tmp_path: Path,
+) -> None:
+    found = manifests()
+    pod = found["Deployment"]["spec"]["template"]["spec"]
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    config_text = found["ConfigMap"]["data"]["gateway.yaml"]
+    token_file = yaml.safe_load(config_text)["upstream"]["token_file"]
+    secret_volume = next(name for name, v in volumes.items() if "secret" in v)
+    assert volumes[secret_volume]["secret"]["secretName"] == found["Secret"]["metadata"]["name"]
+    secret_dir, secret_key = token_file.rsplit("/", 1)
+    assert mounts[secret_volume] == secret_dir
+    assert secret_key in found["Secret"]["stringData"]
+
+    # Load it as the pod would, with the secret mounted somewhere local.
+    (tmp_path / secret_key).write_text("token-from-the-secret\n")
+    local = config_text.replace(secret_dir, str(tmp_path))
+    (tmp_path / "gateway.yaml").write_text(local)
+    settings = load_settings(tmp_path / "gateway.yaml")
+    assert settings.upstream.token == "token-from-the-secret"
+    args = pod["containers"][0]["args"]
+    assert args[args.index("--config") + 1] == mounts["config"] + "/gateway.yaml"
+
+
+# -- the image ------------------------------------------------------------------------------
+
+
+def test_the_dockerfile_is_multi_stage_slim_non_root_with_a_healthcheck() -> None:
+    lines = [line.strip() for line in (DEPLOY / "Dockerfile").read_text().splitlines()]
+    stages = [line for line in lines if line.startswith("FROM ")]
+    assert len(stages) >= 2 and all("python:3.11-slim" in line for line in stages)
+    user = [line for line in lines if line.startswith("USER ")]
+    assert user and user[-1] not in ("USER root", "USER 0")
+    assert any(line.startswith("HEALTHCHECK") for line in lines)
+    assert any("/healthz" in line for line in lines)
