@@ -6,7 +6,9 @@ happens to poll. Each tick the tracker reads the ledger once and, for the slots 
 
 - renews slots whose create is still in flight in this process;
 - polls bound jobs upstream, in parallel with a bound: running -> renew, ended or
-  gone -> release (and the registry learns the new state);
+  gone -> release (and the registry learns the new state). A job whose progress
+  moves is polled again when it should end, not a whole interval later: a slot
+  idles only milliseconds between one job and the next;
 - settles `unknown` slots (a create whose answer was lost) by finding the job among
   upstream's recent ones, or releasing the slot once it can no longer appear;
 - releases, as a last resort, any job older than `quota.max_job_s`.
@@ -34,6 +36,8 @@ from .upstream import Upstream, UpstreamError
 log = logging.getLogger("gateway.tracker")
 
 MAX_PARALLEL_POLLS = 8
+MIN_TICK_S = 0.005
+END_MARGIN_MS = 5  # poll just after the predicted end, not just before it
 LIST_MATCH_SKEW_S = 60  # a lost create's job was created at most this long before its slot
 
 
@@ -55,18 +59,22 @@ class Tracker:
         self.registry = registry
         self.upstream = upstream
         self.poll_interval_s = poll_interval_s
+        self.lease_ms = int(lease_s * 1000)
         # One slow upstream answer must not hold a tick past the leases it should renew.
         self.call_timeout_s = lease_s / 3
         self.max_job_ms = int(max_job_s * 1000)
         self.settle_after_ms = int(settle_after_s * 1000)
-        self._next_poll_ms: dict[str, int] = {}
+        self._next_poll_ms: dict[str, int] = {}  # slot -> when to poll its job (store ms)
+        self._progress: dict[str, tuple[float, float]] = {}  # slot -> (monotonic s, %)
+        self._next_settle = 0.0
         self._polls = asyncio.Semaphore(MAX_PARALLEL_POLLS)
 
     async def run(self) -> None:
         """Tick forever; a failed tick (store or upstream down) is logged and retried."""
         while True:
+            delay = self.poll_interval_s
             try:
-                await self.tick()
+                delay = await self.tick()
             except asyncio.CancelledError:
                 raise
             except STORE_ERRORS:
@@ -74,10 +82,10 @@ class Tracker:
                 log.warning("tracker tick failed: the store is unreachable")
             except Exception:
                 log.exception("tracker tick failed")
-            # A little jitter keeps replicas from polling upstream in lockstep.
-            await asyncio.sleep(self.poll_interval_s * random.uniform(0.8, 1.0))
+            await asyncio.sleep(delay)
 
-    async def tick(self) -> None:
+    async def tick(self) -> float:
+        """One pass over the ledger; returns how long to wait before the next one."""
         snapshot = await self.ledger.snapshot()
         polls: list[Slot] = []
         unknown: list[Slot] = []
@@ -89,23 +97,40 @@ class Tracker:
             if not in_flight and snapshot.now_ms - mine.started_ms > self.max_job_ms:
                 await self._expire(mine)
             elif mine.state == "reserved":
-                if in_flight:
-                    await self.ledger.renew(mine.id)
-                else:  # its request ended without settling it
+                if not in_flight:  # its request ended without settling it
                     await self.ledger.mark_unknown(mine.id)
+                elif self._lease_half_gone(mine, snapshot.now_ms):
+                    await self.ledger.renew(mine.id)
             elif mine.state == "bound":
                 if self._next_poll_ms.get(mine.id, 0) <= snapshot.now_ms:
                     polls.append(mine)
-                else:
+                elif self._lease_half_gone(mine, snapshot.now_ms):
                     await self.ledger.renew(mine.id)
             elif mine.state == "unknown" and not in_flight:
                 unknown.append(mine)
         live = {slot.id for slot in snapshot.slots}
-        for slot_id in self._next_poll_ms.keys() - live:
-            del self._next_poll_ms[slot_id]
+        for gone in self._next_poll_ms.keys() - live:
+            del self._next_poll_ms[gone]
+        for gone in self._progress.keys() - live:
+            del self._progress[gone]
         await asyncio.gather(*(self._poll(slot, snapshot.now_ms) for slot in polls))
-        if unknown:
+        loop_now = asyncio.get_running_loop().time()
+        if unknown and loop_now >= self._next_settle:
+            self._next_settle = loop_now + self.poll_interval_s
             await self._settle(unknown, snapshot)
+        return self._next_tick_s(snapshot.now_ms)
+
+    def _lease_half_gone(self, slot: Slot, now_ms: int) -> bool:
+        return slot.deadline_ms - now_ms < self.lease_ms / 2
+
+    def _next_tick_s(self, now_ms: int) -> float:
+        """At the earliest due poll, and at most one interval away (with jitter, so
+        replicas do not poll upstream in lockstep)."""
+        interval = self.poll_interval_s * random.uniform(0.8, 1.0)
+        if not self._next_poll_ms:
+            return interval
+        soonest = (min(self._next_poll_ms.values()) - now_ms) / 1000
+        return max(MIN_TICK_S, min(interval, soonest))
 
     async def _claim(self, slot: Slot, now_ms: int) -> Slot | None:
         """The slot if this replica should look after it, adopting it from a dead owner."""
@@ -150,9 +175,26 @@ class Tracker:
             return
         if not await self.ledger.renew(slot.id):
             return  # another replica adopted it while we were stalled
+        due_ms = self.poll_interval_s * 1000
+        predicted_s = self._predict_end_s(slot.id, video.get("progress"))
+        if predicted_s is not None:
+            due_ms = min(due_ms, predicted_s * 1000 + END_MARGIN_MS)
         after_ms = reply.headers.get("openai-poll-after-ms", "")
-        if after_ms.isdigit():
-            self._next_poll_ms[slot.id] = now_ms + int(after_ms)
+        if after_ms.isdigit():  # upstream asked not to be polled sooner
+            due_ms = max(due_ms, int(after_ms))
+        self._next_poll_ms[slot.id] = now_ms + int(due_ms)
+
+    def _predict_end_s(self, slot_id: str, progress: Any) -> float | None:
+        """Seconds until the job should end, from how fast its progress moved lately."""
+        if not isinstance(progress, int | float) or isinstance(progress, bool):
+            return None
+        now = asyncio.get_running_loop().time()
+        previous = self._progress.get(slot_id)
+        self._progress[slot_id] = (now, float(progress))
+        if previous is None or progress <= previous[1] or now <= previous[0]:
+            return None
+        rate = (progress - previous[1]) / (now - previous[0])
+        return max(0.0, (100 - progress) / rate)
 
     async def _settle(self, unknown: list[Slot], snapshot: Snapshot) -> None:
         """Find each lost create's job among upstream's recent jobs, or give up on it."""
