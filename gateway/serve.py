@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from contextlib import ExitStack
@@ -20,7 +21,7 @@ from starlette.types import ASGIApp
 
 from . import logs
 from .app import create_app
-from .config import ConfigError, load_settings
+from .config import ConfigError, Settings, load_settings
 from .store import EmbeddedRedis
 
 CONFIG_ENV = "SORA_GATEWAY_CONFIG"
@@ -36,6 +37,20 @@ def serve(config_path: str, host: str, port: int, workers: int = 1) -> int:
         print(exc.report(), file=sys.stderr)
         return 1
     logs.configure(settings.logging.level, settings.logging.format)
+    # uvicorn drains on SIGTERM, then re-raises it with the previous handler in place:
+    # make that handler a clean exit, so the embedded store and temp dirs are cleaned up.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    try:
+        return _run(settings, config_path, host, port, workers)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+def _run(settings: Settings, config_path: str, host: str, port: int, workers: int) -> int:
     with ExitStack() as stack:
         url = settings.store.redis_url
         if settings.store.embedded:
