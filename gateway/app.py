@@ -35,7 +35,7 @@ from .middleware import RequestIdMiddleware, TeamAuthMiddleware
 from .quota import JobSlots
 from .registry import VideoRegistry
 from .reload import TeamsReloader
-from .store import STORE_ERRORS, connect, connect_sentinel
+from .store import STORE_ERRORS, connect, connect_sentinel, warn_if_volatile
 from .tracker import Tracker
 from .upstream import Upstream
 from .videos import VideoRoutes
@@ -134,6 +134,8 @@ def create_app(
             asyncio.create_task(tracker.run(), name="tracker"),
             asyncio.create_task(slots.listen(store), name="release-listener"),
         ]
+        with contextlib.suppress(*STORE_ERRORS):
+            await warn_if_volatile(store)
         if config_path is not None:
             reloader = TeamsReloader(config_path, settings, apply_teams)
             background.append(asyncio.create_task(reloader.watch(), name="config-reloader"))

@@ -204,6 +204,10 @@ class VideoRegistry:
                 break
         return Page(bodies, ids[0] if ids else None, ids[-1] if ids else None, has_more)
 
+    async def ping(self) -> None:
+        """Raises if the store is unreachable."""
+        await self._redis.ping()
+
     async def record_character(self, team: str, character_id: str) -> None:
         await self._redis.set(_character_key(character_id), team, ex=CHARACTER_TTL_S)
 

@@ -8,6 +8,7 @@ the test suite, so tests run the ledger's Lua against a real server, never a fak
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -22,6 +23,8 @@ from redis.asyncio import Redis
 from redis.asyncio.sentinel import Sentinel
 
 from .config import SentinelSettings
+
+log = logging.getLogger("gateway.store")
 
 STARTUP_TIMEOUT_S = 10.0
 # What a dead or unreachable store raises: every such failure means 503, never a guess.
@@ -53,6 +56,26 @@ def connect_sentinel(settings: SentinelSettings) -> Redis:
         },
     )
     return sentinel.master_for(settings.master_name, password=settings.password, **_CLIENT_OPTIONS)
+
+
+async def warn_if_volatile(store: Redis) -> None:
+    """Say loudly when the store keeps nothing on disk: a restart would then forget
+    every slot held, and the gateway would admit past the upstream's limit."""
+    try:
+        appendonly = await store.config_get("appendonly")
+        save = await store.config_get("save")
+    except redis.RedisError:
+        return  # CONFIG is often disabled on managed Redis; nothing to learn then
+    if _value(appendonly, "appendonly") == "no" and not _value(save, "save"):
+        log.warning(
+            "the store persists nothing (appendonly no, no save points): a store restart "
+            "forgets the slots held and the shared limit can be exceeded; enable AOF"
+        )
+
+
+def _value(reply: dict[Any, Any], key: str) -> str:
+    value = reply.get(key, reply.get(key.encode(), ""))
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def server_binary() -> str:

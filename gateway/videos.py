@@ -287,6 +287,9 @@ class VideoRoutes:
                 raise invalid_request("name is required.", "name")
             if "video" not in body.files and "video" not in body.fields:
                 raise invalid_request("video is required.", "video")
+            # Fail closed: a character made while its owner cannot be recorded would
+            # exist upstream for nobody.
+            await self.registry.ping()
             reply = await self.upstream.call(
                 "POST",
                 "videos/characters",
@@ -304,7 +307,16 @@ class VideoRoutes:
         character_id = character.get("id")
         if not isinstance(character_id, str) or not ID_SYNTAX.match(character_id):
             raise GatewayError(502, "upstream_error", "Upstream answered without a character id.")
-        await self.registry.record_character(_team(request).name, character_id)
+        try:
+            await self.registry.record_character(_team(request).name, character_id)
+        except STORE_ERRORS:
+            log.error("could not record a created character", extra={"character": character_id})
+            raise GatewayError(
+                503,
+                "store_unavailable",
+                f"Character {character_id} was created but not recorded; do not retry it.",
+                headers=NO_RETRY,
+            ) from None
         return _passthrough(reply)
 
     async def get_character(self, request: Request) -> Response:

@@ -1,0 +1,372 @@
+"""The shared store going away and coming back: CONTRACT §2 (Redis unreachable -> 503
+`store_unavailable`, fail closed), §3 (a slot is released only on evidence, and jobs are
+tracked by the gateway itself) and §7 (with Redis down every team-scoped route is 503).
+
+Every gateway here runs on its own store, stopped and restarted on the same port by the
+test, in front of this module's own simulator: nothing is shared with the session stack,
+whose gateway would otherwise adopt these slots.
+
+A store without persistence forgets the ledger when it restarts (nothing can release a
+slot that is no longer recorded), so the tests that follow a job across the outage use
+a store with an append-only file, as a production Redis would have.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import gateway_config
+from helpers import assert_error, multipart
+from processes import Process, start_gateway, start_simulator, wait_until
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.auth import new_key
+from gateway.store import EmbeddedRedis, free_port
+
+TRACKER = {"poll_interval_s": 0.3, "lease_s": 2}
+RECOVERY_S = 10.0  # the brief's bound for ready-and-admitting after the store is back
+# §7: a slot is free within 2 x poll_interval of its job ending; the rest is slack for a
+# loaded machine (the first tick after a restart also reconnects to the store).
+RELEASE_S = 2 * TRACKER["poll_interval_s"] + 3.0
+
+
+# -- module fixtures: one simulator, and gateways each on a store of its own ----------------
+
+
+@pytest.fixture(scope="module")
+def outage_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("store-outage")
+
+
+@pytest.fixture(scope="module")
+def keys() -> dict[str, str]:
+    return {"alpha": new_key(), "beta": new_key()}
+
+
+@pytest.fixture(scope="module")
+def token() -> str:
+    return "upstream-" + secrets.token_urlsafe(24)
+
+
+@pytest.fixture(scope="module")
+def simulator(outage_dir: Path, token: str) -> Iterator[Process]:
+    process = start_simulator(outage_dir, token, queue_s=0.2, run_s=1.0)
+    yield process
+    process.stop()
+
+
+@dataclass
+class Node:
+    """A gateway and the store it alone uses; `store` can be stopped and started."""
+
+    gateway: Process
+    store: EmbeddedRedis
+    simulator: Process
+    keys: dict[str, str]
+    token: str
+
+    def client(self, team: str = "alpha") -> httpx.Client:
+        return httpx.Client(
+            base_url=self.gateway.url,
+            headers={"authorization": f"Bearer {self.keys[team]}"},
+            timeout=15.0,
+        )
+
+    def sim(self) -> httpx.Client:
+        return httpx.Client(base_url=self.simulator.url, timeout=10.0)
+
+    def upstream(self) -> httpx.Client:
+        """The simulator's own /v1 with the real token: what upstream itself says."""
+        return httpx.Client(
+            base_url=self.simulator.url + "/v1",
+            headers={"authorization": f"Bearer {self.token}"},
+            timeout=10.0,
+        )
+
+    def sim_stats(self) -> dict[str, Any]:
+        with self.sim() as sim:
+            return sim.get("/_sim/stats").json()
+
+    def sim_log(self) -> list[dict[str, Any]]:
+        with self.sim() as sim:
+            return sim.get("/_sim/requests").json()
+
+    def metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        reply = httpx.get(self.gateway.url + "/metrics", timeout=10.0)
+        assert reply.status_code == 200, reply.text
+        samples = {}
+        for family in text_string_to_metric_families(reply.text):
+            for sample in family.samples:
+                samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+        return samples
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        return self.metrics().get(("sora_gateway_" + name, frozenset(labels.items())))
+
+    def slots_in_use(self) -> float | None:
+        return self.metric("slots_in_use")
+
+    def store_down(self) -> None:
+        self.store.stop()
+
+    def store_up(self) -> None:
+        if self.store.process is None:
+            self.store.start()
+
+
+def _node(
+    name: str, outage_dir: Path, simulator: Process, keys: dict[str, str], token: str, **store: Any
+) -> Iterator[Node]:
+    # A fixed port: the restarted store must be found where the gateway left it.
+    server = EmbeddedRedis(outage_dir / name, port=free_port(), **store).start()
+    try:
+        config = gateway_config(simulator.url, server.url, token, keys)
+        config["tracker"] = dict(TRACKER)
+        gateway = start_gateway(outage_dir, config)
+    except BaseException:
+        server.cleanup()
+        raise
+    node = Node(gateway, server, simulator, keys, token)
+    try:
+        yield node
+    finally:
+        gateway.stop()
+        server.cleanup()
+
+
+@pytest.fixture(scope="module")
+def volatile_node(outage_dir, simulator, keys, token) -> Iterator[Node]:
+    """A gateway on a throwaway store (no persistence)."""
+    yield from _node("volatile", outage_dir, simulator, keys, token, persistent=False)
+
+
+@pytest.fixture(scope="module")
+def durable_node(outage_dir, simulator, keys, token) -> Iterator[Node]:
+    """A gateway on a store with an append-only file, which survives a restart."""
+    yield from _node("durable", outage_dir, simulator, keys, token, persistent=True)
+
+
+def _fresh(node: Node) -> Node:
+    """The store up and the simulator back to its start (no jobs, no faults, no log)."""
+    node.store_up()
+    with node.sim() as sim:
+        sim.post("/_sim/reset").raise_for_status()
+    return node
+
+
+@pytest.fixture
+def volatile(volatile_node: Node) -> Iterator[Node]:
+    yield _fresh(volatile_node)
+    volatile_node.store_up()
+
+
+@pytest.fixture
+def durable(durable_node: Node) -> Iterator[Node]:
+    yield _fresh(durable_node)
+    durable_node.store_up()
+
+
+def _ready(node: Node) -> bool:
+    return httpx.get(node.gateway.url + "/readyz", timeout=5.0).status_code == 200
+
+
+def _create(client: httpx.Client, prompt: str) -> httpx.Response:
+    return client.post("/v1/videos", json={"prompt": prompt})
+
+
+def _completed(node: Node) -> float:
+    """Jobs of team alpha seen to complete, per this gateway's `jobs_total`."""
+    return node.metric("jobs_total", team="alpha", kind="create", outcome="completed") or 0.0
+
+
+def _upstream_status(node: Node, video_id: str) -> str:
+    with node.upstream() as upstream:
+        reply = upstream.get(f"/videos/{video_id}")
+    assert reply.status_code == 200, reply.text
+    return reply.json()["status"]
+
+
+# -- the store is down: alive, not ready, and nothing is admitted ---------------------------
+
+
+def test_with_the_store_down_the_gateway_is_alive_not_ready_and_fails_closed(volatile):
+    node = volatile
+    with node.client() as client:
+        assert _create(client, "before the outage").status_code == 200  # pooled connections
+    wait_until(lambda: node.slots_in_use() == 0, 10.0, "the warm-up job's slot freed")
+    errors_before = node.metric("store_errors_total") or 0.0
+    before = node.sim_stats()
+    log_before = node.sim_log()
+
+    node.store_down()
+
+    # Twice: the first requests meet the pool's dead connections, later ones a refused port.
+    for _ in range(2):
+        ready = httpx.get(node.gateway.url + "/readyz", timeout=10.0)
+        assert_error(ready, 503, "store_unavailable")
+        health = httpx.get(node.gateway.url + "/healthz", timeout=10.0)
+        assert health.status_code == 200, health.text
+        assert health.headers.get("x-request-id")
+        with node.client() as client:
+            assert_error(_create(client, "a kite over dunes"), 503, "store_unavailable")
+            form = multipart({"prompt": "a kite over dunes", "seconds": "4"})
+            assert_error(client.post("/v1/videos", **form), 503, "store_unavailable")
+            remix = client.post("/v1/videos/video_abc/remix", json={"prompt": "again"})
+            assert_error(remix, 503, "store_unavailable")
+            assert_error(client.get("/v1/videos"), 503, "store_unavailable")
+            assert_error(client.get("/v1/videos/video_abc"), 503, "store_unavailable")
+            assert_error(client.delete("/v1/videos/video_abc"), 503, "store_unavailable")
+
+    # Fail closed: not one request reached upstream, let alone a job-creating one.
+    after = node.sim_stats()
+    assert after["jobs_created"] == before["jobs_created"]
+    assert after["requests"] == before["requests"]
+    assert node.sim_log() == log_before
+    # The failures are visible to whoever scrapes the gateway.
+    assert (node.metric("store_errors_total") or 0.0) > errors_before
+
+
+def test_with_the_store_down_a_character_is_not_created_upstream(volatile):
+    """§7: with Redis down every team-scoped route is 503 (ownership lives in Redis), and
+    §2: fail closed. A 503 tells the client nothing happened, so nothing may have."""
+    node = volatile
+    before = node.sim_stats()["requests"]
+    node.store_down()
+    form = multipart({"name": "Mo the cat"}, {"video": ("mo.mp4", b"\0" * 64, "video/mp4")})
+    with node.client() as client:
+        reply = client.post("/v1/videos/characters", **form)
+    assert_error(reply, 503, "store_unavailable")
+    assert node.sim_stats()["requests"] == before
+
+
+def test_once_the_store_is_back_the_gateway_recovers_without_a_manual_step(volatile):
+    node = volatile
+    node.store_down()
+    assert_error(httpx.get(node.gateway.url + "/readyz", timeout=10.0), 503, "store_unavailable")
+    with node.client() as client:
+        assert_error(_create(client, "during the outage"), 503, "store_unavailable")
+    assert node.sim_stats()["jobs_created"] == 0
+
+    node.store.start()  # same port, same address in the gateway's config
+    back = time.monotonic()
+    wait_until(lambda: _ready(node), RECOVERY_S, "/readyz 200 after the store came back")
+    created: dict[str, Any] = {}
+
+    def admitted() -> bool:
+        with node.client() as client:
+            reply = _create(client, "after the outage")
+        if reply.status_code != 200:
+            assert_error(reply, 503, "store_unavailable")  # still reconnecting: refused
+            return False
+        created.update(reply.json())
+        return True
+
+    wait_until(admitted, RECOVERY_S - (time.monotonic() - back), "a create admitted again")
+    assert node.sim_stats()["jobs_created"] == 1
+    with node.client() as client:
+        listed = client.get("/v1/videos")
+    assert listed.status_code == 200, listed.text
+    assert [v["id"] for v in listed.json()["data"]] == [created["id"]]
+    assert node.slots_in_use() == 1
+    # The tracker is back at work too: the job's slot comes free with no client polling.
+    wait_until(
+        lambda: node.slots_in_use() == 0,
+        1.2 + RELEASE_S,
+        "the new job's slot freed by the tracker",
+    )
+    assert node.sim_stats()["limit_hits"] == 0
+
+
+# -- a job across the outage (a store with an append-only file) ----------------------------
+
+
+def test_a_job_that_ends_during_the_outage_is_released_once_the_store_is_back(durable):
+    node = durable
+    completed_before = _completed(node)
+    with node.client() as client:
+        reply = _create(client, "a slow tide")
+    assert reply.status_code == 200, reply.text
+    video_id = reply.json()["id"]
+    assert node.slots_in_use() == 1
+
+    node.store_down()
+    # The job ends upstream while nobody can write the ledger; a client's retrieve
+    # cannot free it either (ownership lives in the store).
+    wait_until(lambda: _upstream_status(node, video_id) == "completed", 10.0, "job ended")
+    with node.client() as client:
+        assert_error(client.get(f"/v1/videos/{video_id}"), 503, "store_unavailable")
+        assert_error(_create(client, "not now"), 503, "store_unavailable")
+    assert node.sim_stats()["jobs_created"] == 1
+
+    node.store.start()
+    # Still counted after the restart until the tracker sees the end, then released once.
+    wait_until(lambda: node.slots_in_use() == 0, RELEASE_S, "the ended job's slot released")
+    assert _completed(node) == completed_before + 1  # its end is counted once
+    with node.client() as client:
+        video = client.get(f"/v1/videos/{video_id}")
+    assert video.status_code == 200, video.text
+    assert video.json()["status"] == "completed"
+
+
+def test_a_create_answered_during_the_outage_keeps_its_slot_until_settled(durable):
+    """The job started upstream, but the gateway could not record it: the slot stays
+    counted (the job may be running), the client is told not to retry, and after the
+    restart the tracker finds the job, gives it to the team and frees the slot at its end."""
+    node = durable
+    completed_before = _completed(node)
+    prompt = f"a lantern festival {secrets.token_hex(4)}"
+    with node.sim() as sim:
+        sim.post("/_sim/config", json={"run_s": 3.0}).raise_for_status()
+        sim.post("/_sim/faults", json={"latency_ms": 1000}).raise_for_status()
+    answer: dict[str, httpx.Response] = {}
+
+    def send() -> None:
+        with node.client() as client:
+            answer["reply"] = _create(client, prompt)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        # The job is admitted upstream; its answer is held back by the simulator.
+        wait_until(lambda: node.sim_stats()["jobs_created"] == 1, 10.0, "create reached upstream")
+        node.store_down()
+    finally:
+        sender.join(30)
+    reply = answer["reply"]
+    assert_error(reply, 503, "store_unavailable")
+    assert reply.headers.get("x-should-retry") == "false"  # the job exists: do not pay twice
+    with node.sim() as sim:
+        sim.post("/_sim/faults", json={"latency_ms": 0}).raise_for_status()
+    with node.upstream() as upstream:
+        jobs = upstream.get("/videos").json()["data"]
+    assert [job["prompt"] for job in jobs] == [prompt]
+    video_id = jobs[0]["id"]
+
+    node.store.start()
+    # While the job runs, its slot is held (admitted before the outage, kept through it).
+    assert _upstream_status(node, video_id) in ("queued", "in_progress")
+    assert node.slots_in_use() == 1
+    # The tracker settles the lost answer: the job becomes the team's, and only the team's.
+    with node.client() as alpha:
+        wait_until(
+            lambda: alpha.get(f"/v1/videos/{video_id}").status_code == 200,
+            RELEASE_S + 2,
+            "the lost create's job recorded for its team",
+        )
+    with node.client("beta") as beta:
+        assert_error(beta.get(f"/v1/videos/{video_id}"), 404, "video_not_found")
+    wait_until(
+        lambda: _upstream_status(node, video_id) == "completed", 10.0, "the job ended upstream"
+    )
+    wait_until(lambda: node.slots_in_use() == 0, RELEASE_S, "the settled job's slot released")
+    assert _completed(node) == completed_before + 1
+    stats = node.sim_stats()
+    assert stats["jobs_created"] == 1 and stats["limit_hits"] == 0
