@@ -126,7 +126,7 @@ def create_app(
     def apply_teams(fresh: tuple[TeamSettings, ...]) -> None:
         teams.update(fresh)
         ledger.set_caps(_caps(fresh))
-        metrics.teams = frozenset(team.name for team in fresh)
+        metrics.set_teams(team.name for team in fresh)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

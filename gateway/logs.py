@@ -19,7 +19,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 access_log = logging.getLogger("gateway.access")
 
 # Attributes every LogRecord has; anything else on a record came from `extra=`.
-_STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+# uvicorn adds `color_message`, the same text with terminal colour codes: not for JSON.
+_STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "color_message"}
 _current: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "request_log", default=None
 )

@@ -37,7 +37,6 @@ WAIT_BUCKETS = (0.005, 0.05, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60)
 
 class GatewayMetrics:
     def __init__(self, team_names: Iterable[str]) -> None:
-        self.teams = frozenset(team_names)  # replaced whole when the teams are reloaded
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -104,6 +103,20 @@ class GatewayMetrics:
             "Jobs released by quota.max_job_s because they were never seen to end.",
             registry=r,
         )
+
+        self.set_teams(team_names)
+
+    def set_teams(self, team_names: Iterable[str]) -> None:
+        """The teams label values may take; their series exist from the start at zero,
+        so the first event is an increase Prometheus can see, not a new series."""
+        self.teams = frozenset(team_names)
+        for kind in ("timeout", "unavailable", "error", "rate_limited"):
+            self.upstream_errors.labels(kind)
+        for code in ("invalid_video_id", "video_not_completed", "video_expired"):
+            self.remix_rejections.labels(code)
+        for team in self.teams | {ANONYMOUS}:
+            for reason in ("global_limit", "team_limit", "upstream_429", "store_unavailable"):
+                self.quota_rejections.labels(team, reason)
 
     def team(self, name: str | None) -> str:
         """A label value that can only be a configured team name or `anonymous`."""

@@ -146,9 +146,7 @@ class Upstream:
         try:
             response = await self._client.send(request, stream=True)
         except httpx.HTTPError as exc:
-            error = _transport_error(exc)
-            self.metrics.upstream_errors.labels(error.code.removeprefix("upstream_")).inc()
-            raise error from None
+            raise self.failed(exc) from None
         status = response.status_code
         elapsed = time.perf_counter() - started
         self.metrics.upstream_duration.labels(route, str(status)).observe(elapsed)
@@ -165,10 +163,16 @@ class Upstream:
         try:
             body = await response.aread()
         except httpx.HTTPError as exc:
-            raise _transport_error(exc) from None
+            raise self.failed(exc) from None
         finally:
             await response.aclose()
         return Reply(response.status_code, response.headers, body)
+
+    def failed(self, exc: httpx.HTTPError) -> UpstreamError:
+        """The contract's error for a transport failure, counted by kind."""
+        error = _transport_error(exc)
+        self.metrics.upstream_errors.labels(error.code.removeprefix("upstream_")).inc()
+        return error
 
     def scrub(self, text: str) -> str:
         """Remove the token from text that came from upstream, in case it quotes it."""

@@ -257,7 +257,7 @@ class VideoRoutes:
                 Reply(response.status_code, response.headers, body), self.upstream.scrub
             )
         return StreamingResponse(
-            _relay(response),
+            self._relay(response),
             status_code=response.status_code,
             headers=response_headers(response.headers, streaming=True),
         )
@@ -277,6 +277,22 @@ class VideoRoutes:
             _team(request).name, after=after, limit=int(limit_text), descending=order == "desc"
         )
         return Response(page.render(), media_type="application/json")
+
+    async def _relay(self, response: httpx.Response) -> AsyncIterator[bytes]:
+        """Upstream's bytes as they arrive; the connection is released however it ends.
+
+        A stream cut upstream is counted, then aborts the client's connection too, so
+        the client cannot mistake a partial body for the whole one.
+        """
+        try:
+            async for chunk in response.aiter_raw():
+                yield chunk
+        except httpx.HTTPError as exc:
+            error = self.upstream.failed(exc)
+            log.warning("upstream stream broke mid-download", extra={"code": error.code})
+            raise
+        finally:
+            await response.aclose()
 
     # -- characters ---------------------------------------------------------------------
 
@@ -517,12 +533,3 @@ def _upstream_rate_limited(reply: Reply) -> GatewayError:
         "The upstream API is at its concurrency limit; try again shortly.",
         headers=headers,
     )
-
-
-async def _relay(response: httpx.Response) -> AsyncIterator[bytes]:
-    """Upstream's bytes as they arrive; the upstream connection is released however it ends."""
-    try:
-        async for chunk in response.aiter_raw():
-            yield chunk
-    finally:
-        await response.aclose()
