@@ -175,13 +175,16 @@ class Tracker:
             return
         if not await self.ledger.renew(slot.id):
             return  # another replica adopted it while we were stalled
-        due_ms = self.poll_interval_s * 1000
+        interval_ms = self.poll_interval_s * 1000
+        due_ms = interval_ms
         predicted_s = self._predict_end_s(slot.id, video.get("progress"))
         if predicted_s is not None:
             due_ms = min(due_ms, predicted_s * 1000 + END_MARGIN_MS)
         after_ms = reply.headers.get("openai-poll-after-ms", "")
-        if after_ms.isdigit():  # upstream asked not to be polled sooner
-            due_ms = max(due_ms, int(after_ms))
+        if after_ms.isdigit():
+            # Upstream asked not to be polled sooner; honoured up to one interval, since
+            # the contract promises a slot free within two intervals of its job's end.
+            due_ms = max(due_ms, min(int(after_ms), interval_ms))
         self._next_poll_ms[slot.id] = now_ms + int(due_ms)
 
     def _predict_end_s(self, slot_id: str, progress: Any) -> float | None:
