@@ -1,6 +1,8 @@
 """The one place that talks to the upstream Videos API.
 
-One pooled `httpx.AsyncClient` per process. Outbound headers are built from an
+One pooled aiohttp session per process: on this path httpx costs several times more
+CPU per request (README, Performance); httpx stays the client of the tests and tools,
+and no other module knows which client this is. Outbound headers are built from an
 allow-list and the real token is added here, so no client credential, cookie or
 organisation header can reach upstream and the token can never flow back. Transport
 failures become the contract's errors, each marked with whether the request may have
@@ -11,11 +13,11 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
 from starlette.datastructures import Headers
 
 from .config import UpstreamSettings
@@ -57,36 +59,68 @@ class Reply:
     """A buffered upstream answer (JSON objects are small; content is streamed instead)."""
 
     status: int
-    headers: httpx.Headers
+    headers: Mapping[str, str]  # lower-case names
     body: bytes
 
     def json(self) -> Any:
         return json.loads(self.body)
 
 
+class Download:
+    """An upstream answer whose body is streamed: status and headers first, bytes after."""
+
+    def __init__(self, upstream: Upstream, response: aiohttp.ClientResponse) -> None:
+        self._upstream = upstream
+        self._response = response
+        self.status = response.status
+        self.headers = _lowercase(response.headers)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The raw bytes as they arrive (still content-encoded, if upstream encoded them)."""
+        try:
+            async for chunk in self._response.content.iter_any():
+                yield chunk
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise self._upstream.failed(exc) from None
+
+    async def read(self) -> bytes:
+        try:
+            return await self._response.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise self._upstream.failed(exc) from None
+
+    def close(self) -> None:
+        self._response.release()
+
+
 class Upstream:
-    def __init__(
-        self,
-        settings: UpstreamSettings,
-        metrics: GatewayMetrics,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
+    def __init__(self, settings: UpstreamSettings, metrics: GatewayMetrics) -> None:
         self.settings = settings
         self.metrics = metrics
         if settings.auth_header == "api-key":
             self._auth = ("api-key", settings.token)
         else:
             self._auth = ("authorization", f"Bearer {settings.token}")
-        self._client = httpx.AsyncClient(
-            base_url=settings.base_url + "/",
-            timeout=httpx.Timeout(settings.timeout_s),
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
-            follow_redirects=False,
-            transport=transport,
-        )
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        # Made on first use, inside the running loop, as aiohttp requires.
+        if self._session is None or self._session.closed:
+            timeout = self.settings.timeout_s
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=30),
+                timeout=aiohttp.ClientTimeout(
+                    total=None, connect=timeout, sock_connect=timeout, sock_read=timeout
+                ),
+                auto_decompress=False,  # content passes through as upstream encoded it
+                skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
+                raise_for_status=False,
+            )
+        return self._session
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
     def _headers(
         self,
@@ -124,30 +158,31 @@ class Upstream:
         content_type: str | None = None,
         content_length: int | None = None,
         pass_encoding: bool = False,
-    ) -> httpx.Response:
-        """Send a request and return the response with its body not yet read."""
+    ) -> Download:
+        """Send a request; the answer's body is not read yet."""
         if isinstance(content, bytes):
             content_length = len(content)
-        request = self._client.build_request(
-            method,
-            path,
-            params=params,
-            content=content,
-            headers=self._headers(
-                inbound,
-                request_id,
-                content_type=content_type,
-                content_length=content_length,
-                pass_encoding=pass_encoding,
-            ),
+        headers = self._headers(
+            inbound,
+            request_id,
+            content_type=content_type,
+            content_length=content_length,
+            pass_encoding=pass_encoding,
         )
         route = route_template(path)
         started = time.perf_counter()
         try:
-            response = await self._client.send(request, stream=True)
-        except httpx.HTTPError as exc:
+            response = await self._client().request(
+                method,
+                f"{self.settings.base_url}/{path}",
+                params=params,
+                data=content,
+                headers=headers,
+                allow_redirects=False,
+            )
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise self.failed(exc) from None
-        status = response.status_code
+        status = response.status
         elapsed = time.perf_counter() - started
         self.metrics.upstream_duration.labels(route, str(status)).observe(elapsed)
         note(upstream_status=status, upstream_ms=round(elapsed * 1000, 2))
@@ -155,20 +190,18 @@ class Upstream:
             self.metrics.upstream_errors.labels("error").inc()
         elif status == 429:
             self.metrics.upstream_errors.labels("rate_limited").inc()
-        return response
+        return Download(self, response)
 
     async def call(self, method: str, path: str, **kwargs: Any) -> Reply:
         """Send a request and read the whole answer."""
-        response = await self.open(method, path, **kwargs)
+        download = await self.open(method, path, **kwargs)
         try:
-            body = await response.aread()
-        except httpx.HTTPError as exc:
-            raise self.failed(exc) from None
+            body = await download.read()
         finally:
-            await response.aclose()
-        return Reply(response.status_code, response.headers, body)
+            download.close()
+        return Reply(download.status, download.headers, body)
 
-    def failed(self, exc: httpx.HTTPError) -> UpstreamError:
+    def failed(self, exc: BaseException) -> UpstreamError:
         """The contract's error for a transport failure, counted by kind."""
         error = _transport_error(exc)
         self.metrics.upstream_errors.labels(error.code.removeprefix("upstream_")).inc()
@@ -184,16 +217,16 @@ def route_template(path: str) -> str:
     return "/" + "/".join(s if s in _PATH_WORDS else "{id}" for s in path.strip("/").split("/"))
 
 
-def _transport_error(exc: httpx.HTTPError) -> UpstreamError:
-    if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
+def _transport_error(exc: BaseException) -> UpstreamError:
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return UpstreamError(
             504, "upstream_timeout", "Timed out connecting to the upstream API.", maybe_sent=False
         )
-    if isinstance(exc, httpx.ConnectError):
+    if isinstance(exc, aiohttp.ClientConnectorError):
         return UpstreamError(
             502, "upstream_unavailable", "The upstream API is unreachable.", maybe_sent=False
         )
-    if isinstance(exc, httpx.TimeoutException):
+    if isinstance(exc, TimeoutError):
         return UpstreamError(
             504, "upstream_timeout", "The upstream API did not answer in time.", maybe_sent=True
         )
@@ -202,7 +235,15 @@ def _transport_error(exc: httpx.HTTPError) -> UpstreamError:
     )
 
 
-def response_headers(upstream: httpx.Headers, *, streaming: bool = False) -> dict[str, str]:
+def _lowercase(headers: Mapping[str, str]) -> dict[str, str]:
+    # The first value of each header, by lower-case name (set-cookie is never read).
+    lowered: dict[str, str] = {}
+    for name, value in headers.items():
+        lowered.setdefault(name.lower(), value)
+    return lowered
+
+
+def response_headers(upstream: Mapping[str, str], *, streaming: bool = False) -> dict[str, str]:
     """The upstream headers a client may see."""
     names = FORWARDED_RESPONSE_HEADERS + (STREAM_RESPONSE_HEADERS if streaming else ())
     headers = {name: upstream[name] for name in names if name in upstream}

@@ -16,7 +16,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import httpx
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
@@ -28,7 +27,14 @@ from .logs import note
 from .quota import JobSlots
 from .registry import TERMINAL_STATUSES, VideoRecord, VideoRegistry
 from .store import STORE_ERRORS
-from .upstream import Reply, Upstream, UpstreamError, error_from_reply, response_headers
+from .upstream import (
+    Download,
+    Reply,
+    Upstream,
+    UpstreamError,
+    error_from_reply,
+    response_headers,
+)
 
 log = logging.getLogger("gateway.videos")
 
@@ -240,7 +246,7 @@ class VideoRoutes:
                 f"variant must be one of {', '.join(CONTENT_VARIANTS)}.", "variant"
             )
         await self._owned(request, video_id)
-        response = await self.upstream.open(
+        download = await self.upstream.open(
             "GET",
             f"videos/{video_id}/content",
             params={"variant": variant},
@@ -248,18 +254,18 @@ class VideoRoutes:
             request_id=_request_id(request),
             pass_encoding=True,
         )
-        if response.status_code >= 300:
+        if download.status >= 300:
             try:
-                body = await response.aread()
+                body = await download.read()
             finally:
-                await response.aclose()
+                download.close()
             raise error_from_reply(
-                Reply(response.status_code, response.headers, body), self.upstream.scrub
+                Reply(download.status, download.headers, body), self.upstream.scrub
             )
         return StreamingResponse(
-            self._relay(response),
-            status_code=response.status_code,
-            headers=response_headers(response.headers, streaming=True),
+            _relay(download),
+            status_code=download.status,
+            headers=response_headers(download.headers, streaming=True),
         )
 
     async def list(self, request: Request) -> Response:
@@ -277,22 +283,6 @@ class VideoRoutes:
             _team(request).name, after=after, limit=int(limit_text), descending=order == "desc"
         )
         return Response(page.render(), media_type="application/json")
-
-    async def _relay(self, response: httpx.Response) -> AsyncIterator[bytes]:
-        """Upstream's bytes as they arrive; the connection is released however it ends.
-
-        A stream cut upstream is counted, then aborts the client's connection too, so
-        the client cannot mistake a partial body for the whole one.
-        """
-        try:
-            async for chunk in response.aiter_raw():
-                yield chunk
-        except httpx.HTTPError as exc:
-            error = self.upstream.failed(exc)
-            log.warning("upstream stream broke mid-download", extra={"code": error.code})
-            raise
-        finally:
-            await response.aclose()
 
     # -- characters ---------------------------------------------------------------------
 
@@ -533,3 +523,19 @@ def _upstream_rate_limited(reply: Reply) -> GatewayError:
         "The upstream API is at its concurrency limit; try again shortly.",
         headers=headers,
     )
+
+
+async def _relay(download: Download) -> AsyncIterator[bytes]:
+    """Upstream's bytes as they arrive; the connection is released however it ends.
+
+    A stream cut upstream (counted as an upstream error) aborts the client's
+    connection too, so the client cannot mistake a partial body for the whole one.
+    """
+    try:
+        async for chunk in download.chunks():
+            yield chunk
+    except UpstreamError as exc:
+        log.warning("upstream stream broke mid-download", extra={"code": exc.code})
+        raise
+    finally:
+        download.close()

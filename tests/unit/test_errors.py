@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import pytest
 
 from gateway.errors import GatewayError, invalid_request, store_unavailable, video_not_found
@@ -28,7 +27,7 @@ def rendered(error: GatewayError) -> tuple[int, dict, dict[str, str]]:
 
 def reply(status: int, body: bytes | dict, **headers: str) -> Reply:
     raw = json.dumps(body).encode() if isinstance(body, dict) else body
-    return Reply(status, httpx.Headers(headers), raw)
+    return Reply(status, {k.replace("_", "-").lower(): v for k, v in headers.items()}, raw)
 
 
 def test_the_envelope_has_exactly_the_four_openai_fields():
