@@ -217,8 +217,8 @@ class VideoRoutes:
 
     async def retrieve(self, request: Request) -> Response:
         video_id = _path_id(request, "video_id")
-        await self._owned(request, video_id)
-        reply = await self._refresh(request, video_id)
+        record = await self._owned(request, video_id)
+        reply = await self._refresh(request, record)
         if reply is None:
             raise video_not_found()
         return _passthrough(reply)
@@ -350,8 +350,14 @@ class VideoRoutes:
             raise video_not_found()
         return record
 
-    async def _refresh(self, request: Request, video_id: str) -> Reply | None:
-        """Ask upstream for a video's state and store it; None when upstream forgot it."""
+    async def _refresh(self, request: Request, record: VideoRecord) -> Reply | None:
+        """Ask upstream for a video's state and store it; None when upstream forgot it.
+
+        The store is written only when something changed, and the slot is released only
+        when this answer is the first to show the end: a retrieve of a finished video
+        costs one store read.
+        """
+        video_id = record.id
         reply = await self.upstream.call(
             "GET", f"videos/{video_id}", inbound=request.headers, request_id=_request_id(request)
         )
@@ -360,9 +366,11 @@ class VideoRoutes:
             return None
         if reply.status >= 300:
             raise error_from_reply(reply, self.upstream.scrub)
+        if reply.body == record.body.encode():
+            return reply
         video = _video_object(reply)
         await self.registry.update(video, reply.body)
-        if video.get("status") in TERMINAL_STATUSES:
+        if video.get("status") in TERMINAL_STATUSES and not record.terminal:
             await self.slots.finish(video_id=video_id, outcome=str(video["status"]))
         return reply
 
@@ -375,7 +383,7 @@ class VideoRoutes:
         """Refuse a remix/edit/extension source before anything is spent on it."""
         record = await self.registry.owned(_team(request).name, video_id)
         if record is not None and not record.terminal:
-            if await self._refresh(request, video_id) is None:
+            if await self._refresh(request, record) is None:
                 record = None
             else:
                 record = await self.registry.owned(_team(request).name, video_id)
