@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
+from . import __version__
 from .auth import TeamDirectory
 from .config import Settings, TeamSettings
 from .errors import GatewayError, store_unavailable
@@ -32,6 +33,7 @@ from .ledger import SlotLedger
 from .logs import AccessLogMiddleware
 from .metrics import GatewayMetrics, QuotaGauges, RequestMetricsMiddleware
 from .middleware import RequestIdMiddleware, TeamAuthMiddleware
+from .openapi import openapi_document, operation
 from .quota import JobSlots
 from .registry import VideoRegistry
 from .reload import TeamsReloader
@@ -86,12 +88,15 @@ def create_app(
         upstream=upstream,
         slots=slots,
         max_body_bytes=settings.limits.max_body_bytes,
+        body_timeout_s=settings.limits.body_timeout_s,
         remix_route=settings.upstream.remix_route,
     )
 
+    @operation("The process is alive")
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
+    @operation("Prometheus metrics", answer="text/plain")
     async def metrics_page(request: Request) -> Response:
         expected = settings.metrics.bearer_token
         if expected is not None and not hmac.compare_digest(
@@ -114,6 +119,7 @@ def create_app(
         log.warning("store unreachable: %s", type(exc).__name__)
         return store_unavailable().response()
 
+    @operation("Ready: config loaded and the store answering")
     async def readyz(request: Request) -> Response:
         try:
             await store.ping()
@@ -148,13 +154,19 @@ def create_app(
             await upstream.aclose()
             await store.aclose()
 
+    routes = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics_page, methods=["GET"]),
+        *videos.routes(),
+    ]
+    document = openapi_document(routes, __version__)
+
+    async def openapi_json(request: Request) -> Response:
+        return JSONResponse(document)
+
     app = Starlette(
-        routes=[
-            Route("/healthz", healthz, methods=["GET"]),
-            Route("/readyz", readyz, methods=["GET"]),
-            Route("/metrics", metrics_page, methods=["GET"]),
-            *videos.routes(),
-        ],
+        routes=[*routes, Route("/openapi.json", openapi_json, methods=["GET"])],
         exception_handlers={
             GatewayError: _gateway_error,
             HTTPException: _http_error,

@@ -9,6 +9,7 @@ bytes to upstream. File parts are never held in memory.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import tempfile
 from collections.abc import AsyncIterator
@@ -67,11 +68,12 @@ class RequestBody:
             self._spool.close()
 
 
-async def read_body(request: Request, max_bytes: int) -> RequestBody:
+async def read_body(request: Request, max_bytes: int, timeout_s: float = 60.0) -> RequestBody:
     """Read the whole body (at most `max_bytes`), spooling it and parsing its fields.
 
-    Refuses with 413 as soon as the declared or received size passes the cap, and with
-    400 when the body is not a JSON object or a well-formed multipart form.
+    Refuses with 413 as soon as the declared or received size passes the cap, with 408
+    when the body has not fully arrived after `timeout_s`, and with 400 when it is not
+    a JSON object or a well-formed multipart form.
     """
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
@@ -84,15 +86,20 @@ async def read_body(request: Request, max_bytes: int) -> RequestBody:
     size = 0
     try:
         try:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > max_bytes:
-                    raise body_too_large(max_bytes)
-                spool.write(chunk)
-                if form is not None:
-                    form.feed(chunk)
+            async with asyncio.timeout(timeout_s):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise body_too_large(max_bytes)
+                    spool.write(chunk)
+                    if form is not None:
+                        form.feed(chunk)
         except ClientDisconnect as exc:
             raise invalid_request("The client closed the connection mid-body.") from exc
+        except TimeoutError as exc:
+            raise GatewayError(
+                408, "request_timeout", f"The request body did not arrive within {timeout_s:g} s."
+            ) from exc
         body = RequestBody(content_type=content_type, size=size, _spool=spool)
         if form is not None:
             body.fields, body.files = form.finish()

@@ -79,6 +79,9 @@ class TrackerSettings:
 @dataclass(frozen=True)
 class LimitsSettings:
     max_body_bytes: int = 52_428_800
+    # A request body must arrive within this long: a slow upload cannot hold a
+    # connection (or the slot it would take) forever.
+    body_timeout_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -245,9 +248,10 @@ class _Checker:
             # A live replica renews once per poll: a shorter lease would let others
             # adopt its jobs while it is healthy.
             self.fail("tracker.lease_s", "must be at least twice tracker.poll_interval_s")
-        limits_sec = self.section(raw, "limits", {"max_body_bytes"})
+        limits_sec = self.section(raw, "limits", {"max_body_bytes", "body_timeout_s"})
         limits = LimitsSettings(
-            max_body_bytes=self.integer(limits_sec, "limits", "max_body_bytes", 52_428_800)
+            max_body_bytes=self.integer(limits_sec, "limits", "max_body_bytes", 52_428_800),
+            body_timeout_s=self.number(limits_sec, "limits", "body_timeout_s", 60.0),
         )
         logging_sec = self.section(raw, "logging", {"level", "format"})
         logging = LoggingSettings(

@@ -24,6 +24,7 @@ from .auth import Team
 from .body import RequestBody, read_body
 from .errors import GatewayError, invalid_request, video_not_found
 from .logs import note
+from .openapi import FILE, VIDEO_ID, obj, operation, text
 from .quota import JobSlots
 from .registry import TERMINAL_STATUSES, VideoRecord, VideoRegistry
 from .store import STORE_ERRORS
@@ -38,9 +39,27 @@ from .upstream import (
 
 log = logging.getLogger("gateway.videos")
 
+# Request shapes for the OpenAPI document (the handlers below check them for real).
+PROMPT = text(32_000)
+CREATE = obj(["prompt"], prompt=PROMPT, model=text(), seconds=text(), size=text())
+CREATE_FORM = obj(
+    ["prompt"], prompt=PROMPT, model=text(), seconds=text(), size=text(), input_reference=FILE
+)
+REMIX = obj(["prompt"], prompt=PROMPT)
+REMIX_BY_BODY = obj(["video_id", "prompt"], video_id=VIDEO_ID, prompt=PROMPT)
+DERIVED = obj(["prompt", "video"], prompt=PROMPT, seconds=text(), video=obj(["id"], id=VIDEO_ID))
+DERIVED_FORM = obj(["prompt"], prompt=PROMPT, seconds=text(), video=FILE, **{"video[id]": VIDEO_ID})
+CHARACTER_FORM = obj(["name", "video"], name=text(), video=FILE)
+LIST_QUERY = {
+    "after": VIDEO_ID,
+    "limit": {"type": "integer", "minimum": 1, "maximum": 100},
+    "order": {"enum": ["asc", "desc"]},
+}
+
 ID_SYNTAX = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 MAX_PROMPT_CHARS = 32_000
 CONTENT_VARIANTS = ("video", "thumbnail", "spritesheet")
+CONTENT_QUERY = {"variant": {"enum": list(CONTENT_VARIANTS)}}
 NO_RETRY = {"x-should-retry": "false"}
 
 
@@ -54,6 +73,7 @@ class VideoRoutes:
         upstream: Upstream,
         slots: JobSlots,
         max_body_bytes: int,
+        body_timeout_s: float,
         remix_route: str,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -61,6 +81,7 @@ class VideoRoutes:
         self.upstream = upstream
         self.slots = slots
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
         self.remix_route = remix_route
         self.clock = clock
 
@@ -81,6 +102,7 @@ class VideoRoutes:
 
     # -- slot-taking routes -------------------------------------------------------------
 
+    @operation("Start a video job (takes a shared slot)", json_body=CREATE, form_body=CREATE_FORM)
     async def create(self, request: Request) -> Response:
         body = await self._body(request)
         try:
@@ -89,6 +111,7 @@ class VideoRoutes:
         finally:
             body.close()
 
+    @operation("Remix one of your completed videos", json_body=REMIX, form_body=REMIX)
     async def remix(self, request: Request) -> Response:
         """`POST /v1/videos/{video_id}/remix`: the SDKs' form."""
         source = _path_id(request, "video_id")
@@ -104,6 +127,7 @@ class VideoRoutes:
         finally:
             body.close()
 
+    @operation("Remix, the reseller's form", json_body=REMIX_BY_BODY, form_body=REMIX_BY_BODY)
     async def remix_by_body(self, request: Request) -> Response:
         """`POST /v1/videos/remix` with `{"video_id", "prompt"}`: the reseller's form."""
         body = await self._body(request)
@@ -125,9 +149,15 @@ class VideoRoutes:
         finally:
             body.close()
 
+    @operation(
+        "Edit a video (a file, or one of yours by id)", json_body=DERIVED, form_body=DERIVED_FORM
+    )
     async def edit(self, request: Request) -> Response:
         return await self._derived_job(request, "edit", "videos/edits")
 
+    @operation(
+        "Extend a video (a file, or one of yours by id)", json_body=DERIVED, form_body=DERIVED_FORM
+    )
     async def extend(self, request: Request) -> Response:
         return await self._derived_job(request, "extension", "videos/extensions")
 
@@ -215,6 +245,7 @@ class VideoRoutes:
 
     # -- reads and deletes --------------------------------------------------------------
 
+    @operation("One of your videos, as upstream sees it now")
     async def retrieve(self, request: Request) -> Response:
         video_id = _path_id(request, "video_id")
         record = await self._owned(request, video_id)
@@ -223,6 +254,7 @@ class VideoRoutes:
             raise video_not_found()
         return _passthrough(reply)
 
+    @operation("Delete one of your videos (frees its slot if it runs)")
     async def delete(self, request: Request) -> Response:
         video_id = _path_id(request, "video_id")
         await self._owned(request, video_id)
@@ -238,6 +270,11 @@ class VideoRoutes:
         await self.slots.finish(video_id=video_id, outcome="deleted")
         return _passthrough(reply)
 
+    @operation(
+        "Download a video, its thumbnail or spritesheet",
+        query=CONTENT_QUERY,
+        answer="application/octet-stream",
+    )
     async def content(self, request: Request) -> Response:
         video_id = _path_id(request, "video_id")
         variant = request.query_params.get("variant", "video")
@@ -268,6 +305,7 @@ class VideoRoutes:
             headers=response_headers(download.headers, streaming=True),
         )
 
+    @operation("Your team's videos, newest first", query=LIST_QUERY)
     async def list(self, request: Request) -> Response:
         query = request.query_params
         limit_text = query.get("limit", "20")
@@ -286,6 +324,7 @@ class VideoRoutes:
 
     # -- characters ---------------------------------------------------------------------
 
+    @operation("Create a character from a video", form_body=CHARACTER_FORM)
     async def create_character(self, request: Request) -> Response:
         body = await self._body(request)
         try:
@@ -325,6 +364,7 @@ class VideoRoutes:
             ) from None
         return _passthrough(reply)
 
+    @operation("One of your characters")
     async def get_character(self, request: Request) -> Response:
         character_id = _path_id(request, "character_id")
         if await self.registry.character_owner(character_id) != _team(request).name:
@@ -342,7 +382,7 @@ class VideoRoutes:
     # -- shared steps -------------------------------------------------------------------
 
     async def _body(self, request: Request) -> RequestBody:
-        return await read_body(request, self.max_body_bytes)
+        return await read_body(request, self.max_body_bytes, self.body_timeout_s)
 
     async def _owned(self, request: Request, video_id: str) -> VideoRecord:
         record = await self.registry.owned(_team(request).name, video_id)

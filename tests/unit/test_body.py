@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import Iterable
@@ -289,3 +290,20 @@ async def test_raw_replays_the_exact_bytes_received(data, ctype):
         assert await replayed(body) == data  # and again: a replay can be repeated
     finally:
         body.close()
+
+
+async def test_a_body_that_stops_arriving_is_refused_with_408() -> None:
+    stalled = asyncio.Event()  # never set: the client sent a first chunk, then nothing
+
+    async def receive() -> dict[str, Any]:
+        if not hasattr(receive, "sent"):
+            receive.sent = True  # type: ignore[attr-defined]
+            return {"type": "http.request", "body": b'{"prompt": ', "more_body": True}
+        await stalled.wait()
+        return {"type": "http.disconnect"}
+
+    request, _ = make_request([b""], content_length=None)
+    request = Request(request.scope, receive)
+    with pytest.raises(GatewayError) as caught:
+        await read_body(request, CAP, timeout_s=0.05)
+    assert (caught.value.status, caught.value.code) == (408, "request_timeout")
