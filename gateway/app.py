@@ -30,9 +30,9 @@ from .auth import TeamDirectory
 from .config import Settings, TeamSettings
 from .errors import GatewayError, store_unavailable
 from .ledger import SlotLedger
-from .logs import AccessLogMiddleware
-from .metrics import GatewayMetrics, QuotaGauges, RequestMetricsMiddleware
+from .metrics import GatewayMetrics, QuotaGauges
 from .middleware import RequestIdMiddleware, TeamAuthMiddleware
+from .observe import RequestObserver
 from .openapi import openapi_document, operation
 from .quota import JobSlots
 from .registry import VideoRegistry
@@ -176,9 +176,7 @@ def create_app(
         },
         lifespan=lifespan,
     )
-    return RequestIdMiddleware(
-        AccessLogMiddleware(RequestMetricsMiddleware(TeamAuthMiddleware(app, teams), metrics))
-    )
+    return RequestIdMiddleware(RequestObserver(TeamAuthMiddleware(app, teams), metrics))
 
 
 def _caps(teams: tuple[TeamSettings, ...]) -> dict[str, int]:

@@ -1,20 +1,20 @@
 """Structured logs: one JSON line per request and per job state change.
 
-A request's line is assembled while it is handled: the middleware opens a
-`RequestLog` in a context variable, and the pieces that learn something (the upstream
+A request's line is assembled while it is handled: the observer (observe.py) opens
+its fields in a context variable, and the pieces that learn something (the upstream
 client, the slot wait, the handler's video id) add to it without being passed it.
 Nothing that could hold a credential is ever a field: headers are not logged at all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
-
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 access_log = logging.getLogger("gateway.access")
 
@@ -71,40 +71,12 @@ def configure(level: str = "info", fmt: str = "json") -> None:
     logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 
-class AccessLogMiddleware:
-    """Writes the request's line when its response is complete."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        fields: dict[str, Any] = {"request_id": scope.get("state", {}).get("request_id")}
-        token = _current.set(fields)
-        started = time.perf_counter()
-        status = 500
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            _current.reset(token)
-            team = getattr(scope.get("state", {}).get("team"), "name", None)
-            access_log.info(
-                "request",
-                extra={
-                    **fields,
-                    "team": team,
-                    "method": scope["method"],
-                    "route": getattr(scope.get("route"), "path", None),
-                    "status": status,
-                    "duration_ms": round((time.perf_counter() - started) * 1000, 2),
-                },
-            )
+@contextlib.contextmanager
+def request_fields(**initial: Any) -> Iterator[dict[str, Any]]:
+    """Open the current request's log fields; `note` adds to them until the block ends."""
+    fields = dict(initial)
+    token = _current.set(fields)
+    try:
+        yield fields
+    finally:
+        _current.reset(token)

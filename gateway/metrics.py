@@ -11,7 +11,6 @@ number, the ledger's.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterable, Iterator
 
 from prometheus_client import (
@@ -23,7 +22,6 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 PREFIX = "sora_gateway_"
 JOB_OUTCOMES = frozenset(
@@ -167,38 +165,3 @@ class QuotaGauges(Collector):
             "Requests waiting for a shared slot, over all replicas.",
             value=waiting,
         )
-
-
-class RequestMetricsMiddleware:
-    """Counts and times every HTTP request by its route template, never its raw path."""
-
-    def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
-            method = scope["method"] if scope["method"] in _METHODS else "OTHER"
-            team = getattr(scope.get("state", {}).get("team"), "name", None)
-            self.metrics.requests.labels(route, method, str(status), self.metrics.team(team)).inc()
-            self.metrics.request_duration.labels(route, method).observe(
-                time.perf_counter() - started
-            )
-
-
-_METHODS = frozenset({"GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS"})
