@@ -176,6 +176,9 @@ def create_app(
         },
         lifespan=lifespan,
     )
+    # Starlette would answer a trailing slash with a redirect built from the client's
+    # own Host header; here an unknown path is simply a 404 in the envelope.
+    app.router.redirect_slashes = False
     return RequestIdMiddleware(RequestObserver(TeamAuthMiddleware(app, teams), metrics))
 
 

@@ -390,7 +390,7 @@ class _Checker:
             for key in entry.keys() - {"name", "key_sha256", "max_in_flight"}:
                 self.fail(_join(where, str(key)), "unknown field")
             name = entry.get("name")
-            if not isinstance(name, str) or not _TEAM_NAME.match(name):
+            if not isinstance(name, str) or not _TEAM_NAME.fullmatch(name):
                 self.fail(
                     f"{where}.name",
                     "expected 1-63 letters, digits, '.', '_' or '-', "
@@ -411,7 +411,7 @@ class _Checker:
             clean: list[str] = []
             for j, digest in enumerate(keys):
                 kwhere = f"{where}.key_sha256[{j}]"
-                if not isinstance(digest, str) or not _HEX64.match(digest.strip().lower()):
+                if not isinstance(digest, str) or not _HEX64.fullmatch(digest.strip().lower()):
                     self.fail(kwhere, "expected 64 hex characters")
                     continue
                 digest = digest.strip().lower()

@@ -315,7 +315,7 @@ class VideoRoutes:
         if order not in ("asc", "desc"):
             raise invalid_request("order must be 'asc' or 'desc'.", "order")
         after = query.get("after") or None
-        if after is not None and not ID_SYNTAX.match(after):
+        if after is not None and not ID_SYNTAX.fullmatch(after):
             raise invalid_request("'after' is not a valid video id.", "after")
         page = await self.registry.page(
             _team(request).name, after=after, limit=int(limit_text), descending=order == "desc"
@@ -350,7 +350,7 @@ class VideoRoutes:
             raise error_from_reply(reply, self.upstream.scrub)
         character = _json_object(reply)
         character_id = character.get("id")
-        if not isinstance(character_id, str) or not ID_SYNTAX.match(character_id):
+        if not isinstance(character_id, str) or not ID_SYNTAX.fullmatch(character_id):
             raise GatewayError(502, "upstream_error", "Upstream answered without a character id.")
         try:
             await self.registry.record_character(_team(request).name, character_id)
@@ -463,7 +463,7 @@ def _request_id(request: Request) -> str:
 
 def _path_id(request: Request, name: str) -> str:
     value = request.path_params[name]
-    if not ID_SYNTAX.match(value):
+    if not ID_SYNTAX.fullmatch(value):
         raise invalid_request(f"{name} is not a valid id.", name)
     if name == "video_id":
         note(video_id=value)
@@ -473,7 +473,7 @@ def _path_id(request: Request, name: str) -> str:
 def _field_id(value: Any, param: str) -> str:
     if not isinstance(value, str) or not value:
         raise invalid_request(f"{param} is required.", param)
-    if not ID_SYNTAX.match(value):
+    if not ID_SYNTAX.fullmatch(value):
         raise invalid_request(f"{param} is not a valid video id.", param)
     return value
 
@@ -546,7 +546,7 @@ def _json_object(reply: Reply) -> dict[str, Any]:
 
 def _video_object(reply: Reply) -> dict[str, Any]:
     video = _json_object(reply)
-    if not isinstance(video.get("id"), str) or not ID_SYNTAX.match(video["id"]):
+    if not isinstance(video.get("id"), str) or not ID_SYNTAX.fullmatch(video["id"]):
         raise GatewayError(
             502, "upstream_error", "Upstream answered without a video id.", headers=NO_RETRY
         )
