@@ -18,6 +18,9 @@ demo: $(STAMP)
 test: $(STAMP) lint
 	$(BIN)/python -m pytest
 
+bench: $(STAMP)
+	$(BIN)/python tests/bench/run_all.py
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

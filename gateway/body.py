@@ -26,6 +26,7 @@ SPOOL_IN_MEMORY_BYTES = 1 << 20
 REPLAY_CHUNK_BYTES = 1 << 16
 MAX_TEXT_FIELD_BYTES = 1 << 18  # a 32,000-character prompt in 4-byte UTF-8, with room
 MAX_PARTS = 64
+MAX_JSON_BYTES = 1 << 20  # the largest create is a 32,000-character prompt and a few fields
 
 
 def body_too_large(limit: int) -> GatewayError:
@@ -103,6 +104,9 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float = 60.0) -
         body = RequestBody(content_type=content_type, size=size, _spool=spool)
         if form is not None:
             body.fields, body.files = form.finish()
+        elif size > MAX_JSON_BYTES:
+            # Uploads come as multipart; a JSON body is a few fields and is parsed whole.
+            raise body_too_large(MAX_JSON_BYTES)
         elif size:
             body.fields = _json_object(spool, mime)
         return body
@@ -118,12 +122,23 @@ def _json_object(spool: Any, mime: str) -> dict[str, Any]:
         )
     spool.seek(0)
     try:
-        value = json.loads(spool.read())
+        value = json.loads(spool.read(), object_pairs_hook=_unique_keys)
     except (ValueError, UnicodeDecodeError) as exc:
         raise invalid_request(f"The body is not valid JSON: {exc}") from exc
     if not isinstance(value, dict):
         raise invalid_request("The JSON body must be an object.")
     return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are unique: with a repeated key, the value the gateway
+    checks and the one upstream reads could differ."""
+    found: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in found:
+            raise invalid_request(f"The field {key!r} is given twice.", key)
+        found[key] = value
+    return found
 
 
 class _FormFields:
@@ -213,6 +228,10 @@ class _FormFields:
 
     def _part_end(self) -> None:
         assert self._name is not None
+        if self._name in self.fields or self._name in self.files:
+            # The gateway checks one value and forwards the raw bytes: with a repeated
+            # name upstream might read the other one.
+            raise invalid_request(f"The field {self._name!r} is given twice.", self._name)
         if self._is_file:
             self.files.add(self._name)
             return

@@ -53,7 +53,7 @@ class SentinelSettings:
 
 @dataclass(frozen=True)
 class StoreSettings:
-    redis_url: str | None = None
+    redis_url: str | None = field(default=None, repr=False)  # may carry a password
     data_dir: str = ".sora-gateway/store"
     sentinel: SentinelSettings | None = None
 

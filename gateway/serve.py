@@ -28,6 +28,7 @@ CONFIG_ENV = "SORA_GATEWAY_CONFIG"
 STORE_ENV = "SORA_GATEWAY_STORE_URL"
 # Long enough to finish a download in flight; the orchestrator's grace must be longer.
 GRACEFUL_SHUTDOWN_S = 30
+KEEP_ALIVE_S = 75
 
 
 def serve(config_path: str, host: str, port: int, workers: int = 1) -> int:
@@ -61,6 +62,9 @@ def _run(settings: Settings, config_path: str, host: str, port: int, workers: in
             "log_config": None,
             "access_log": False,
             "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
+            # Longer than load balancers' idle timeouts (often 60 s), so the balancer,
+            # not the gateway, closes an idle connection: no request lands on a closing one.
+            "timeout_keep_alive": KEEP_ALIVE_S,
         }
         if workers <= 1:
             app = create_app(settings, redis_url=url, config_path=config_path)

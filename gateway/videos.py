@@ -118,6 +118,10 @@ class VideoRoutes:
         body = await self._body(request)
         try:
             _require_prompt(body)
+            if "video_id" in body.fields or "video_id" in body.files:
+                # Only the checked id in the path may name the source: a second one in
+                # the body could reach an upstream that takes the source from the body.
+                raise invalid_request("The source video goes in the path only.", "video_id")
             await self._check_source(request, source, "video_id")
             if self.remix_route == "path":
                 return await self._start_job(request, "remix", f"videos/{source}/remix", body)
@@ -330,8 +334,8 @@ class VideoRoutes:
         try:
             if not isinstance(body.fields.get("name"), str) or not body.fields["name"].strip():
                 raise invalid_request("name is required.", "name")
-            if "video" not in body.files and "video" not in body.fields:
-                raise invalid_request("video is required.", "video")
+            if "video" not in body.files:
+                raise invalid_request("video is required, as a file.", "video")
             # Fail closed: a character made while its owner cannot be recorded would
             # exist upstream for nobody.
             await self.registry.ping()
@@ -489,6 +493,8 @@ def _require_prompt(body: RequestBody) -> None:
 def _source_reference(body: RequestBody) -> str | None:
     """The `video.id` an edit or extension refers to; None when a file was uploaded."""
     if "video" in body.files:
+        if "video[id]" in body.fields or "video" in body.fields:
+            raise invalid_request("Send video as a file or as an id, not both.", "video")
         return None
     if body.is_multipart:
         reference = body.fields.get("video[id]")

@@ -307,3 +307,27 @@ async def test_a_body_that_stops_arriving_is_refused_with_408() -> None:
     with pytest.raises(GatewayError) as caught:
         await read_body(request, CAP, timeout_s=0.05)
     assert (caught.value.status, caught.value.code) == (408, "request_timeout")
+
+
+async def test_a_json_key_given_twice_is_refused() -> None:
+    with pytest.raises(GatewayError) as caught:
+        await read(b'{"video_id": "video_a", "prompt": "p", "video_id": "video_b"}')
+    assert (caught.value.status, caught.value.param) == (400, "video_id")
+
+
+async def test_a_form_field_given_twice_is_refused() -> None:
+    form = (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="video[id]"\r\n\r\nvideo_a\r\n'
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="video[id]"\r\n\r\nvideo_b\r\n'
+        f"--{BOUNDARY}--\r\n"
+    ).encode()
+    with pytest.raises(GatewayError) as caught:
+        await read(form, MULTIPART)
+    assert (caught.value.status, caught.value.param) == (400, "video[id]")
+
+
+async def test_a_json_body_over_a_mebibyte_is_refused_even_under_the_upload_cap() -> None:
+    big = b'{"prompt": "' + b"a" * (1 << 20) + b'"}'
+    with pytest.raises(GatewayError) as caught:
+        await read(big, cap=8 << 20)
+    assert (caught.value.status, caught.value.code) == (413, "request_too_large")
