@@ -89,6 +89,7 @@ def create_app(
         slots=slots,
         max_body_bytes=settings.limits.max_body_bytes,
         body_timeout_s=settings.limits.body_timeout_s,
+        client_idle_timeout_s=settings.limits.client_idle_timeout_s,
         remix_route=settings.upstream.remix_route,
     )
 

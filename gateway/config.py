@@ -82,6 +82,9 @@ class LimitsSettings:
     # A request body must arrive within this long: a slow upload cannot hold a
     # connection (or the slot it would take) forever.
     body_timeout_s: float = 60.0
+    # A download whose client accepts no byte for this long is cut off: a reader that
+    # stopped cannot hold a connection and an upstream stream forever.
+    client_idle_timeout_s: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -248,10 +251,13 @@ class _Checker:
             # A live replica renews once per poll: a shorter lease would let others
             # adopt its jobs while it is healthy.
             self.fail("tracker.lease_s", "must be at least twice tracker.poll_interval_s")
-        limits_sec = self.section(raw, "limits", {"max_body_bytes", "body_timeout_s"})
+        limits_sec = self.section(
+            raw, "limits", {"max_body_bytes", "body_timeout_s", "client_idle_timeout_s"}
+        )
         limits = LimitsSettings(
             max_body_bytes=self.integer(limits_sec, "limits", "max_body_bytes", 52_428_800),
             body_timeout_s=self.number(limits_sec, "limits", "body_timeout_s", 60.0),
+            client_idle_timeout_s=self.number(limits_sec, "limits", "client_idle_timeout_s", 120.0),
         )
         logging_sec = self.section(raw, "logging", {"level", "format"})
         logging = LoggingSettings(

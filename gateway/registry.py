@@ -116,12 +116,13 @@ class VideoRegistry:
             ],
         )
 
-    async def update(self, video: dict[str, Any], body: bytes) -> None:
-        """Store what upstream just said of a video the gateway already knows."""
-        await self._update(
+    async def update(self, video: dict[str, Any], body: bytes) -> bool:
+        """Store what upstream just said of a video; False if there is no record of it."""
+        updated = await self._update(
             keys=[_video_key(str(video["id"]))],
             args=[str(video.get("status") or ""), _expiry_arg(video), body, _ttl(video)],
         )
+        return bool(updated)
 
     async def get(self, video_id: str) -> VideoRecord | None:
         values = await self._redis.hmget(

@@ -169,7 +169,10 @@ class Tracker:
         if video is None:
             await self.ledger.renew(slot.id)
             return
-        await self.registry.update(video, reply.body)
+        if not await self.registry.update(video, reply.body):
+            # Counted but never recorded (the store failed between the two writes):
+            # the job is the slot's team's, so record it now rather than lose it.
+            await self.registry.record(slot.team, slot.kind, video, reply.body)
         if video.get("status") in TERMINAL_STATUSES:
             await self.slots.finish(slot_id=slot.id, outcome=str(video["status"]))
             return

@@ -9,6 +9,7 @@ forgetting it) frees its slot at once, without waiting for the tracker.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -19,6 +20,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Message, Send
 
 from .auth import Team
 from .body import RequestBody, read_body
@@ -74,6 +76,7 @@ class VideoRoutes:
         slots: JobSlots,
         max_body_bytes: int,
         body_timeout_s: float,
+        client_idle_timeout_s: float,
         remix_route: str,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -82,6 +85,7 @@ class VideoRoutes:
         self.slots = slots
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
+        self.client_idle_timeout_s = client_idle_timeout_s
         self.remix_route = remix_route
         self.clock = clock
 
@@ -230,7 +234,11 @@ class VideoRoutes:
                 else:
                     error.headers.update(NO_RETRY)
                 raise error
-            video = _video_object(reply)
+            try:
+                video = _video_object(reply)
+            except GatewayError as exc:
+                exc.headers.update(NO_RETRY)  # a 2xx: the job may well exist upstream
+                raise
             note(video_id=video["id"])
             try:
                 await ticket.bind(video["id"])
@@ -303,10 +311,11 @@ class VideoRoutes:
             raise error_from_reply(
                 Reply(download.status, download.headers, body), self.upstream.scrub
             )
-        return StreamingResponse(
+        return _Relay(
             _relay(download),
             status_code=download.status,
             headers=response_headers(download.headers, streaming=True),
+            send_timeout_s=self.client_idle_timeout_s,
         )
 
     @operation("Your team's videos, newest first", query=LIST_QUERY)
@@ -593,3 +602,32 @@ async def _relay(download: Download) -> AsyncIterator[bytes]:
         raise
     finally:
         download.close()
+
+
+class _Relay(StreamingResponse):
+    """A streamed download that lets go of a client who stops reading.
+
+    A slow reader is served as long as bytes keep moving, but one that accepts nothing
+    for `send_timeout_s` (`limits.client_idle_timeout_s`) is cut off, so it cannot hold
+    a connection, a request and an upstream connection forever.
+    """
+
+    def __init__(self, *args: Any, send_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.send_timeout_s = send_timeout_s
+
+    async def stream_response(self, send: Send) -> None:
+        async def bounded(message: Message) -> None:
+            try:
+                async with asyncio.timeout(self.send_timeout_s):
+                    await send(message)
+            except TimeoutError:
+                log.warning("cut off a download whose client stopped reading")
+                raise
+
+        try:
+            await super().stream_response(bounded)
+        finally:
+            # However the stream ends (done, cut off, client gone), release upstream's
+            # connection now rather than whenever the generator is collected.
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]

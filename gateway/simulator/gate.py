@@ -1,7 +1,9 @@
 """The door of /v1: log the request, apply latency and fail_next, then check the credential.
 
 A pure ASGI middleware, so streamed downloads pass through untouched and latency can be
-added just before the answer starts (after the work is done, as on a slow network).
+added just before the answer starts (after the work is done, as on a slow network). The
+knobs that break an answer half-way (a download or a JSON body cut, stalled or garbled)
+act here too, on the messages the app sends.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import uuid
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .faults import Faults
 from .jobs import SimError
 from .state import SimulatorState
 
@@ -40,16 +43,21 @@ class V1Gate:
         self.sim.traffic.record(
             scope["method"], scope["path"], scope["query_string"].decode("latin-1"), headers
         )
-        send = self._delayed(send)
-        refusal = self._refusal(headers)
-        if refusal is not None:
-            await error_response(refusal)(scope, receive, send)
+        send = _Cutter(self.sim.faults, self._delayed(send), scope)
+        try:
+            refusal = self._refusal(headers)
+            if refusal is not None:
+                await error_response(refusal)(scope, receive, send)
+                return
+            await self.app(scope, receive, send)
+        except _Cut:
+            # The answer stops mid-body: returning without its last message makes the
+            # server close the connection, as a crashed or cut-off upstream would.
             return
-        await self.app(scope, receive, send)
 
     def _refusal(self, headers: dict[str, str]) -> SimError | None:
-        """fail_next first (it does nothing at all), then the credential."""
-        if self.sim.faults.take("fail_next"):
+        """fail_next and flap first (they do nothing at all), then the credential."""
+        if self.sim.faults.take("fail_next") or self.sim.faults.flapping():
             return SimError(
                 500,
                 "internal_error",
@@ -104,3 +112,87 @@ def _headers(scope: Scope) -> dict[str, str]:
         name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
         headers[name] = f"{headers[name]}, {value}" if name in headers else value
     return headers
+
+
+class _Cut(Exception):
+    """Raised out of `send` to end an answer half-way; the gate swallows it."""
+
+
+class _Cutter:
+    """A `send` that breaks one answer half-way when a knob asks for it.
+
+    Content downloads (200/206 of `.../content`): `stall_next`, then `truncate_next`.
+    Any other JSON answer: `truncate_json_next`, then `garble_json_next`. A cut or
+    stalled answer announces its whole length and sends half of it; a garbled one
+    announces and sends half, so its HTTP framing is complete but its JSON is not.
+    """
+
+    def __init__(self, faults: Faults, send: Send, scope: Scope) -> None:
+        self._faults = faults
+        self._send = send
+        self._content = scope["path"].endswith("/content")
+        self._head = scope["method"] == "HEAD"
+        self._mode: str | None = None
+        self._left = 0
+        self._held: Message | None = None
+        self._body = bytearray()
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self._mode = None if self._head else self._choose(message)
+            if self._mode == "garble":
+                self._held = message
+                return
+            self._left = max(1, _content_length(message) // 2)
+            await self._send(message)
+            return
+        if message["type"] != "http.response.body" or self._mode is None:
+            await self._send(message)
+            return
+        body = message.get("body", b"")
+        if self._mode == "garble":
+            self._body += body
+            if message.get("more_body", False):
+                return
+            assert self._held is not None
+            half = bytes(self._body[: len(self._body) // 2])
+            headers = [(k, v) for k, v in self._held.get("headers", []) if k != b"content-length"]
+            headers.append((b"content-length", str(len(half)).encode()))
+            await self._send({**self._held, "headers": headers})
+            await self._send({"type": "http.response.body", "body": half, "more_body": False})
+            return
+        if len(body) < self._left:
+            self._left -= len(body)
+            await self._send(message)
+            return
+        piece = body[: self._left]
+        await self._send({"type": "http.response.body", "body": piece, "more_body": True})
+        if self._mode == "stall":
+            await self._faults.hang()
+        raise _Cut
+
+    def _choose(self, start: Message) -> str | None:
+        take = self._faults.take
+        if self._content:
+            if start["status"] >= 300:
+                return None
+            if take("stall_next"):
+                return "stall"
+            return "cut" if take("truncate_next") else None
+        if not _header(start, b"content-type").startswith(b"application/json"):
+            return None
+        if take("truncate_json_next"):
+            return "cut"
+        return "garble" if take("garble_json_next") else None
+
+
+def _header(start: Message, name: bytes) -> bytes:
+    for key, value in start.get("headers", []):
+        if key.lower() == name:
+            return value
+    return b""
+
+
+def _content_length(start: Message) -> int:
+    value = _header(start, b"content-length")
+    return int(value) if value.isdigit() else 0

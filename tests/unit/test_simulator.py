@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import re
+import socket
 import time
 import tracemalloc
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 
 from gateway.simulator import SimulatorSettings, create_simulator_app
 from gateway.simulator.media import BLOCK, NoiseContent, RangeNotSatisfiable, parse_range
@@ -661,8 +665,186 @@ async def test_latency_is_added_to_v1_answers(client):
     assert faults["latency_ms"] == 60
 
 
+async def test_flap_alternates_failing_and_served_requests(client):
+    snapshot = (await client.post("/_sim/faults", json={"flap": 2})).json()
+    assert snapshot["flap"] == 2
+    statuses = [(await client.get("/v1/videos", headers=AUTH)).status_code for _ in range(8)]
+    assert statuses == [500, 500, 200, 200, 500, 500, 200, 200]
+    # Set again: the pattern starts over with its failing half, which does nothing.
+    await client.post("/_sim/faults", json={"flap": 1})
+    failed = await client.post("/v1/videos", json={"prompt": "p"}, headers=AUTH)
+    assert_error(failed, 500, "internal_error")
+    assert (await client.get("/_sim/stats")).json()["jobs_created"] == 0
+    await create(client)
+    # 0 turns it off; a reset too.
+    await client.post("/_sim/faults", json={"flap": 0})
+    assert {(await client.get("/v1/videos", headers=AUTH)).status_code for _ in range(3)} == {200}
+    await client.post("/_sim/faults", json={"flap": 1})
+    await client.post("/_sim/reset")
+    assert (await client.get("/v1/videos", headers=AUTH)).status_code == 200
+
+
+async def asgi_get(
+    app: Any, path: str, *, headers: dict[str, str] | None = None, sent: list | None = None
+) -> list[dict[str, Any]]:
+    """The ASGI messages the app sends for one GET, as a server would receive them."""
+    sent = [] if sent is None else sent
+    raw = {"host": "sim", "authorization": AUTH["Authorization"], **(headers or {})}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(k.encode(), v.encode()) for k, v in raw.items()],
+        "server": ("sim", 80),
+        "client": ("127.0.0.1", 5000),
+    }
+    disconnected = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        if not sent:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await disconnected.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent
+
+
+def body_of(messages: list[dict[str, Any]]) -> tuple[int, int, bytes, bool]:
+    """Status, announced length, bytes sent, and whether the answer was completed."""
+    start = messages[0]
+    assert start["type"] == "http.response.start"
+    length = int(dict(start["headers"])[b"content-length"])
+    bodies = [m for m in messages[1:] if m["type"] == "http.response.body"]
+    data = b"".join(m.get("body", b"") for m in bodies)
+    complete = bool(bodies) and not bodies[-1].get("more_body", False)
+    return start["status"], length, data, complete
+
+
+@pytest.fixture
+async def sim_app(clock: FakeClock) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
+    """The app itself (for raw ASGI calls) and a client on it (for the knobs)."""
+    settings = SimulatorSettings(queue_s=1, run_s=4, expire_s=100, content_bytes=3 * BLOCK + 7)
+    app = create_simulator_app(settings, clock=clock)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://sim") as c:
+        yield app, c
+
+
+async def test_truncate_next_sends_half_a_download_then_ends_it_unfinished(sim_app, clock):
+    app, client = sim_app
+    video = await completed_video(client, clock)
+    path = f"/v1/videos/{video['id']}/content"
+    await client.post("/_sim/faults", json={"truncate_next": 1})
+    # A JSON answer does not use the download knob up.
+    assert (await client.get(f"/v1/videos/{video['id']}", headers=AUTH)).status_code == 200
+    assert (await client.get("/_sim/faults")).json()["truncate_next"] == 1
+    status, length, data, complete = body_of(await asgi_get(app, path))
+    assert (status, length) == (200, 3 * BLOCK + 7)
+    assert len(data) == length // 2  # cut inside the second 1 MiB block
+    assert not complete  # the app returned without its last message: the server hangs up
+    assert (await client.get("/_sim/faults")).json()["truncate_next"] == 0
+    whole = (await client.get(path, headers=AUTH)).content
+    assert data == whole[: len(data)]
+    # A range is cut at half of what it announces; the next download is whole.
+    await client.post("/_sim/faults", json={"truncate_next": 1})
+    ranged = await asgi_get(app, path, headers={"range": "bytes=100-1099"})
+    assert body_of(ranged) == (206, 1000, whole[100:600], False)
+    assert body_of(await asgi_get(app, path)) == (200, len(whole), whole, True)
+
+
+async def test_stall_next_holds_half_a_download_until_reset(sim_app, clock):
+    app, client = sim_app
+    video = await completed_video(client, clock)
+    await client.post("/_sim/faults", json={"stall_next": 1})
+    messages: list[dict[str, Any]] = []
+    task = asyncio.create_task(asgi_get(app, f"/v1/videos/{video['id']}/content", sent=messages))
+    for _ in range(400):
+        if len(messages) > 1 and len(body_of(messages)[2]) == body_of(messages)[1] // 2:
+            break
+        await asyncio.sleep(0.005)
+    done, _ = await asyncio.wait({task}, timeout=0.1)
+    assert not done  # half sent, then the connection is held with nothing more
+    await client.post("/_sim/reset")
+    await asyncio.wait_for(task, 2)
+    status, length, data, complete = body_of(messages)
+    assert (status, len(data), complete) == (200, length // 2, False)
+
+
+async def test_truncate_json_next_cuts_a_json_answer_mid_body(sim_app, clock):
+    app, client = sim_app
+    video = await create(client)
+    await client.post("/_sim/faults", json={"truncate_json_next": 1})
+    status, length, data, complete = body_of(await asgi_get(app, f"/v1/videos/{video['id']}"))
+    assert (status, len(data), complete) == (200, length // 2, False)
+    assert (await client.get(f"/v1/videos/{video['id']}", headers=AUTH)).json()["id"] == video["id"]
+
+
+async def test_garble_json_next_frames_half_a_json_body_as_complete(client, clock):
+    video = await create(client)
+    url = f"/v1/videos/{video['id']}"
+    whole = (await client.get(url, headers=AUTH)).content
+    await client.post("/_sim/faults", json={"garble_json_next": 1})
+    garbled = await client.get(url, headers=AUTH)
+    assert garbled.status_code == 200
+    assert garbled.content == whole[: len(whole) // 2]
+    assert garbled.headers["content-length"] == str(len(whole) // 2)
+    with pytest.raises(ValueError):
+        json.loads(garbled.content)
+    assert (await client.get(url, headers=AUTH)).content == whole
+    # On a create the job exists upstream although its answer is unreadable.
+    await client.post("/_sim/faults", json={"garble_json_next": 1})
+    created = await client.post("/v1/videos", json={"prompt": "p"}, headers=AUTH)
+    with pytest.raises(ValueError):
+        json.loads(created.content)
+    assert (await client.get("/_sim/stats")).json()["jobs_created"] == 2
+
+
+async def test_a_cut_answer_closes_the_connection_on_a_real_server(clock):
+    """What a client of the running simulator sees: the connection closed mid-body."""
+    settings = SimulatorSettings(queue_s=0, run_s=0, content_bytes=BLOCK)
+    app = create_simulator_app(settings, clock=clock)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
+    serving = asyncio.create_task(server.serve())
+    try:
+        for _ in range(400):
+            if server.started:
+                break
+            await asyncio.sleep(0.005)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=AUTH) as c:
+            video = (await c.post("/v1/videos", json={"prompt": "p"})).json()
+            await c.post("/_sim/faults", json={"truncate_next": 1, "truncate_json_next": 1})
+            with pytest.raises(httpx.RemoteProtocolError):
+                await c.get(f"/v1/videos/{video['id']}/content")
+            with pytest.raises(httpx.RemoteProtocolError):
+                await c.get(f"/v1/videos/{video['id']}")
+            whole = await c.get(f"/v1/videos/{video['id']}/content")
+            assert len(whole.content) == BLOCK
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, 10)
+
+
 async def test_bad_fault_and_config_values_are_refused(client):
-    for body, param in [({"fail_next": -1}, "fail_next"), ({"bogus": 1}, "bogus")]:
+    for body, param in [
+        ({"fail_next": -1}, "fail_next"),
+        ({"bogus": 1}, "bogus"),
+        ({"flap": 1.5}, "flap"),
+        ({"truncate_next": True}, "truncate_next"),
+        ({"garble_json_next": -2}, "garble_json_next"),
+    ]:
         assert_error(await client.post("/_sim/faults", json=body), 400, "invalid_value", param)
     for body, param in [({"run_s": "x"}, "run_s"), ({"max_running": 1.5}, "max_running")]:
         assert_error(await client.post("/_sim/config", json=body), 400, "invalid_value", param)
