@@ -1,0 +1,180 @@
+"""Run every benchmark in tests/bench and print one combined table.
+
+    python tests/bench/run_all.py [--only overhead,stream,quota,scale] [--quick]
+
+Each bench runs as its own process with its defaults (the quota bench with
+`--seconds 60`), prints its own detailed table and writes its JSON under
+tests/bench/results/; this script then reads those files and prints every figure in
+one table, each with its reference measured in the same run, its ratio to it, the
+target and whether it was met. The summary goes to tests/bench/results/summary.json.
+`--quick` shortens every bench (a smoke run: its figures are not worth quoting).
+
+The exit status is 1 when a bench failed to run (or the quota bench saw the upstream's
+own limit hit); a missed target is reported, not failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import RESULTS_DIR, ForeignLoad, machine_note, render_rows, row  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
+    # name -> (script, arguments, --quick arguments)
+    "overhead": (
+        "overhead.py",
+        [],
+        ["--seconds", "2", "--rounds", "1", "--latency-requests", "500", "--profile-seconds", "3"],
+    ),
+    "stream": ("stream.py", [], ["--rounds", "1"]),
+    "quota": ("quota_utilisation.py", ["--seconds", "60"], ["--seconds", "10"]),
+    "scale": ("scale.py", [], ["--seconds", "3", "--rounds", "1", "--idle-seconds", "3"]),
+}
+RESULT_FILES = {
+    "overhead": "overhead.json",
+    "stream": "stream.json",
+    "quota": "quota_utilisation.json",
+    "scale": "scale.json",
+}
+BENCH_TIMEOUT_S = 1800
+# Above this many cores kept busy by other processes, the figures say so.
+NOISY_CORES = 0.25
+
+
+def quota_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The quota bench writes no rows of its own: its figures, in the common form."""
+    c = result["config"]
+    wait = result["slot_wait_ms"]
+    return [
+        row(
+            "quota",
+            f"utilisation, both slots busy ({c['replicas']} replicas, {c['seconds']:g} s)",
+            result["utilisation"] * 100,
+            "%",
+            reference="ideal",
+            reference_value=100.0,
+            target=f">= {result['target'] * 100:g} %",
+            met=result["meets_target"],
+            note=f"cross-check from /_sim/stats samples: "
+            f"{(result['utilisation_sampled'] or 0) * 100:.2f} %; "
+            f"{result['creates_done']} creates done",
+        ),
+        row(
+            "quota",
+            "job end -> next admission, p50",
+            result["gap_end_to_next_admission_ms"]["p50"],
+            "ms",
+            note=f"p99 {result['gap_end_to_next_admission_ms']['p99']} ms",
+        ),
+        row(
+            "quota",
+            "slot wait p50 (client side)",
+            wait["p50"],
+            "ms",
+            note=f"p99 {wait['p99']} ms ({wait['source']})",
+        ),
+        row(
+            "quota",
+            "upstream's own 429s (limit hits)",
+            result["simulator_limit_hits"],
+            "",
+            target="0",
+            met=result["simulator_limit_hits"] == 0,
+        ),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default=",".join(BENCHES), help="comma-separated benches")
+    parser.add_argument("--quick", action="store_true", help="short runs, for a smoke test")
+    args = parser.parse_args(argv)
+    chosen = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in BENCHES]
+    if unknown:
+        parser.error(f"unknown bench(es): {', '.join(unknown)}; know {', '.join(BENCHES)}")
+
+    started = time.time()
+    machine = machine_note()
+    statuses: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
+    for name in chosen:
+        script, normal, quick = BENCHES[name]
+        output = RESULTS_DIR / RESULT_FILES[name]
+        output.unlink(missing_ok=True)  # never report a stale figure as this run's
+        cmd = [sys.executable, str(HERE / script), *(quick if args.quick else normal)]
+        print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
+        t0 = time.monotonic()
+        foreign = ForeignLoad()
+        try:
+            code = subprocess.run(cmd, timeout=BENCH_TIMEOUT_S, check=False).returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+        statuses[name] = {
+            "exit": code,
+            "seconds": round(time.monotonic() - t0, 1),
+            "other_cores_busy": foreign.cores(),
+        }
+        if not output.exists():
+            rows.append(row(name, "bench did not finish", None, "", note=f"exit {code}"))
+            continue
+        result = json.loads(output.read_text())
+        rows += quota_rows(result) if name == "quota" else result["rows"]
+
+    summary = {
+        "started": started,
+        "quick": args.quick,
+        "machine": {"before": machine, "after": machine_note()},
+        "benches": statuses,
+        "rows": rows,
+    }
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    head = "sora-gateway benchmarks" + (
+        " (--quick: smoke run, figures not comparable)" * args.quick
+    )
+    print(f"\n{head}\n{'=' * len(head)}")
+    took = ", ".join(
+        f"{k} {v['seconds']:g} s (other processes: {v['other_cores_busy']} cores)"
+        for k, v in statuses.items()
+    )
+    print(
+        f"loadavg {machine['loadavg_1m']} before, {summary['machine']['after']['loadavg_1m']} "
+        f"after; {took}"
+    )
+    noisy = {
+        k: v["other_cores_busy"] for k, v in statuses.items() if v["other_cores_busy"] > NOISY_CORES
+    }
+    if noisy:
+        print(
+            "WARNING: other processes kept cores busy during "
+            + ", ".join(f"{k} ({v} cores)" for k, v in noisy.items())
+            + ": those figures are lower than this machine gives when quiet"
+        )
+    print(render_rows(rows, with_bench=True))
+    met = sum(1 for r in rows if r["met"] is True)
+    missed = [r for r in rows if r["met"] is False]
+    print(f"\ntargets: {met} met, {len(missed)} missed")
+    for r in missed:
+        print(f"  MISSED  {r['bench']}: {r['figure']} ({r['target']})")
+    print(f"\nper-bench JSON and summary.json in {os.path.relpath(RESULTS_DIR, Path.cwd())}/")
+    failed = [k for k, v in statuses.items() if v["exit"] != 0]
+    if failed:
+        print(f"failed to run: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
