@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 from contextlib import ExitStack
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import uvicorn
 from starlette.types import ASGIApp
+from uvicorn.supervisors import Multiprocess
 
 from . import logs
 from .app import create_app
@@ -56,9 +58,8 @@ def _run(settings: Settings, config_path: str, host: str, port: int, workers: in
         url = settings.store.redis_url
         if settings.store.embedded:
             url = stack.enter_context(EmbeddedRedis(settings.store.data_dir)).url
+        listener = stack.enter_context(_listen(host, port, settings.limits.client_idle_timeout_s))
         options = {
-            "host": host,
-            "port": port,
             "log_config": None,
             "access_log": False,
             "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
@@ -68,7 +69,8 @@ def _run(settings: Settings, config_path: str, host: str, port: int, workers: in
         }
         if workers <= 1:
             app = create_app(settings, redis_url=url, config_path=config_path)
-            uvicorn.run(app, **options)
+            # Served on our socket, which uvicorn closes itself when it stops accepting.
+            uvicorn.Server(uvicorn.Config(app, **options)).run(sockets=[listener])
             return 0
         metrics_dir = tempfile.mkdtemp(prefix="sgw-metrics-")
         stack.callback(shutil.rmtree, metrics_dir, ignore_errors=True)
@@ -76,8 +78,32 @@ def _run(settings: Settings, config_path: str, host: str, port: int, workers: in
         os.environ[CONFIG_ENV] = str(Path(config_path).resolve())
         if url is not None:
             os.environ[STORE_ENV] = url
-        uvicorn.run("gateway.serve:app_from_environment", factory=True, workers=workers, **options)
+        config = uvicorn.Config(
+            "gateway.serve:app_from_environment", factory=True, workers=workers, **options
+        )
+        Multiprocess(config, sockets=[listener]).run()
     return 0
+
+
+def _listen(host: str, port: int, idle_s: float) -> socket.socket:
+    """The listening socket, made here so its connections carry TCP_USER_TIMEOUT.
+
+    A client that stops reading a download keeps its socket's window shut; when the
+    gateway gives up on it (limits.client_idle_timeout_s), the unsent bytes would keep
+    the connection open until the client left. With this option the kernel aborts a
+    connection whose data has not moved for that long, so nothing is held forever.
+    """
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    listener = socket.socket(family, kind, proto)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(idle_s * 1000))
+    listener.bind(address)
+    listener.listen(2048)
+    listener.set_inheritable(True)  # the worker processes serve it too
+    return listener
 
 
 def app_from_environment() -> ASGIApp:
