@@ -364,7 +364,13 @@ def test_a_create_answered_during_the_outage_keeps_its_slot_until_settled(durabl
             "the lost create's job recorded for its team",
         )
     with node.client("beta") as beta:
-        assert_error(beta.get(f"/v1/videos/{video_id}"), 404, "video_not_found")
+        # A pooled store connection the restart left dead answers one 503 (retryable).
+        reply = wait_until(
+            lambda: (r := beta.get(f"/v1/videos/{video_id}")).status_code != 503 and r,
+            5.0,
+            "the store reachable for beta's request",
+        )
+        assert_error(reply, 404, "video_not_found")
     wait_until(
         lambda: _upstream_status(node, video_id) == "completed", 10.0, "the job ended upstream"
     )
