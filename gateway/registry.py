@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from redis.asyncio import Redis
@@ -73,6 +73,15 @@ class VideoRecord:
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL_STATUSES
+
+    def seen(self, video: dict[str, Any], body: bytes) -> VideoRecord:
+        """This record as it stands after `update(video, body)`, without reading it back."""
+        return replace(
+            self,
+            status=str(video.get("status") or ""),
+            expires_at=_int(video.get("expires_at")),
+            body=body.decode(),
+        )
 
 
 @dataclass(frozen=True)

@@ -261,10 +261,10 @@ class VideoRoutes:
     async def retrieve(self, request: Request) -> Response:
         video_id = _path_id(request, "video_id")
         record = await self._owned(request, video_id)
-        reply = await self._refresh(request, record)
-        if reply is None:
+        refreshed = await self._refresh(request, record)
+        if refreshed is None:
             raise video_not_found()
-        return _passthrough(reply)
+        return _passthrough(refreshed[0])
 
     @operation("Delete one of your videos (frees its slot if it runs)")
     async def delete(self, request: Request) -> Response:
@@ -403,8 +403,12 @@ class VideoRoutes:
             raise video_not_found()
         return record
 
-    async def _refresh(self, request: Request, record: VideoRecord) -> Reply | None:
+    async def _refresh(
+        self, request: Request, record: VideoRecord
+    ) -> tuple[Reply, VideoRecord] | None:
         """Ask upstream for a video's state and store it; None when upstream forgot it.
+
+        Returns upstream's answer and the record as it now stands.
 
         The store is written only when something changed, and the slot is released only
         when this answer is the first to show the end: a retrieve of a finished video
@@ -420,12 +424,12 @@ class VideoRoutes:
         if reply.status >= 300:
             raise error_from_reply(reply, self.upstream.scrub)
         if reply.body == record.body.encode():
-            return reply
+            return reply, record
         video = _video_object(reply)
         await self.registry.update(video, reply.body)
         if video.get("status") in TERMINAL_STATUSES and not record.terminal:
             await self.slots.finish(video_id=video_id, outcome=str(video["status"]))
-        return reply
+        return reply, record.seen(video, reply.body)
 
     async def _gone(self, video_id: str) -> None:
         """Upstream no longer knows the video: forget it, and free its slot if it held one."""
@@ -436,10 +440,8 @@ class VideoRoutes:
         """Refuse a remix/edit/extension source before anything is spent on it."""
         record = await self.registry.owned(_team(request).name, video_id)
         if record is not None and not record.terminal:
-            if await self._refresh(request, record) is None:
-                record = None
-            else:
-                record = await self.registry.owned(_team(request).name, video_id)
+            refreshed = await self._refresh(request, record)
+            record = None if refreshed is None else refreshed[1]
         refusal = self._refusal(record, param)
         if refusal is not None:
             self.slots.metrics.remix_rejections.labels(refusal.code).inc()
