@@ -42,7 +42,7 @@ class TeamsReloader:
         except OSError:
             return None
 
-    def check(self, *, forced: bool = False) -> bool:
+    def check(self, *, forced: bool = False, trigger: str = "file") -> bool:
         """Reload if the file changed (or when `forced`); True if new teams were applied."""
         digest = self._read_digest()
         if digest is None or (digest == self._digest and not forced):
@@ -62,14 +62,19 @@ class TeamsReloader:
             return False
         self.apply(fresh.teams)
         self.current = replace(self.current, teams=fresh.teams)
-        log.info("teams reloaded", extra={"teams": [team.name for team in fresh.teams]})
+        log.info(
+            "teams reloaded",
+            extra={"teams": [team.name for team in fresh.teams], "trigger": trigger},
+        )
         return True
 
     async def watch(self) -> None:
         """Poll the file, and reload at once on SIGHUP where this process can catch it."""
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(signal.SIGHUP, lambda: self.check(forced=True))
+            loop.add_signal_handler(
+                signal.SIGHUP, lambda: self.check(forced=True, trigger="signal")
+            )
         try:
             while True:
                 await asyncio.sleep(WATCH_INTERVAL_S)

@@ -44,6 +44,8 @@ def test_sighup_rotates_a_key_with_an_overlap(rotating) -> None:
     gateway.popen.send_signal(signal.SIGHUP)
     wait_until(lambda: status_with(gateway, new) == 200, 10, "the new key is accepted")
     assert status_with(gateway, old) == 200, "both keys work during the overlap"
+    # The signal did it, not the file watcher that would have caught up seconds later.
+    assert '"trigger": "signal"' in gateway.log()
 
     rewrite(path, config, key_digest(new))
     gateway.popen.send_signal(signal.SIGHUP)
@@ -57,6 +59,7 @@ def test_a_changed_file_is_picked_up_without_a_signal(rotating) -> None:
     rewrite(path, config, key_digest(new))
     wait_until(lambda: status_with(gateway, new) == 200, 10, "the file change is applied")
     assert status_with(gateway, old) == 401
+    assert '"trigger": "file"' in gateway.log()
 
 
 def test_an_invalid_file_changes_nothing(rotating) -> None:
