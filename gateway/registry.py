@@ -16,6 +16,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from .coalesce import ReadCoalescer
 from .errors import invalid_request
 
 PREFIX = "{sgw}:"
@@ -25,6 +26,7 @@ TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
 UNSETTLED_TTL_S = 7 * 86400
 EXPIRED_GRACE_S = 86400
 CHARACTER_TTL_S = 30 * 86400
+_RECORD_FIELDS = ("team", "kind", "status", "expires_at", "body")
 
 # KEYS[1] video hash, KEYS[2] team index, KEYS[3] sequence counter.
 # ARGV: id, team, kind, status, created_at (zero-padded), expires_at, body, ttl seconds.
@@ -103,6 +105,7 @@ class Page:
 class VideoRegistry:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
+        self._reads = ReadCoalescer(redis)
         self._record = redis.register_script(RECORD_SCRIPT)
         self._update = redis.register_script(UPDATE_SCRIPT)
         self._forget = redis.register_script(FORGET_SCRIPT)
@@ -134,9 +137,7 @@ class VideoRegistry:
         return bool(updated)
 
     async def get(self, video_id: str) -> VideoRecord | None:
-        values = await self._redis.hmget(
-            _video_key(video_id), ["team", "kind", "status", "expires_at", "body"]
-        )
+        values = await self._reads.execute("HMGET", _video_key(video_id), *_RECORD_FIELDS)
         team, kind, status, expires_at, body = (_str(v) for v in values)
         if team is None:
             return None

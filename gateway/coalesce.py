@@ -1,0 +1,68 @@
+"""Reads that many requests make in one pass of the event loop, sent as one pipeline.
+
+Under load dozens of retrieves want their video's record at the same moment. Sent one
+by one, each costs a pool checkout, a write and a read of its own, and that made the
+Redis client the largest single cost of a retrieve (README, Performance). Here the
+reads asked for during one pass of the loop leave together at the end of it, as one
+pipeline (not a transaction: each is a plain read) on one connection, and each caller
+gets its own reply or its own error. A read asked alone is sent alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from typing import Any
+
+from redis.asyncio import Redis
+
+
+class ReadCoalescer:
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+        self._batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        # Strong references: the loop keeps only weak ones to running tasks.
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def execute(self, *args: Any) -> Any:
+        """One read command, e.g. `execute("HMGET", key, *fields)`; its parsed reply."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if not self._batch:
+            loop.call_soon(self._send)
+        self._batch.append((args, future))
+        return await future
+
+    def _send(self) -> None:
+        batch, self._batch = self._batch, []
+        task = asyncio.get_running_loop().create_task(self._run(batch))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _run(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        try:
+            if len(batch) == 1:
+                replies = [await self._redis.execute_command(*batch[0][0])]
+            else:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for args, _ in batch:
+                        pipe.execute_command(*args)
+                    replies = await pipe.execute(raise_on_error=False)
+        except Exception as exc:
+            for _, future in batch:
+                if not future.done():
+                    # Each caller raises its own copy: one object raised in many tasks
+                    # would collect all their tracebacks.
+                    future.set_exception(copy.copy(exc))
+            return
+        except BaseException:  # cancelled (the gateway is stopping): so are the callers
+            for _, future in batch:
+                future.cancel()
+            raise
+        for (_, future), reply in zip(batch, replies, strict=True):
+            if future.done():  # its caller was cancelled meanwhile
+                continue
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)

@@ -1,0 +1,107 @@
+"""Reads asked for in the same pass of the event loop leave as one pipeline.
+
+Against a real server: every caller gets its own reply or its own error, a cancelled
+caller costs the others nothing, and a dead store fails every caller with the store's
+own error (which the app turns into a 503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.exceptions
+from redis.asyncio import Redis
+
+from gateway.coalesce import ReadCoalescer
+from gateway.store import EmbeddedRedis, connect
+
+# A database of its own on the session's server: the session's gateway uses db 0.
+DB = 7
+
+
+@pytest.fixture
+async def client(store_server: EmbeddedRedis) -> AsyncIterator[Redis]:
+    name = f"coalesce-{uuid.uuid4().hex[:8]}"
+    client = Redis.from_url(f"{store_server.url}/{DB}", client_name=name)
+    await client.flushdb()
+    yield client
+    await client.flushdb()
+    await client.aclose()
+
+
+async def connections_named(client: Redis) -> int:
+    name = client.connection_pool.connection_kwargs["client_name"]
+    return sum(1 for entry in await client.client_list() if entry.get("name") == name)
+
+
+async def test_concurrent_reads_each_get_their_own_reply_over_one_connection(client):
+    for n in range(50):
+        await client.hset(f"video:{n}", mapping={"team": f"team-{n}", "body": f"{{{n}}}"})
+    await client.connection_pool.disconnect()
+    reads = ReadCoalescer(client)
+
+    replies = await asyncio.gather(
+        *(reads.execute("HMGET", f"video:{n}", "team", "body") for n in range(50))
+    )
+
+    assert replies == [[f"team-{n}".encode(), f"{{{n}}}".encode()] for n in range(50)]
+    # Sent one by one, 50 concurrent reads would have opened up to 50 connections.
+    assert await connections_named(client) == 1
+
+
+async def test_a_failing_read_fails_only_its_own_caller(client):
+    await client.set("plain-string", "x")
+    await client.hset("video:1", "team", "alpha")
+    reads = ReadCoalescer(client)
+
+    good, bad, missing = await asyncio.gather(
+        reads.execute("HMGET", "video:1", "team"),
+        reads.execute("HMGET", "plain-string", "team"),
+        reads.execute("HMGET", "video:absent", "team"),
+        return_exceptions=True,
+    )
+
+    assert good == [b"alpha"]
+    assert isinstance(bad, redis.exceptions.ResponseError)
+    assert "WRONGTYPE" in str(bad)
+    assert missing == [None]
+
+
+async def test_a_lone_read_is_answered(client):
+    await client.hset("video:lone", "team", "beta")
+    assert await ReadCoalescer(client).execute("HMGET", "video:lone", "team") == [b"beta"]
+
+
+async def test_a_cancelled_caller_leaves_the_others_their_replies(client):
+    for n in range(5):
+        await client.hset(f"video:{n}", "team", str(n))
+    reads = ReadCoalescer(client)
+    calls = [asyncio.ensure_future(reads.execute("HMGET", f"video:{n}", "team")) for n in range(5)]
+    await asyncio.sleep(0)  # all five have joined the batch
+    calls[2].cancel()
+
+    results = await asyncio.gather(*calls, return_exceptions=True)
+
+    assert isinstance(results[2], asyncio.CancelledError)
+    assert [r for i, r in enumerate(results) if i != 2] == [[b"0"], [b"1"], [b"3"], [b"4"]]
+
+
+async def test_a_dead_store_fails_every_caller_with_its_own_store_error(tmp_path):
+    server = EmbeddedRedis(tmp_path / "store", persistent=False).start()
+    client = connect(server.url)
+    reads = ReadCoalescer(client)
+    await reads.execute("HMGET", "warm", "x")  # a pooled connection, then the store dies
+    server.stop()
+    try:
+        errors = await asyncio.gather(
+            *(reads.execute("HMGET", f"video:{n}", "team") for n in range(3)),
+            return_exceptions=True,
+        )
+    finally:
+        await client.aclose()
+
+    assert all(isinstance(e, redis.exceptions.ConnectionError) for e in errors), errors
+    assert len({id(e) for e in errors}) == 3  # one exception object per caller
