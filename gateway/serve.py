@@ -62,6 +62,10 @@ def _run(settings: Settings, config_path: str, host: str, port: int, workers: in
         options = {
             "log_config": None,
             "access_log": False,
+            # The gateway uses no client address, so it trusts no X-Forwarded-* header;
+            # and it does not advertise its server software.
+            "proxy_headers": False,
+            "server_header": False,
             "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
             # Longer than load balancers' idle timeouts (often 60 s), so the balancer,
             # not the gateway, closes an idle connection: no request lands on a closing one.
