@@ -31,8 +31,8 @@ from .config import Settings, TeamSettings
 from .errors import GatewayError, store_unavailable
 from .ledger import SlotLedger
 from .metrics import GatewayMetrics, QuotaGauges
-from .middleware import RequestIdMiddleware, TeamAuthMiddleware
-from .observe import RequestObserver
+from .middleware import GatewayMiddleware
+from .observe import RequestRecorder
 from .openapi import openapi_document, operation
 from .quota import JobSlots
 from .registry import VideoRegistry
@@ -180,7 +180,7 @@ def create_app(
     # Starlette would answer a trailing slash with a redirect built from the client's
     # own Host header; here an unknown path is simply a 404 in the envelope.
     app.router.redirect_slashes = False
-    return RequestIdMiddleware(RequestObserver(TeamAuthMiddleware(app, teams), metrics))
+    return GatewayMiddleware(app, teams, RequestRecorder(metrics))
 
 
 def _caps(teams: tuple[TeamSettings, ...]) -> dict[str, int]:

@@ -184,7 +184,7 @@ class Upstream:
             raise self.failed(exc) from None
         status = response.status
         elapsed = time.perf_counter() - started
-        self.metrics.upstream_duration.labels(route, str(status)).observe(elapsed)
+        self.metrics.upstream_answered(route, status, elapsed)
         note(upstream_status=status, upstream_ms=round(elapsed * 1000, 2))
         if status >= 500:
             self.metrics.upstream_errors.labels("error").inc()

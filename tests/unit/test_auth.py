@@ -15,7 +15,9 @@ from starlette.routing import Route
 from gateway.auth import KEY_PREFIX, TeamDirectory, key_digest, new_key, presented_key
 from gateway.config import TeamSettings
 from gateway.errors import GatewayError
-from gateway.middleware import RequestIdMiddleware, TeamAuthMiddleware
+from gateway.metrics import GatewayMetrics
+from gateway.middleware import GatewayMiddleware
+from gateway.observe import RequestRecorder
 
 MARKETING_KEY = new_key()
 MARKETING_OLD_KEY = new_key()
@@ -146,7 +148,7 @@ async def client(directory):
     app = Starlette(
         routes=[Route("/v1/videos", whoami), Route("/healthz", whoami)],
     )
-    wrapped = RequestIdMiddleware(TeamAuthMiddleware(app, directory))
+    wrapped = GatewayMiddleware(app, directory, RequestRecorder(GatewayMetrics(["research"])))
     transport = httpx.ASGITransport(app=wrapped)
     async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
         yield c
@@ -190,7 +192,9 @@ async def test_a_client_request_id_with_spaces_is_echoed():
     async def ok(request: Request) -> JSONResponse:
         return JSONResponse({})
 
-    app = RequestIdMiddleware(Starlette(routes=[Route("/x", ok)]))
+    app = GatewayMiddleware(
+        Starlette(routes=[Route("/x", ok)]), TeamDirectory([]), RequestRecorder(GatewayMetrics([]))
+    )
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
         echoed = await c.get("/x", headers={"x-request-id": "batch 7 / item 3"})
         fresh = await c.get("/x", headers={"x-request-id": "x" * 129})
