@@ -447,8 +447,10 @@ def route_of(method: str, raw_path: str) -> str:
 
 
 @st.composite
-def ids(draw: st.DrawFn, seeds: Seeds) -> str:
+def ids(draw: st.DrawFn, seeds: Seeds, *, deleting: bool = False) -> str:
     kind = draw(st.sampled_from(["seed", "weird", "random"]))
+    if kind == "seed" and deleting:  # as for schemathesis: the other seeds must outlive it
+        return draw(st.sampled_from([*seeds.deletable, seeds.foreign, seeds.character]))
     if kind == "seed":
         return draw(st.sampled_from([*seeds.video_ids(), seeds.character]))
     if kind == "weird":
@@ -483,7 +485,9 @@ def multipart_bodies(draw: st.DrawFn, seeds: Seeds) -> tuple[bytes, str]:
 def raw_calls(draw: st.DrawFn, seeds: Seeds) -> dict[str, Any]:
     method, route = draw(st.sampled_from(ROUTES))
     method = draw(st.sampled_from([method, method, method, "PUT", "PATCH", "DELETE", "OPTIONS"]))
-    path = route.replace("{video_id}", draw(ids(seeds))).replace("{character_id}", draw(ids(seeds)))
+    deleting = method == "DELETE"
+    path = route.replace("{video_id}", draw(ids(seeds, deleting=deleting)))
+    path = path.replace("{character_id}", draw(ids(seeds, deleting=deleting)))
     path += draw(st.sampled_from(["", "", "", "/", "/extra", "%00", "%2F"]))
     query = draw(
         st.sampled_from(["", "limit=0", "limit=101", "limit=%00", "order=sideways", "variant=gif"])
