@@ -15,8 +15,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
 
-from .coalesce import ReadCoalescer
+from .batching import CommandBatcher
 from .errors import invalid_request
 
 PREFIX = "{sgw}:"
@@ -105,7 +106,7 @@ class Page:
 class VideoRegistry:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
-        self._reads = ReadCoalescer(redis)
+        self._batched = CommandBatcher(redis)
         self._record = redis.register_script(RECORD_SCRIPT)
         self._update = redis.register_script(UPDATE_SCRIPT)
         self._forget = redis.register_script(FORGET_SCRIPT)
@@ -130,14 +131,16 @@ class VideoRegistry:
 
     async def update(self, video: dict[str, Any], body: bytes) -> bool:
         """Store what upstream just said of a video; False if there is no record of it."""
-        updated = await self._update(
-            keys=[_video_key(str(video["id"]))],
-            args=[str(video.get("status") or ""), _expiry_arg(video), body, _ttl(video)],
-        )
+        key = _video_key(str(video["id"]))
+        args = [str(video.get("status") or ""), _expiry_arg(video), body, _ttl(video)]
+        try:
+            updated = await self._batched.execute("EVALSHA", self._update.sha, 1, key, *args)
+        except NoScriptError:  # the store restarted or was flushed: load it again
+            updated = await self._update(keys=[key], args=args)
         return bool(updated)
 
     async def get(self, video_id: str) -> VideoRecord | None:
-        values = await self._reads.execute("HMGET", _video_key(video_id), *_RECORD_FIELDS)
+        values = await self._batched.execute("HMGET", _video_key(video_id), *_RECORD_FIELDS)
         team, kind, status, expires_at, body = (_str(v) for v in values)
         if team is None:
             return None

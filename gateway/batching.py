@@ -1,11 +1,14 @@
-"""Reads that many requests make in one pass of the event loop, sent as one pipeline.
+"""Commands that many requests send in one pass of the event loop, sent as one pipeline.
 
 Under load dozens of retrieves want their video's record at the same moment. Sent one
-by one, each costs a pool checkout, a write and a read of its own, and that made the
-Redis client the largest single cost of a retrieve (README, Performance). Here the
-reads asked for during one pass of the loop leave together at the end of it, as one
-pipeline (not a transaction: each is a plain read) on one connection, and each caller
-gets its own reply or its own error. A read asked alone is sent alone.
+by one, each command costs a pool checkout, a write and a read of its own, and that
+made the Redis client the largest single cost of a retrieve (README, Performance).
+Here the commands asked for during one pass of the loop leave together at the end of
+it, as one pipeline on one connection, and each caller gets its own reply or its own
+error. A command asked alone is sent alone.
+
+The pipeline is not a transaction, and two batches may run on two connections in
+either order: only for commands that stand alone (a read, or one atomic script).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 
-class ReadCoalescer:
+class CommandBatcher:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
         self._batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
@@ -25,7 +28,7 @@ class ReadCoalescer:
         self._running: set[asyncio.Task[None]] = set()
 
     async def execute(self, *args: Any) -> Any:
-        """One read command, e.g. `execute("HMGET", key, *fields)`; its parsed reply."""
+        """One command, e.g. `execute("HMGET", key, *fields)`; its parsed reply."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if not self._batch:

@@ -1,4 +1,4 @@
-"""Reads asked for in the same pass of the event loop leave as one pipeline.
+"""Commands asked for in the same pass of the event loop leave as one pipeline.
 
 Against a real server: every caller gets its own reply or its own error, a cancelled
 caller costs the others nothing, and a dead store fails every caller with the store's
@@ -15,7 +15,8 @@ import pytest
 import redis.exceptions
 from redis.asyncio import Redis
 
-from gateway.coalesce import ReadCoalescer
+from gateway.batching import CommandBatcher
+from gateway.registry import VideoRegistry
 from gateway.store import EmbeddedRedis, connect
 
 # A database of its own on the session's server: the session's gateway uses db 0.
@@ -24,7 +25,7 @@ DB = 7
 
 @pytest.fixture
 async def client(store_server: EmbeddedRedis) -> AsyncIterator[Redis]:
-    name = f"coalesce-{uuid.uuid4().hex[:8]}"
+    name = f"batching-{uuid.uuid4().hex[:8]}"
     client = Redis.from_url(f"{store_server.url}/{DB}", client_name=name)
     await client.flushdb()
     yield client
@@ -41,7 +42,7 @@ async def test_concurrent_reads_each_get_their_own_reply_over_one_connection(cli
     for n in range(50):
         await client.hset(f"video:{n}", mapping={"team": f"team-{n}", "body": f"{{{n}}}"})
     await client.connection_pool.disconnect()
-    reads = ReadCoalescer(client)
+    reads = CommandBatcher(client)
 
     replies = await asyncio.gather(
         *(reads.execute("HMGET", f"video:{n}", "team", "body") for n in range(50))
@@ -55,7 +56,7 @@ async def test_concurrent_reads_each_get_their_own_reply_over_one_connection(cli
 async def test_a_failing_read_fails_only_its_own_caller(client):
     await client.set("plain-string", "x")
     await client.hset("video:1", "team", "alpha")
-    reads = ReadCoalescer(client)
+    reads = CommandBatcher(client)
 
     good, bad, missing = await asyncio.gather(
         reads.execute("HMGET", "video:1", "team"),
@@ -72,13 +73,13 @@ async def test_a_failing_read_fails_only_its_own_caller(client):
 
 async def test_a_lone_read_is_answered(client):
     await client.hset("video:lone", "team", "beta")
-    assert await ReadCoalescer(client).execute("HMGET", "video:lone", "team") == [b"beta"]
+    assert await CommandBatcher(client).execute("HMGET", "video:lone", "team") == [b"beta"]
 
 
 async def test_a_cancelled_caller_leaves_the_others_their_replies(client):
     for n in range(5):
         await client.hset(f"video:{n}", "team", str(n))
-    reads = ReadCoalescer(client)
+    reads = CommandBatcher(client)
     calls = [asyncio.ensure_future(reads.execute("HMGET", f"video:{n}", "team")) for n in range(5)]
     await asyncio.sleep(0)  # all five have joined the batch
     calls[2].cancel()
@@ -92,7 +93,7 @@ async def test_a_cancelled_caller_leaves_the_others_their_replies(client):
 async def test_a_dead_store_fails_every_caller_with_its_own_store_error(tmp_path):
     server = EmbeddedRedis(tmp_path / "store", persistent=False).start()
     client = connect(server.url)
-    reads = ReadCoalescer(client)
+    reads = CommandBatcher(client)
     await reads.execute("HMGET", "warm", "x")  # a pooled connection, then the store dies
     server.stop()
     try:
@@ -105,3 +106,20 @@ async def test_a_dead_store_fails_every_caller_with_its_own_store_error(tmp_path
 
     assert all(isinstance(e, redis.exceptions.ConnectionError) for e in errors), errors
     assert len({id(e) for e in errors}) == 3  # one exception object per caller
+
+
+async def test_a_registry_update_survives_a_store_that_forgot_its_scripts(client):
+    """Updates go out as EVALSHA in a batch; a store that restarted or flushed its
+    scripts answers NOSCRIPT, and the update is sent again with the script."""
+    registry = VideoRegistry(client)
+    video = {"id": "video_batch1", "status": "queued", "created_at": 1}
+    await registry.record("alpha", "create", video, b'{"status":"queued"}')
+    await client.script_flush()
+
+    running = {**video, "status": "in_progress"}
+    assert await registry.update(running, b'{"status":"in_progress"}') is True
+
+    record = await registry.get("video_batch1")
+    assert record is not None
+    assert (record.status, record.body) == ("in_progress", '{"status":"in_progress"}')
+    assert await registry.update({"id": "video_unknown"}, b"{}") is False
