@@ -27,6 +27,8 @@ from .metrics import GatewayMetrics
 
 # Request headers a client may pass to upstream; everything else is dropped.
 FORWARDED_REQUEST_HEADERS = ("accept", "range", "user-agent", "openai-beta", "if-range")
+_FORWARDED = frozenset(name.encode() for name in FORWARDED_REQUEST_HEADERS)
+_FORWARDED_WITH_ENCODING = _FORWARDED | {b"accept-encoding"}
 # Response headers upstream may pass to the client; set-cookie and hop-by-hop never do.
 FORWARDED_RESPONSE_HEADERS = (
     "content-type",
@@ -139,12 +141,13 @@ class Upstream:
         content_length: int | None,
         pass_encoding: bool,
     ) -> dict[str, str]:
-        headers = {name: inbound[name] for name in FORWARDED_REQUEST_HEADERS if name in inbound}
-        if pass_encoding and "accept-encoding" in inbound:
-            headers["accept-encoding"] = inbound["accept-encoding"]
-        else:
-            # Bodies the gateway reads must arrive as plain bytes it can parse.
-            headers["accept-encoding"] = "identity"
+        wanted = _FORWARDED_WITH_ENCODING if pass_encoding else _FORWARDED
+        headers: dict[str, str] = {}
+        for raw_name, raw_value in inbound.raw:  # one pass; the first value of each wins
+            if raw_name in wanted:
+                headers.setdefault(raw_name.decode("latin-1"), raw_value.decode("latin-1"))
+        # Bodies the gateway reads must arrive as plain bytes it can parse.
+        headers.setdefault("accept-encoding", "identity")
         if content_type is not None:
             headers["content-type"] = content_type
         if content_length is not None:
