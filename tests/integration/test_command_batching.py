@@ -123,3 +123,35 @@ async def test_a_registry_update_survives_a_store_that_forgot_its_scripts(client
     assert record is not None
     assert (record.status, record.body) == ("in_progress", '{"status":"in_progress"}')
     assert await registry.update({"id": "video_unknown"}, b"{}") is False
+
+
+async def test_concurrent_updates_after_the_scripts_were_flushed_all_land(client):
+    """NOSCRIPT inside a pipeline comes back as each update's own reply; each is resent."""
+    registry = VideoRegistry(client)
+    ids = [f"video_flush{n}" for n in range(3)]
+    for video_id in ids:
+        await registry.record("alpha", "create", {"id": video_id, "created_at": 1}, b"{}")
+    await client.script_flush()
+
+    done = await asyncio.gather(
+        *(registry.update({"id": v, "status": "completed"}, b'{"done":1}') for v in ids),
+        registry.get(ids[0]),
+    )
+
+    assert done[:3] == [True, True, True]
+    for video_id in ids:
+        record = await registry.get(video_id)
+        assert record is not None and record.status == "completed"
+
+
+async def test_the_registry_reads_through_the_batcher(client):
+    """Many retrieves' ownership reads at once share one connection."""
+    registry = VideoRegistry(client)
+    for n in range(40):
+        await registry.record("alpha", "create", {"id": f"video_own{n}", "created_at": 1}, b"{}")
+    await client.connection_pool.disconnect()
+
+    records = await asyncio.gather(*(registry.owned("alpha", f"video_own{n}") for n in range(40)))
+
+    assert [r.id for r in records if r is not None] == [f"video_own{n}" for n in range(40)]
+    assert await connections_named(client) == 1
