@@ -7,7 +7,8 @@ Nothing that could hold a credential is ever a field: headers are not logged at 
 
 A line per request is the busiest thing the gateway writes, so writing is cheap: a
 record carries no caller, thread or process lookups nobody prints, the timestamp's
-text is made once a second, and the lines of one event-loop pass leave in one write.
+text is made once a second, and the access lines of one event-loop pass leave in one
+write.
 """
 
 from __future__ import annotations
@@ -83,17 +84,19 @@ class JsonFormatter(logging.Formatter):
 
 
 class LoopBatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """A stream handler that writes the lines of one event-loop pass together.
+    """A stream handler that writes the access lines of one event-loop pass together.
 
     Under load many requests end in the same pass of the loop; one write for all their
-    lines instead of one each saves a system call per request. The lines leave at the
-    end of the pass, so nothing waits on a timer, and `flush` (called by logging at
-    exit) writes whatever is pending. Outside a running loop a line is written at once.
+    lines instead of one each saves a system call per request. They leave at the end
+    of the pass, so nothing waits on a timer. Every other line (startup, shutdown,
+    warnings, job events) is written at once, after the access lines before it: a
+    process that dies right after logging one (a worker's SIGTERM) loses none of those.
     """
 
     def __init__(self, stream: TextIO | None = None) -> None:
         super().__init__(stream or sys.stderr)
         self._pending: list[str] = []
+        self._flush_loop: asyncio.AbstractEventLoop | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -101,19 +104,18 @@ class LoopBatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
         except Exception:
             self.handleError(record)
             return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._pending.append(line)
-            self.flush()
-            return
-        if not self._pending:
-            loop.call_soon(self.flush)
         self._pending.append(line)
+        loop = _running_loop() if record.name == access_log.name else None
+        if loop is None:
+            self.flush()
+        elif self._flush_loop is not loop:  # none scheduled, or on a loop that stopped
+            self._flush_loop = loop
+            loop.call_soon(self.flush)
 
     def flush(self) -> None:
         self.acquire()
         try:
+            self._flush_loop = None
             if self._pending:
                 text = "".join(self._pending)
                 self._pending.clear()
@@ -123,6 +125,13 @@ class LoopBatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.handleError(logging.makeLogRecord({"msg": "log write failed"}))
         finally:
             self.release()
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def configure(level: str = "info", fmt: str = "json") -> None:

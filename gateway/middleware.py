@@ -78,8 +78,10 @@ class GatewayMiddleware:
             else:
                 await self.app(scope, receive, send_with_id)
         finally:
-            self.recorder.record(scope, state, status, time.perf_counter() - started, fields)
-            close_fields(token)
+            try:
+                self.recorder.record(scope, state, status, time.perf_counter() - started, fields)
+            finally:
+                close_fields(token)
 
     def _refusal(
         self, scope: Scope, headers: Headers, state: dict, oversized: bool
