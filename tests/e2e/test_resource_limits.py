@@ -430,7 +430,7 @@ def test_a_slow_reader_is_served_to_the_end_past_the_upstream_timeout(
     gateway stops reading upstream meanwhile, and the timeout does not count that wait."""
     rig = fresh
     # Past each pause more must be left than the gateway's socket and read buffers
-    # (up to 2 MiB of 1 MiB chunks) can absorb, or upstream is never held back.
+    # (up to two 512 KiB read chunks) can absorb, or upstream is never held back.
     wanted = 32 * 1024 * 1024
     sock, length, got = download_socket(rig, completed, range=f"bytes=0-{wanted - 1}")
     with sock:
