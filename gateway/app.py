@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 
 import redis.exceptions
 from prometheus_client import CONTENT_TYPE_LATEST
+from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -54,15 +55,22 @@ def create_app(
     the teams are reloaded when that file changes or the process gets SIGHUP.
     """
     url = redis_url or settings.store.redis_url
-    if url is not None:
-        store = connect(url)
-    elif settings.store.sentinel is not None:
-        store = connect_sentinel(settings.store.sentinel)
-    else:
+    sentinel = settings.store.sentinel
+    if url is None and sentinel is None:
         raise ValueError("no store: set store.redis_url or store.sentinel, or start one")
+
+    def store_client(*, retry_once: bool = False) -> Redis:
+        if url is not None:
+            return connect(url, retry_once=retry_once)
+        assert sentinel is not None
+        return connect_sentinel(sentinel, retry_once=retry_once)
+
+    store = store_client()
+    # Every registry command is a read or an idempotent write: it may be sent twice.
+    registry_store = store_client(retry_once=True)
     metrics = GatewayMetrics(team.name for team in settings.teams)
     upstream = Upstream(settings.upstream, metrics)
-    registry = VideoRegistry(store)
+    registry = VideoRegistry(registry_store)
     ledger = SlotLedger(
         store,
         limit=settings.quota.max_in_flight,
@@ -154,6 +162,7 @@ def create_app(
             await asyncio.gather(*background, return_exceptions=True)
             await upstream.aclose()
             await store.aclose()
+            await registry_store.aclose()
 
     routes = [
         Route("/healthz", healthz, methods=["GET"]),

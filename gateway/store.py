@@ -20,7 +20,9 @@ from typing import Any
 
 import redis
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
 
 from .config import SentinelSettings
 
@@ -40,12 +42,27 @@ _CLIENT_OPTIONS: dict[str, Any] = {
 }
 
 
-def connect(url: str) -> Redis:
+def _options(retry_once: bool) -> dict[str, Any]:
+    """With `retry_once`, a command that fails on a broken connection is sent once more
+    on a fresh one: after a store restart, the first command on a pooled connection the
+    restart killed fails. Only for a client whose every command is safe to repeat
+    (reads, idempotent writes): a repeated slot acquire could take two slots. A timeout
+    is never retried, so a hung store is not waited on twice."""
+    if not retry_once:
+        return _CLIENT_OPTIONS
+    return {
+        **_CLIENT_OPTIONS,
+        "retry": Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
+        "retry_on_error": [redis.exceptions.ConnectionError],
+    }
+
+
+def connect(url: str, *, retry_once: bool = False) -> Redis:
     """An asyncio client for one Redis at `url`."""
-    return Redis.from_url(url, **_CLIENT_OPTIONS)
+    return Redis.from_url(url, **_options(retry_once))
 
 
-def connect_sentinel(settings: SentinelSettings) -> Redis:
+def connect_sentinel(settings: SentinelSettings, *, retry_once: bool = False) -> Redis:
     """A client for the current primary; after a failover it finds the new one itself."""
     sentinel = Sentinel(
         list(settings.hosts),
@@ -55,7 +72,9 @@ def connect_sentinel(settings: SentinelSettings) -> Redis:
             "socket_connect_timeout": 1.0,
         },
     )
-    return sentinel.master_for(settings.master_name, password=settings.password, **_CLIENT_OPTIONS)
+    return sentinel.master_for(
+        settings.master_name, password=settings.password, **_options(retry_once)
+    )
 
 
 async def warn_if_volatile(store: Redis) -> None:

@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 
 from gateway.batching import CommandBatcher
 from gateway.registry import VideoRegistry
-from gateway.store import EmbeddedRedis, connect
+from gateway.store import EmbeddedRedis, connect, free_port
 
 # A database of its own on the session's server: the session's gateway uses db 0.
 DB = 7
@@ -155,3 +155,25 @@ async def test_the_registry_reads_through_the_batcher(client):
 
     assert [r.id for r in records if r is not None] == [f"video_own{n}" for n in range(40)]
     assert await connections_named(client) == 1
+
+
+@pytest.mark.parametrize("retry_once", [True, False])
+async def test_after_a_store_restart_only_the_registry_client_reads_at_once(tmp_path, retry_once):
+    """The first command on a pooled connection a restart killed fails. The registry's
+    client (every command safe to repeat) sends it again; the ledger's does not, since
+    a slot acquire sent twice could take two slots."""
+    server = EmbeddedRedis(tmp_path / "store", port=free_port(), persistent=False).start()
+    client = connect(server.url, retry_once=retry_once)
+    registry = VideoRegistry(client)
+    try:
+        await asyncio.gather(*(client.ping() for _ in range(3)))  # pooled connections
+        server.stop()
+        server.start()
+        if retry_once:
+            assert await registry.get("video_after_restart") is None
+        else:
+            with pytest.raises(redis.exceptions.ConnectionError):
+                await registry.get("video_after_restart")
+    finally:
+        await client.aclose()
+        server.stop()
