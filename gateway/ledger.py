@@ -25,6 +25,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import redis.exceptions
 from redis.asyncio import Redis
 
 from .registry import PREFIX
@@ -358,7 +359,18 @@ class SlotLedger:
         return Release(team, kind, video, (int(now) - int(float(started))) / 1000)
 
     async def usage(self) -> Usage:
-        """Slots held and requests waiting, in one round trip."""
+        """Slots held and requests waiting, in one round trip.
+
+        A pure read, so a connection error is retried once: after a store restart the
+        first command on a pooled connection the restart killed fails, and a scrape
+        should not lose its quota gauges to that.
+        """
+        try:
+            return await self._read_usage()
+        except redis.exceptions.ConnectionError:
+            return await self._read_usage()
+
+    async def _read_usage(self) -> Usage:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zcard(KEYS[0])
             pipe.zcard(KEYS[3])
