@@ -155,8 +155,11 @@ def durable_node(outage_dir, simulator, keys, token) -> Iterator[Node]:
 
 
 def _fresh(node: Node) -> Node:
-    """The store up and the simulator back to its start (no jobs, no faults, no log)."""
+    """The store up, the gateway ready again, and the simulator back to its start (no
+    jobs, no faults, no log). Readiness first: after a store restart, the first command
+    on a connection the restart killed fails once, and that must not be a test's create."""
     node.store_up()
+    wait_until(lambda: _ready(node), RECOVERY_S, "/readyz 200 before the test")
     with node.sim() as sim:
         sim.post("/_sim/reset").raise_for_status()
     return node
