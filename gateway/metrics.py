@@ -104,33 +104,27 @@ class GatewayMetrics:
         )
 
         # Labelled children by label values: `labels()` costs more than the increment, and
-        # these two are touched on every request (the label sets are bounded).
-        self._request_children: dict[tuple[str, str, int, str], tuple[Any, Any]] = {}
-        self._upstream_children: dict[tuple[str, int], Any] = {}
+        # these are touched on every request (the label sets are bounded).
+        self._children: dict[tuple[Any, ...], Any] = {}
         self.set_teams(team_names)
+
+    def _child(self, metric: Any, *values: str) -> Any:
+        key = (metric, *values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     def request_done(
         self, route: str, method: str, status: int, team: str | None, elapsed: float
     ) -> None:
         """Count an answered request and observe its duration."""
-        key = (route, method, status, self.team(team))
-        children = self._request_children.get(key)
-        if children is None:
-            children = (
-                self.requests.labels(route, method, str(status), key[3]),
-                self.request_duration.labels(route, method),
-            )
-            self._request_children[key] = children
-        children[0].inc()
-        children[1].observe(elapsed)
+        self._child(self.requests, route, method, str(status), self.team(team)).inc()
+        self._child(self.request_duration, route, method).observe(elapsed)
 
     def upstream_answered(self, route: str, status: int, elapsed: float) -> None:
         """Observe how long upstream took to answer a request's headers."""
-        child = self._upstream_children.get((route, status))
-        if child is None:
-            child = self.upstream_duration.labels(route, str(status))
-            self._upstream_children[(route, status)] = child
-        child.observe(elapsed)
+        self._child(self.upstream_duration, route, str(status)).observe(elapsed)
 
     def set_teams(self, team_names: Iterable[str]) -> None:
         """The teams label values may take; their series exist from the start at zero,
