@@ -247,6 +247,7 @@ def test_workload_keeps_every_secret_in_its_place(stack):
             assert secret.encode() not in head, where
             assert secret.encode() not in response.content, where
         assert "set-cookie" not in response.headers, where
+        assert "server" not in response.headers, where  # no server software advertised
     for name, reply in errors.items():
         for secret in stack.secrets():
             assert secret not in reply.text, name
