@@ -117,11 +117,6 @@ class Upstream:
                 auto_decompress=False,  # content passes through as upstream encoded it
                 skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
                 raise_for_status=False,
-                # A download moves in chunks of up to this size: 512 KiB instead of the
-                # default 64 KiB took 1 GiB from ~1,150 to ~1,260 MB/s here (1 MiB gave
-                # ~1,330; README, Performance). A reader slower than upstream holds at
-                # most two such chunks in the gateway before upstream is paused.
-                read_bufsize=1 << 19,
                 # Upstream's cookies are nobody's: a shared jar would replay one
                 # team's cookies on another team's requests.
                 cookie_jar=aiohttp.DummyCookieJar(),
