@@ -176,16 +176,23 @@ class Upstream:
             pass_encoding=pass_encoding,
         )
         route = route_template(path)
+        url = f"{self.settings.base_url}/{path}"
         started = time.perf_counter()
         try:
-            response = await self._client().request(
-                method,
-                f"{self.settings.base_url}/{path}",
-                params=params,
-                data=content,
-                headers=headers,
-                allow_redirects=False,
-            )
+            try:
+                response = await self._client().request(
+                    method, url, params=params, data=content, headers=headers,
+                    allow_redirects=False,
+                )  # fmt: skip
+            except aiohttp.ServerTimeoutError:
+                # A pooled connection can hold a read timeout left from its previous
+                # answer and fail the next request at once. A GET that failed that
+                # fast never waited on upstream: send it once more on another connection.
+                if method != "GET" or time.perf_counter() - started > 0.1 * self.settings.timeout_s:
+                    raise
+                response = await self._client().request(
+                    method, url, params=params, headers=headers, allow_redirects=False
+                )
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise self.failed(exc) from None
         status = response.status
