@@ -1,31 +1,40 @@
 # The two commands: `make demo` and `make test`. Both make ./.venv on first use.
+# Each target installs only what it needs: the demo the runtime, the rest `.[dev]` too.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-stamp
+RUNTIME := $(VENV)/.runtime-stamp
+DEV := $(VENV)/.dev-stamp
 
 .PHONY: demo test lint format bench clean
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
 
-demo: $(STAMP)
+$(RUNTIME): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $(RUNTIME)
+
+# `.[dev]` includes the runtime, so it satisfies the demo's stamp too.
+$(DEV): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(DEV) $(RUNTIME)
+
+demo: $(RUNTIME)
 	$(BIN)/sora-gateway demo
 
-test: $(STAMP) lint
+test: $(DEV) lint
 	$(BIN)/python -m pytest
 
-bench: $(STAMP)
+bench: $(DEV)
 	$(BIN)/python tests/bench/run_all.py
 
-lint: $(STAMP)
+lint: $(DEV)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-format: $(STAMP)
+format: $(DEV)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 

@@ -44,8 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     demo = commands.add_parser("demo", help="simulator + gateway + embedded store, ready to use")
-    demo.add_argument("--config", default="config/demo.yaml")
-    demo.add_argument("--port", type=int, help="gateway port (default: from the config)")
+    demo.add_argument(
+        "--config", help="path of the YAML config (default: the demo config in the package)"
+    )
+    demo.add_argument("--port", type=int, default=8080, help="gateway port (default: 8080)")
+    demo.add_argument(
+        "--sim-port",
+        type=int,
+        default=8081,
+        help="simulator port (default: 8081), the ${SORA_DEMO_SIM_PORT} of the config",
+    )
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -62,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         return _simulate(args)
     from .demo import run_demo
 
-    return run_demo(args.config, args.port)
+    return run_demo(args.config, args.port, args.sim_port)
 
 
 def _check_config(path: str) -> int:

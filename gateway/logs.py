@@ -1,4 +1,4 @@
-"""Structured logs: one JSON line per request and per job state change.
+"""Structured logs: one line per request and per job state change, JSON or text.
 
 A request's line is assembled while it is handled: the edge middleware opens its
 fields in a context variable, and the pieces that learn something (the upstream
@@ -51,6 +51,14 @@ def close_fields(token: contextvars.Token[Any]) -> None:
     _current.reset(token)
 
 
+def _line_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """A record's own fields: handed over as one `FIELDS` dict, or as `extra=` keys."""
+    fields = record.__dict__.get(FIELDS)
+    if isinstance(fields, dict):
+        return fields
+    return {k: v for k, v in record.__dict__.items() if k not in _STANDARD and k[0] != "_"}
+
+
 class JsonFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__()
@@ -71,16 +79,44 @@ class JsonFormatter(logging.Formatter):
         request = _current.get()
         if request is not None and "request_id" in request:
             line["request_id"] = request["request_id"]
-        fields = record.__dict__.get(FIELDS)
-        if isinstance(fields, dict):
-            line.update(fields)
-        else:
-            for key, value in record.__dict__.items():
-                if key not in _STANDARD and key[0] != "_":
-                    line[key] = value
+        line.update(_line_fields(record))
         if record.exc_info:
             line["error"] = self.formatException(record.exc_info)
         return _ENCODER.encode(line)
+
+
+# An access line's main facts come first, where a reader's eye starts.
+_LEADING = ("method", "route", "status", "team", "duration_ms")
+
+
+class TextFormatter(logging.Formatter):
+    """For a terminal: `time LEVEL logger: message key=value ...`, the JSON line's facts.
+
+    Without its fields an access line would say only "request"; with them it says the
+    method, route, status, team and duration. A value with spaces or quotes is quoted.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        own = _line_fields(record)
+        fields = {key: own[key] for key in _LEADING if key in own} | own
+        request = _current.get()
+        if request is not None and "request_id" in request:
+            fields.setdefault("request_id", request["request_id"])
+        pairs = " ".join(f"{key}={_text_value(value)}" for key, value in fields.items())
+        if not pairs:
+            return text
+        head, newline, rest = text.partition("\n")  # a traceback stays below the line
+        return f"{head} {pairs}{newline}{rest}"
+
+
+def _text_value(value: Any) -> str:
+    if not isinstance(value, str) or value == "" or any(c in value for c in ' "=\n'):
+        return _ENCODER.encode(value)
+    return value
 
 
 class LoopBatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -143,10 +179,7 @@ def configure(level: str = "info", fmt: str = "json") -> None:
     logging.logProcesses = False
     logging.logMultiprocessing = False
     handler = LoopBatchingHandler()
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

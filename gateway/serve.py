@@ -58,7 +58,7 @@ def _run(settings: Settings, config_path: str, host: str, port: int, workers: in
         url = settings.store.redis_url
         if settings.store.embedded:
             url = stack.enter_context(EmbeddedRedis(settings.store.data_dir)).url
-        listener = stack.enter_context(_listen(host, port, settings.limits.client_idle_timeout_s))
+        listener = stack.enter_context(listen(host, port, settings.limits.client_idle_timeout_s))
         options = {
             "log_config": None,
             "access_log": False,
@@ -89,7 +89,7 @@ def _run(settings: Settings, config_path: str, host: str, port: int, workers: in
     return 0
 
 
-def _listen(host: str, port: int, idle_s: float) -> socket.socket:
+def listen(host: str, port: int, idle_s: float) -> socket.socket:
     """The listening socket, made here so its connections carry TCP_USER_TIMEOUT.
 
     A client that stops reading a download keeps its socket's window shut; when the
@@ -104,7 +104,11 @@ def _listen(host: str, port: int, idle_s: float) -> socket.socket:
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux
         listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(idle_s * 1000))
-    listener.bind(address)
+    try:
+        listener.bind(address)
+    except OSError:
+        listener.close()
+        raise
     listener.listen(2048)
     listener.set_inheritable(True)  # the worker processes serve it too
     return listener

@@ -8,13 +8,17 @@ the test suite, so tests run the ledger's Lua against a real server, never a fak
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +122,34 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A preexec function making the child get SIGTERM when its parent dies (Linux).
+
+    A gateway or demo killed outright (SIGKILL, OOM) cannot stop its store itself; this
+    way the kernel does, and the store is never left orphaned. libc is loaded here, in
+    the parent, so the child only makes one system call between fork and exec. Linux
+    sends the signal when the forking *thread* ends: start the store from a thread that
+    lives as long as the process (the main thread, as every caller here does).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the call: no signal will come
+            os._exit(1)
+
+    return preexec
+
+
 class EmbeddedRedis:
     """A private Redis-compatible server process.
 
@@ -156,7 +188,14 @@ class EmbeddedRedis:
             "--logfile", "redis.log",
         ]  # fmt: skip
         self.process = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            # Its own session: a terminal's Ctrl+C goes to the gateway, which stops the
+            # store after it has drained, not to the store at the same time.
+            start_new_session=True,
+            preexec_fn=_die_with_parent(),
         )
         self._wait_ready()
         return self

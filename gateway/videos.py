@@ -2,9 +2,10 @@
 
 Every slot-taking route follows the contract's order: the team is known (middleware),
 then the body and ids are checked, then a remix/edit/extension source is checked
-against the registry, then `_start_job` waits for a shared slot, and only then is
-anything sent upstream. Whatever shows a job's end (a retrieve, a delete, upstream
-forgetting it) frees its slot at once, without waiting for the tracker.
+against the registry, then `_start_job` checks the job's size and seconds, waits for a
+shared slot, and only then sends anything upstream. Whatever shows a job's end (a
+retrieve, a delete, upstream forgetting it) frees its slot at once, without waiting
+for the tracker.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .body import RequestBody, read_body
 from .errors import GatewayError, invalid_request, video_not_found
 from .logs import note
 from .openapi import FILE, VIDEO_ID, obj, operation, text
+from .params import check_job_params
 from .quota import JobSlots
 from .registry import TERMINAL_STATUSES, VideoRecord, VideoRegistry
 from .store import STORE_ERRORS
@@ -199,6 +201,8 @@ class VideoRoutes:
         slot for the tracker to settle, and is marked `x-should-retry: false`: the SDKs
         would otherwise retry the create blindly and pay for a duplicate job.
         """
+        # The last check before the wait: every slot-taking route passes here.
+        check_job_params(body.fields)
         team = _team(request)
         outgoing = body if rewritten is None else rewritten
         if isinstance(outgoing, bytes):
