@@ -27,6 +27,7 @@ from .body import RequestBody, read_body
 from .errors import GatewayError, invalid_request, video_not_found
 from .logs import note
 from .openapi import FILE, VIDEO_ID, obj, operation, text
+from .parse import whole_number
 from .quota import JobSlots
 from .registry import TERMINAL_STATUSES, VideoRecord, VideoRegistry
 from .store import STORE_ERRORS
@@ -54,7 +55,8 @@ DERIVED_FORM = obj(["prompt"], prompt=PROMPT, seconds=text(), video=FILE, **{"vi
 CHARACTER_FORM = obj(["name", "video"], name=text(), video=FILE)
 LIST_QUERY = {
     "after": VIDEO_ID,
-    "limit": {"type": "integer", "minimum": 1, "maximum": 100},
+    # OpenAI's own schema allows 0: an empty page that still says whether videos exist.
+    "limit": {"type": "integer", "minimum": 0, "maximum": 100},
     "order": {"enum": ["asc", "desc"]},
 }
 
@@ -321,9 +323,9 @@ class VideoRoutes:
     @operation("Your team's videos, newest first", query=LIST_QUERY)
     async def list(self, request: Request) -> Response:
         query = request.query_params
-        limit_text = query.get("limit", "20")
-        if not limit_text.isdigit() or not 1 <= int(limit_text) <= 100:
-            raise invalid_request("limit must be a whole number from 1 to 100.", "limit")
+        limit = whole_number(query.get("limit", "20"))
+        if limit is None or not 0 <= limit <= 100:
+            raise invalid_request("limit must be a whole number from 0 to 100.", "limit")
         order = query.get("order", "desc")
         if order not in ("asc", "desc"):
             raise invalid_request("order must be 'asc' or 'desc'.", "order")
@@ -331,7 +333,7 @@ class VideoRoutes:
         if after is not None and not ID_SYNTAX.fullmatch(after):
             raise invalid_request("'after' is not a valid video id.", "after")
         page = await self.registry.page(
-            _team(request).name, after=after, limit=int(limit_text), descending=order == "desc"
+            _team(request).name, after=after, limit=limit, descending=order == "desc"
         )
         return Response(page.render(), media_type="application/json")
 
