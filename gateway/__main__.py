@@ -8,6 +8,7 @@ import sys
 
 from .auth import key_digest, new_key
 from .config import ConfigError, load_settings
+from .scrub import redact_url
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +80,8 @@ def _check_config(path: str) -> int:
     except ConfigError as exc:
         print(exc.report(), file=sys.stderr)
         return 1
-    print(f"{path}: OK ({len(settings.teams)} teams, upstream {settings.upstream.base_url})")
+    upstream = redact_url(settings.upstream.base_url)
+    print(f"{path}: OK ({len(settings.teams)} teams, upstream {upstream})")
     return 0
 
 

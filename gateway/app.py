@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import os
 import socket
@@ -27,7 +26,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from . import __version__
-from .auth import TeamDirectory
+from .auth import TeamDirectory, bearer_matches
 from .config import Settings, TeamSettings
 from .errors import GatewayError, store_unavailable
 from .ledger import SlotLedger
@@ -108,9 +107,7 @@ def create_app(
     @operation("Prometheus metrics", answer="text/plain")
     async def metrics_page(request: Request) -> Response:
         expected = settings.metrics.bearer_token
-        if expected is not None and not hmac.compare_digest(
-            request.headers.get("authorization", ""), f"Bearer {expected}"
-        ):
+        if expected is not None and not bearer_matches(request.headers, expected):
             return GatewayError(
                 401, "invalid_api_key", "This page needs its bearer token."
             ).response()

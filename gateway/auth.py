@@ -7,6 +7,7 @@ dict access on the digest of the presented key.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -46,6 +47,13 @@ def presented_key(headers: Headers) -> str | None:
     if api_key is not None and api_key.strip():
         return api_key.strip()
     return None
+
+
+def bearer_matches(headers: Headers, expected: str) -> bool:
+    """`Authorization: Bearer <expected>`, compared in constant time, as bytes: the
+    header may hold any byte, and comparing non-ASCII str raises instead of refusing."""
+    presented = headers.get("authorization", "").encode("latin-1")  # as it arrived
+    return hmac.compare_digest(presented, f"Bearer {expected}".encode())
 
 
 class TeamDirectory:

@@ -10,7 +10,6 @@ bytes to upstream. File parts are never held in memory.
 from __future__ import annotations
 
 import asyncio
-import json
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
 from .errors import GatewayError, invalid_request
+from .parse import loads_json, whole_number
 
 SPOOL_IN_MEMORY_BYTES = 1 << 20
 REPLAY_CHUNK_BYTES = 1 << 16
@@ -76,14 +76,14 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float = 60.0) -
     when the body has not fully arrived after `timeout_s`, and with 400 when it is not
     a JSON object or a well-formed multipart form.
     """
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+    declared = whole_number(request.headers.get("content-length", ""))
+    if declared is not None and declared > max_bytes:
         raise body_too_large(max_bytes)
     content_type = request.headers.get("content-type", "")
     mime = content_type.split(";", 1)[0].strip().lower()
+    form = _FormFields(content_type) if mime == "multipart/form-data" else None
     # Closed by RequestBody.close() once the body has been replayed, or below on failure.
     spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY_BYTES)  # noqa: SIM115
-    form = _FormFields(content_type) if mime == "multipart/form-data" else None
     size = 0
     try:
         try:
@@ -122,7 +122,7 @@ def _json_object(spool: Any, mime: str) -> dict[str, Any]:
         )
     spool.seek(0)
     try:
-        value = json.loads(spool.read(), object_pairs_hook=_unique_keys)
+        value = loads_json(spool.read(), object_pairs_hook=_unique_keys)
     except (ValueError, UnicodeDecodeError) as exc:
         raise invalid_request(f"The body is not valid JSON: {exc}") from exc
     if not isinstance(value, dict):
@@ -159,19 +159,22 @@ class _FormFields:
         self._name: str | None = None
         self._is_file = False
         self._data = bytearray()
-        self._parser = MultipartParser(
-            boundary,
-            {
-                "on_part_begin": self._part_begin,
-                "on_header_field": self._header_field,
-                "on_header_value": self._header_value_data,
-                "on_header_end": self._header_end,
-                "on_headers_finished": self._headers_finished,
-                "on_part_data": self._part_data,
-                "on_part_end": self._part_end,
-                "on_end": self._end,
-            },
-        )
+        callbacks = {
+            "on_part_begin": self._part_begin,
+            "on_header_field": self._header_field,
+            "on_header_value": self._header_value_data,
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+            "on_end": self._end,
+        }
+        try:
+            self._parser = MultipartParser(boundary, callbacks)
+        except FormParserError as exc:
+            # A boundary the parser cannot use (longer than its 256 bytes; RFC 2046
+            # allows 70) is the client's mistake, like any other malformed body.
+            raise invalid_request("The multipart boundary in the Content-Type is invalid.") from exc
 
     def feed(self, chunk: bytes) -> None:
         try:

@@ -8,14 +8,21 @@ because an operator fixing a config at 3 a.m. should not have to guess.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .parse import whole_number
+from .scrub import redact_url, url_secret
+
+log = logging.getLogger("gateway.config")
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -135,11 +142,9 @@ def parse_settings(
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        # Only the position: the offending line itself may hold a literal secret.
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "syntax error"
-        raise ConfigError(source, [f"not valid YAML{where}: {problem}"]) from exc
+        raise ConfigError(source, [yaml_problem(exc, text)]) from None
+    except RecursionError:
+        raise ConfigError(source, ["not valid YAML: nested too deeply"]) from None
     if not isinstance(raw, dict):
         raise ConfigError(source, ["the file must be a YAML mapping"])
     checker = _Checker(os.environ if environ is None else environ)
@@ -149,6 +154,40 @@ def parse_settings(
         raise ConfigError(source, checker.problems)
     assert settings is not None
     return settings
+
+
+# What each PyYAML error means, in words that hold no document text: PyYAML's own
+# messages quote what they found ("found undefined alias 'sk-...'"), and a value that
+# starts with *, & or ! (YAML's alias, anchor and tag marks) may well be the token.
+_YAML_PROBLEMS = (
+    (yaml.reader.ReaderError, "a character YAML does not allow"),
+    (yaml.scanner.ScannerError, "a character or escape YAML cannot read here"),
+    (yaml.parser.ParserError, "the structure is broken (check the indentation)"),
+    (
+        yaml.composer.ComposerError,
+        "an alias or anchor (a value starting with * or &; quote such a value)",
+    ),
+    (
+        yaml.constructor.ConstructorError,
+        "a tag this loader does not accept (a value starting with !; quote such a value)",
+    ),
+)
+
+
+def yaml_problem(exc: yaml.YAMLError, text: str) -> str:
+    """Where the YAML is broken and what kind of break it is; never what it found."""
+    description = next(
+        (words for kind, words in _YAML_PROBLEMS if isinstance(exc, kind)), "a syntax error"
+    )
+    mark = getattr(exc, "problem_mark", None)
+    if mark is not None:
+        line, column = mark.line + 1, mark.column + 1
+    elif isinstance(exc, yaml.reader.ReaderError):
+        before = text[: exc.position]
+        line, column = before.count("\n") + 1, len(before) - (before.rfind("\n") + 1) + 1
+    else:
+        return f"not valid YAML: {description}"
+    return f"not valid YAML at line {line}, column {column}: {description}"
 
 
 class _Checker:
@@ -271,6 +310,9 @@ class _Checker:
         if bearer is not None and (not isinstance(bearer, str) or not bearer.strip()):
             self.fail("metrics.bearer_token", "expected a non-empty string")
             bearer = None
+        elif bearer is not None and not _one_line(bearer.strip()):
+            self.fail("metrics.bearer_token", "must be one line (it holds a line break)")
+            bearer = None
         teams = self.teams(raw.get("teams"))
         if upstream is None:
             return None
@@ -294,12 +336,20 @@ class _Checker:
             "upstream",
             {"base_url", "token", "token_file", "auth_header", "remix_route", "timeout_s"},
         )
+        auth_header = self.choice(sec, "upstream", "auth_header", ("authorization", "api-key"))
         base_url = sec.get("base_url")
         if not isinstance(base_url, str) or not base_url:
             self.fail("upstream.base_url", "required")
             base_url = ""
         elif not re.match(r"^https?://[^/\s]+", base_url):
-            self.fail("upstream.base_url", f"expected an http(s) URL, got {base_url!r}")
+            self.fail("upstream.base_url", f"expected an http(s) URL, got {redact_url(base_url)!r}")
+        elif auth_header == "authorization" and url_secret(base_url):
+            # The HTTP client would send them as Basic auth, in the header the token needs.
+            self.fail(
+                "upstream.base_url",
+                "credentials in the URL cannot be sent with auth_header: authorization; "
+                "remove them (the token is the credential)",
+            )
         token = sec.get("token")
         token_file = sec.get("token_file")
         if token_file is not None:
@@ -310,28 +360,52 @@ class _Checker:
             # Never echo the value: it may be a real credential with a typo.
             self.fail("upstream.token", "required (usually token: ${SORA_UPSTREAM_TOKEN})")
             token = ""
+        elif not _one_line(token.strip()):
+            # Sent as a header value: a line break would end the header, or be refused
+            # on every call. A second line is most likely something else pasted in.
+            self.fail("upstream.token", "must be one line (it holds a line break)")
         return UpstreamSettings(
             base_url=base_url.rstrip("/"),
             token=token.strip(),
-            auth_header=self.choice(sec, "upstream", "auth_header", ("authorization", "api-key")),
+            auth_header=auth_header,
             remix_route=self.choice(sec, "upstream", "remix_route", ("path", "body")),
             timeout_s=self.number(sec, "upstream", "timeout_s", 60.0),
         )
 
     def _read_secret(self, path: Any, where: str) -> str | None:
-        """A secret mounted as a file (Docker and Kubernetes secrets)."""
+        """A secret mounted as a file (Docker and Kubernetes secrets).
+
+        One line: the single line break an editor or `echo` leaves at the end is
+        dropped, any other is refused. A file others may read is accepted (a mounted
+        secret's mode is the orchestrator's) but warned about: world-readable, or
+        group-readable by a group the gateway is not in (Kubernetes' `fsGroup` makes a
+        secret readable through the pod's own group, which is fine).
+        """
         if not isinstance(path, str) or not path:
             self.fail(where, "expected a file path")
             return None
         try:
-            value = Path(path).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            self.fail(where, f"cannot read {path}: {exc.strerror}")
+            with open(path, encoding="utf-8", newline="") as file:
+                info = os.fstat(file.fileno())
+                text = file.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            self.fail(where, f"cannot read {path}: {reason}")
             self._unset.add("upstream.token")
             return None
-        if not value:
+        self._unset.add("upstream.token")  # every problem with the value is reported here
+        if _readable_by_others(info):
+            log.warning(
+                "%s: %s can be read by other users (mode %s); chmod 600 it",
+                where,
+                path,
+                oct(stat.S_IMODE(info.st_mode)),
+            )
+        value = text.removesuffix("\n").removesuffix("\r").strip(" \t")
+        if not value.strip():
             self.fail(where, f"{path} is empty")
-            self._unset.add("upstream.token")
+        elif not _one_line(value):
+            self.fail(where, f"{path} holds more than one line; it must hold only the token")
         return value
 
     def store(self, raw: dict[str, Any]) -> StoreSettings:
@@ -365,11 +439,12 @@ class _Checker:
             self.fail(f"{where}.hosts", "expected a list of host:port")
             raw_hosts = []
         for i, entry in enumerate(raw_hosts):
-            host, _, port = str(entry).rpartition(":")
-            if not host or not port.isdigit():
+            host, _, port_text = str(entry).rpartition(":")
+            port = whole_number(port_text)
+            if not host or port is None:
                 self.fail(f"{where}.hosts[{i}]", f"expected host:port, got {entry!r}")
                 continue
-            hosts.append((host, int(port)))
+            hosts.append((host, port))
         secrets = {}
         for key in ("password", "sentinel_password"):
             value = sec.get(key)
@@ -430,6 +505,18 @@ class _Checker:
                 cap = self.integer(entry, where, "max_in_flight", 1)
             teams.append(TeamSettings(name=name, key_sha256=tuple(clean), max_in_flight=cap))
         return tuple(teams)
+
+
+def _readable_by_others(info: os.stat_result) -> bool:
+    mode = info.st_mode
+    if mode & stat.S_IROTH:
+        return True
+    own_groups = {os.getegid(), *os.getgroups()}
+    return bool(mode & stat.S_IRGRP) and info.st_gid not in own_groups
+
+
+def _one_line(value: str) -> bool:
+    return "\n" not in value and "\r" not in value
 
 
 def _join(prefix: str, key: str) -> str:

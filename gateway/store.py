@@ -176,7 +176,10 @@ class EmbeddedRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> EmbeddedRedis:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # The append-only file holds every prompt and who owns what: the server's files
+        # are for this user only (the directory 0700, each file 0600 by the umask).
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.data_dir.chmod(0o700)
         args = [
             server_binary(),
             "--bind", "127.0.0.1",
@@ -196,6 +199,7 @@ class EmbeddedRedis:
             # store after it has drained, not to the store at the same time.
             start_new_session=True,
             preexec_fn=_die_with_parent(),
+            umask=0o077,
         )
         self._wait_ready()
         return self

@@ -28,6 +28,7 @@ from typing import Any
 from starlette.datastructures import Headers
 
 from .ledger import Slot, SlotLedger, Snapshot
+from .parse import loads_json, whole_number
 from .quota import JobSlots, fingerprint
 from .registry import TERMINAL_STATUSES, VideoRegistry
 from .store import STORE_ERRORS
@@ -183,11 +184,11 @@ class Tracker:
         predicted_s = self._predict_end_s(slot.id, video.get("progress"))
         if predicted_s is not None:
             due_ms = min(due_ms, predicted_s * 1000 + END_MARGIN_MS)
-        after_ms = reply.headers.get("openai-poll-after-ms", "")
-        if after_ms.isdigit():
+        after_ms = whole_number(reply.headers.get("openai-poll-after-ms", ""))
+        if after_ms is not None:
             # Upstream asked not to be polled sooner; honoured up to one interval, since
             # the contract promises a slot free within two intervals of its job's end.
-            due_ms = max(due_ms, min(int(after_ms), interval_ms))
+            due_ms = max(due_ms, min(after_ms, interval_ms))
         self._next_poll_ms[slot.id] = now_ms + int(due_ms)
 
     def _predict_end_s(self, slot_id: str, progress: Any) -> float | None:
@@ -277,7 +278,7 @@ def _match(slot: Slot, candidates: list[dict[str, Any]]) -> dict[str, Any] | Non
 
 def _object(body: bytes) -> dict[str, Any] | None:
     try:
-        value = json.loads(body)
+        value = loads_json(body)
     except ValueError:
         return None
     return value if isinstance(value, dict) else None

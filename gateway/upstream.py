@@ -11,9 +11,8 @@ reached upstream (a create that may exist upstream must not invite a blind retry
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +23,8 @@ from .config import UpstreamSettings
 from .errors import GatewayError
 from .logs import note
 from .metrics import GatewayMetrics
+from .parse import loads_json
+from .scrub import Scrubber, url_secret
 
 # Request headers a client may pass to upstream; everything else is dropped.
 FORWARDED_REQUEST_HEADERS = ("accept", "range", "user-agent", "openai-beta", "if-range")
@@ -65,7 +66,7 @@ class Reply:
     body: bytes
 
     def json(self) -> Any:
-        return json.loads(self.body)
+        return loads_json(self.body)
 
 
 class Download:
@@ -104,6 +105,8 @@ class Upstream:
         else:
             self._auth = ("authorization", f"Bearer {settings.token}")
         self._session: aiohttp.ClientSession | None = None
+        # What upstream might quote back: the token, and a credential in the base URL.
+        self.scrub = Scrubber([settings.token, url_secret(settings.base_url)])
 
     def _client(self) -> aiohttp.ClientSession:
         # Made on first use, inside the running loop, as aiohttp requires.
@@ -220,10 +223,6 @@ class Upstream:
         self.metrics.upstream_errors.labels(error.code.removeprefix("upstream_")).inc()
         return error
 
-    def scrub(self, text: str) -> str:
-        """Remove the token from text that came from upstream, in case it quotes it."""
-        return text.replace(self.settings.token, "***") if self.settings.token else text
-
 
 def route_template(path: str) -> str:
     """`videos/video_123/content` -> `/videos/{id}/content`: bounded metric labels."""
@@ -265,10 +264,12 @@ def response_headers(upstream: Mapping[str, str], *, streaming: bool = False) ->
     return headers
 
 
-def error_from_reply(reply: Reply, scrub: Any) -> GatewayError:
+def error_from_reply(reply: Reply, scrub: Callable[[str], str]) -> GatewayError:
     """Turn a non-2xx upstream answer into the envelope the client gets.
 
-    4xx keep upstream's status and code. Upstream's 401/403 mean the gateway's own
+    4xx keep upstream's status and code. Every text field upstream wrote (message,
+    type, param, code) passes `scrub`: an upstream may quote the token in any of them.
+    Upstream's 401/403 mean the gateway's own
     credentials were refused: that is the operator's problem, not the caller's, and the
     message may quote the token, so it becomes a 502. 5xx become 502 `upstream_error`.
     """
@@ -295,21 +296,23 @@ def error_from_reply(reply: Reply, scrub: Any) -> GatewayError:
         elif isinstance(parsed, dict):
             error = {"message": parsed.get("message") or parsed.get("detail")}
     except ValueError:
-        error = {"message": reply.body[:500].decode("utf-8", "replace")}
+        # Scrubbed before it is cut, so a cut cannot leave half a token behind.
+        error = {"message": scrub(reply.body.decode("utf-8", "replace"))[:500]}
     headers = {
         name: reply.headers[name]
         for name in ("retry-after", "retry-after-ms", "content-range")
         if name in reply.headers
     }
+
+    def text(name: str) -> str | None:
+        value = error.get(name)
+        return scrub(value) if isinstance(value, str) else None
+
     return GatewayError(
         status,
-        _text(error.get("code")),
-        scrub(_text(error.get("message")) or f"The upstream API answered HTTP {status}."),
-        param=_text(error.get("param")),
-        type=_text(error.get("type")) or None,
+        text("code"),
+        text("message") or f"The upstream API answered HTTP {status}.",
+        param=text("param"),
+        type=text("type") or None,
         headers=headers,
     )
-
-
-def _text(value: Any) -> str | None:
-    return value if isinstance(value, str) else None

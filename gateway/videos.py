@@ -29,6 +29,7 @@ from .errors import GatewayError, invalid_request, video_not_found
 from .logs import note
 from .openapi import FILE, VIDEO_ID, obj, operation, text
 from .params import check_job_params
+from .parse import whole_number
 from .quota import JobSlots
 from .registry import TERMINAL_STATUSES, VideoRecord, VideoRegistry
 from .store import STORE_ERRORS
@@ -56,7 +57,8 @@ DERIVED_FORM = obj(["prompt"], prompt=PROMPT, seconds=text(), video=FILE, **{"vi
 CHARACTER_FORM = obj(["name", "video"], name=text(), video=FILE)
 LIST_QUERY = {
     "after": VIDEO_ID,
-    "limit": {"type": "integer", "minimum": 1, "maximum": 100},
+    # OpenAI's own schema allows 0: an empty page that still says whether videos exist.
+    "limit": {"type": "integer", "minimum": 0, "maximum": 100},
     "order": {"enum": ["asc", "desc"]},
 }
 
@@ -325,9 +327,9 @@ class VideoRoutes:
     @operation("Your team's videos, newest first", query=LIST_QUERY)
     async def list(self, request: Request) -> Response:
         query = request.query_params
-        limit_text = query.get("limit", "20")
-        if not limit_text.isdigit() or not 1 <= int(limit_text) <= 100:
-            raise invalid_request("limit must be a whole number from 1 to 100.", "limit")
+        limit = whole_number(query.get("limit", "20"))
+        if limit is None or not 0 <= limit <= 100:
+            raise invalid_request("limit must be a whole number from 0 to 100.", "limit")
         order = query.get("order", "desc")
         if order not in ("asc", "desc"):
             raise invalid_request("order must be 'asc' or 'desc'.", "order")
@@ -335,7 +337,7 @@ class VideoRoutes:
         if after is not None and not ID_SYNTAX.fullmatch(after):
             raise invalid_request("'after' is not a valid video id.", "after")
         page = await self.registry.page(
-            _team(request).name, after=after, limit=int(limit_text), descending=order == "desc"
+            _team(request).name, after=after, limit=limit, descending=order == "desc"
         )
         return Response(page.render(), media_type="application/json")
 

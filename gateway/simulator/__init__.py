@@ -14,8 +14,9 @@ from starlette.applications import Starlette
 from .app import create_simulator_app
 from .jobs import SimulatorSettings
 from .state import SimulatorState
+from .traffic import fingerprint
 
-__all__ = ["SimulatorSettings", "SimulatorState", "create_simulator_app", "run"]
+__all__ = ["SimulatorSettings", "SimulatorState", "create_simulator_app", "fingerprint", "run"]
 
 
 class _Server(uvicorn.Server):

@@ -13,6 +13,7 @@ from typing import Any
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
+from ..parse import loads_json
 from .jobs import DEFAULT_MODEL, MAX_PROMPT_CHARS, SimError
 
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
@@ -84,7 +85,7 @@ async def read_body(request: Request) -> Body:
     if not raw.strip():
         return Body()
     try:
-        data = json.loads(raw)
+        data = loads_json(raw)
     except ValueError as exc:
         raise SimError(
             400, "invalid_json", "We could not parse the JSON body of your request."

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import uuid
+from urllib.parse import quote, quote_plus
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -69,6 +71,8 @@ class V1Gate:
         if presented is not None and (
             expected is None or hmac.compare_digest(presented.encode(), expected.encode())
         ):
+            if self.sim.faults.take("quote_credential_next"):
+                return _quoting(presented)
             return None
         self.sim.traffic.auth_rejected += 1
         return SimError(401, "invalid_api_key", "Incorrect API key provided.")
@@ -104,6 +108,17 @@ class V1Gate:
             await send(message)
 
         return delayed_send
+
+
+def _quoting(credential: str) -> SimError:
+    """An error that quotes the credential in every field, each in another encoding."""
+    return SimError(
+        400,
+        json.dumps(credential)[1:-1],
+        f"Refused {credential}; the request was {json.dumps({'api_key': credential})}.",
+        param=quote_plus(credential),
+        type=quote(credential, safe=""),
+    )
 
 
 def _headers(scope: Scope) -> dict[str, str]:

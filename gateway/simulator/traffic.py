@@ -1,12 +1,34 @@
-"""What reached the simulated upstream, so tests can assert what the gateway sent."""
+"""What reached the simulated upstream, so tests can assert what the gateway sent.
+
+Credentials are kept only as fingerprints: `/_sim/*` needs no credential, so whatever it
+shows anyone can read, and a simulator may be handed a real token by mistake. A test
+compares `fingerprint(token)` instead of the token.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from collections import deque
 from typing import Any
 
 LOG_CAPACITY = 1000
 CREDENTIALS_CAPACITY = 1000
+# Request headers that carry a credential: logged as fingerprints, never in clear.
+CREDENTIAL_HEADERS = frozenset({"authorization", "api-key", "proxy-authorization"})
+
+
+def fingerprint(credential: str) -> str:
+    """`sha256:` and 16 hex digits of the credential's SHA-256: tells credentials apart
+    without showing one."""
+    return "sha256:" + hashlib.sha256(credential.encode()).hexdigest()[:16]
+
+
+def redacted_header(value: str) -> str:
+    """`Bearer <fingerprint>` for a scheme and credential, else the fingerprint alone."""
+    scheme, space, credential = value.strip().partition(" ")
+    if space and credential.strip():
+        return f"{scheme} {fingerprint(credential.strip())}"
+    return fingerprint(value.strip())
 
 
 class Traffic:
@@ -20,12 +42,17 @@ class Traffic:
 
     def record(self, method: str, path: str, query: str, headers: dict[str, str]) -> None:
         self.requests += 1
-        self._log.append({"method": method, "path": path, "query": query, "headers": headers})
+        shown = {
+            name: redacted_header(value) if name in CREDENTIAL_HEADERS else value
+            for name, value in headers.items()
+        }
+        self._log.append({"method": method, "path": path, "query": query, "headers": shown})
 
     def saw_credential(self, value: str) -> None:
-        """Remember a distinct credential, in first-seen order (bounded)."""
-        if value not in self._credentials and len(self._credentials) < CREDENTIALS_CAPACITY:
-            self._credentials[value] = None
+        """Remember a distinct credential's fingerprint, in first-seen order (bounded)."""
+        key = fingerprint(value)
+        if key not in self._credentials and len(self._credentials) < CREDENTIALS_CAPACITY:
+            self._credentials[key] = None
 
     def credentials(self) -> list[str]:
         return list(self._credentials)

@@ -76,6 +76,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import httpx  # noqa: E402
 import psutil  # noqa: E402
 
+from gateway.simulator import fingerprint  # noqa: E402
+
 RESULTS = ROOT / "tests" / "bench" / "results" / "soak.json"
 TEAMS = ("red", "green", "blue")
 CAPPED_TEAM = "blue"  # teams[].max_in_flight 1: its creates may get the team's own 429
@@ -1267,7 +1269,7 @@ def run_soak(
     )
     check(
         "only the upstream token reached upstream",
-        sim_stats["credentials_seen"] == [token] and sim_stats["auth_rejected"] == 0,
+        sim_stats["credentials_seen"] == [fingerprint(token)] and sim_stats["auth_rejected"] == 0,
         f"{len(sim_stats['credentials_seen'])} credential(s) seen, "
         f"{sim_stats['auth_rejected']} refused",
     )

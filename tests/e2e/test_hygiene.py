@@ -34,6 +34,7 @@ from conftest import Stack, gateway_config
 from helpers import assert_error, completed, multipart, ok, settle, sim_config
 from processes import Process, start_gateway
 
+from gateway.simulator import fingerprint
 from gateway.store import EmbeddedRedis, free_port
 from gateway.upstream import FORWARDED_RESPONSE_HEADERS, STREAM_RESPONSE_HEADERS
 
@@ -180,7 +181,9 @@ class Upstream:
         for request in sent:
             headers = request["headers"]
             assert set(headers) <= UPSTREAM_HEADERS, (request, set(headers) - UPSTREAM_HEADERS)
-            assert headers.get("authorization") == f"Bearer {self.stack.token}", request
+            assert headers.get("authorization") == f"Bearer {fingerprint(self.stack.token)}", (
+                request
+            )
             assert headers["host"] == f"127.0.0.1:{self.stack.simulator.port}", request
             assert "\r" not in request["path"] and "\n" not in request["path"], request
         return sent
@@ -849,7 +852,7 @@ def test_client_credentials_cookies_and_organisation_never_reach_upstream(health
     for key in stack.keys.values():
         assert key not in everything
     assert all(r["headers"].get("openai-beta") == "assistants=v2" for r in sent)
-    assert stack.sim_stats()["credentials_seen"] == [stack.token]
+    assert stack.sim_stats()["credentials_seen"] == [fingerprint(stack.token)]
 
 
 # -- upstream's cookies, hop-by-hop and internal headers never reach the client -----------------

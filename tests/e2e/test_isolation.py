@@ -153,6 +153,32 @@ def test_list_shows_only_the_callers_videos(stack, alphas_video):
     watch.assert_nothing_sent()
 
 
+def test_limit_zero_is_an_empty_page_that_says_whether_videos_exist(stack, alphas_video):
+    """OpenAI's schema allows `limit=0` (minimum 0): no videos, and `has_more` per the team."""
+    with stack.client("alpha") as alpha:
+        page = ok(alpha.get("/v1/videos", params={"limit": 0}))
+        assert page == {
+            "object": "list",
+            "data": [],
+            "first_id": None,
+            "last_id": None,
+            "has_more": True,
+        }
+        after = ok(alpha.get("/v1/videos", params={"limit": 0, "after": alphas_video["id"]}))
+        assert after["data"] == [] and after["has_more"] is False
+        for bad in (
+            "101",
+            "-1",
+            "\u00b2",
+            "\u0663",
+        ):  # "²" and an Arabic-Indic 3: digits to isdigit()
+            assert_error(
+                alpha.get("/v1/videos", params={"limit": bad}), 400, "invalid_request", "limit"
+            )
+    with stack.client("gamma") as gamma:
+        assert ok(gamma.get("/v1/videos", params={"limit": 0}))["has_more"] is False
+
+
 def test_another_teams_character_is_not_found(stack, alphas_video):
     with stack.client("alpha") as alpha:
         created = alpha.post(

@@ -8,11 +8,16 @@ view (every response) are searched for the token and the team keys, and the logs
 
 from __future__ import annotations
 
+import json
 import secrets
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import httpx
 import pytest
+from conftest import gateway_config
 from helpers import (
     assert_envelope,
     assert_error,
@@ -25,6 +30,10 @@ from helpers import (
     sim_stats,
 )
 from openai import OpenAI
+from processes import Process, start_gateway, start_simulator
+
+from gateway.simulator import fingerprint
+from gateway.store import EmbeddedRedis
 
 MiB = 1 << 20
 BODY_CAP = 4 * MiB  # limits.max_body_bytes in the test stack's config
@@ -153,7 +162,7 @@ def run_workload(stack: Any, client: httpx.Client, sdk: OpenAI) -> dict[str, htt
     errors["400 unknown source"] = client.post(
         "/v1/videos/video_0000/remix", json={"prompt": "nope"}
     )
-    errors["400 bad limit"] = client.get("/v1/videos", params={"limit": 0})
+    errors["400 bad limit"] = client.get("/v1/videos", params={"limit": 101})
     errors["400 bad variant"] = client.get(
         f"/v1/videos/{video_id}/content", params={"variant": "gif"}
     )
@@ -221,7 +230,7 @@ def test_workload_keeps_every_secret_in_its_place(stack):
 
     # Upstream saw one credential only, the real token, and never refused it.
     stats = sim_stats(stack)
-    assert stats["credentials_seen"] == [stack.token]
+    assert stats["credentials_seen"] == [fingerprint(stack.token)]
     assert stats["auth_rejected"] == 0
     received = sim_requests(stack)
     assert len(received) == stats["requests"] > 20
@@ -230,11 +239,11 @@ def test_workload_keeps_every_secret_in_its_place(stack):
         headers = request["headers"]
         where = f"{request['method']} {request['path']}"
         assert set(headers) <= UPSTREAM_HEADER_ALLOW_LIST, (where, sorted(headers))
-        assert headers["authorization"] == f"Bearer {stack.token}", where
+        assert headers["authorization"] == f"Bearer {fingerprint(stack.token)}", where
         assert headers.get("connection", "keep-alive") == "keep-alive", where
         flat = repr(request)
-        for key in team_keys:
-            assert key not in flat, where
+        for key in team_keys:  # the simulator shows credentials as fingerprints
+            assert key not in flat and fingerprint(key) not in flat, where
         for leaked in ("secret", "203.0.113", "evil.example", "cookie"):
             assert leaked not in flat.lower(), (where, leaked)
 
@@ -279,10 +288,10 @@ def test_leaky_client_headers_do_not_reach_upstream(stack):
         for name in leaky:
             assert name not in headers, (name, request)
         assert not [h for h in headers if h.startswith(("x-forwarded", "x-stainless"))], headers
-        assert headers["authorization"] == f"Bearer {stack.token}"
+        assert headers["authorization"] == f"Bearer {fingerprint(stack.token)}"
         # What the allow-list does pass, passes.
         assert headers["openai-beta"] == "videos=v1"
-    assert sim_stats(stack)["credentials_seen"] == [stack.token]
+    assert sim_stats(stack)["credentials_seen"] == [fingerprint(stack.token)]
 
 
 def test_a_bearer_for_upstream_is_never_taken_from_the_client(stack):
@@ -348,3 +357,57 @@ def test_known_path_with_a_method_it_does_not_serve(stack, method, path):
     assert reply.headers.get("x-request-id")
     assert_error(anonymous, 401, "invalid_api_key")
     assert sim_stats(stack)["requests"] == 0
+
+
+# -- an upstream that quotes the token back ------------------------------------------------
+
+# A token whose plain, URL-encoded, form-encoded and JSON-escaped forms all differ.
+AWKWARD_TOKEN = 'up/stream+{hex} "quoted" back\\slash&key=value?'
+
+
+@pytest.fixture(scope="module")
+def awkward(
+    workdir: Path, store_server: EmbeddedRedis, team_keys: dict[str, str]
+) -> Iterator[tuple[Process, Process, str]]:
+    """A simulator and a gateway of their own, sharing an awkward upstream token."""
+    token = AWKWARD_TOKEN.format(hex=secrets.token_hex(8))
+    simulator = start_simulator(workdir, token)
+    try:
+        gateway = start_gateway(
+            workdir, gateway_config(simulator.url, store_server.url, token, team_keys)
+        )
+    except BaseException:
+        simulator.stop()
+        raise
+    yield gateway, simulator, token
+    gateway.stop()
+    simulator.stop()
+
+
+def test_upstream_quoting_the_token_is_scrubbed_from_every_field_in_every_encoding(
+    awkward: tuple[Process, Process, str], team_keys: dict[str, str]
+) -> None:
+    gateway, simulator, token = awkward
+    forms = {
+        "plain": token,
+        "quote": quote(token, safe=""),
+        "quote_plus": quote_plus(token),
+        "json": json.dumps(token)[1:-1],
+    }
+    assert len(set(forms.values())) == 4, "the token must tell the encodings apart"
+    with httpx.Client(base_url=simulator.url) as sim:
+        sim.post("/_sim/faults", json={"quote_credential_next": 1}).raise_for_status()
+    headers = {"authorization": f"Bearer {team_keys['alpha']}"}
+    with httpx.Client(base_url=gateway.url, headers=headers, timeout=30) as client:
+        reply = client.post("/v1/videos", json={"prompt": "a careless upstream"})
+        error = assert_envelope(reply)
+        assert reply.status_code == 400, reply.text
+        # The slot taken for the refused create is free again.
+        assert ok(client.post("/v1/videos", json={"prompt": "and then a good one"}))["id"]
+    for field in ("message", "type", "param", "code"):
+        assert "***" in error[field], (field, error)
+        for name, form in forms.items():
+            assert form.lower() not in error[field].lower(), (field, name, error)
+    for form in forms.values():
+        assert form not in reply.text
+        assert form not in gateway.log()

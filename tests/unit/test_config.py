@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+import re
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ import yaml
 
 from gateway.__main__ import main
 from gateway.config import ConfigError, load_settings, parse_settings
+from gateway.reload import TeamsReloader
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "config" / "gateway.example.yaml"
@@ -471,3 +474,119 @@ def test_logging_and_metrics_sections():
 def test_a_lease_shorter_than_two_polls_is_refused():
     found = problems(minimal(tracker={"poll_interval_s": 5, "lease_s": 8}))
     assert found == ["tracker.lease_s: must be at least twice tracker.poll_interval_s"]
+
+
+# -- nothing the file holds is echoed; secrets in files are one line, kept private ----------
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        f"  token: *{TOKEN}",  # an alias YAML cannot resolve
+        f"  token: &{TOKEN} a\n  timeout_s: &{TOKEN} 5",  # an anchor given twice
+        f"  token: !{TOKEN} x",  # an unknown tag
+        f"  token: @{TOKEN}",  # a character that starts no token
+        f'  token: "\\q{TOKEN}"',  # a bad escape
+        f"  token: {TOKEN}\x07",  # a character YAML does not allow
+    ],
+)
+def test_a_yaml_error_reports_its_position_and_kind_never_the_text(line, tmp_path, capsys):
+    text = f"upstream:\n  base_url: https://api.example.com/v1\n{line}\nteams: []\n"
+    found = problems(text)
+    assert len(found) == 1 and re.match(r"not valid YAML at line [34], column \d+: \w", found[0])
+    for fragment in (TOKEN, TOKEN[:6], TOKEN[-6:]):
+        assert fragment not in found[0]
+    # check-config prints the same, and only that.
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text)
+    assert main(["check-config", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert err.strip() == f"{path}: {found[0]}" and out == ""
+
+
+def test_a_yaml_error_in_a_reload_is_logged_without_the_text(tmp_path, caplog):
+    path = write(tmp_path, minimal())
+    reloader = TeamsReloader(str(path), load_settings(path), lambda teams: None)
+    path.write_text(path.read_text().replace(f"token: {TOKEN}", f"token: *{TOKEN}"))
+    with caplog.at_level(logging.INFO, logger="gateway"):
+        assert reloader.check() is False
+    [record] = [r for r in caplog.records if r.name == "gateway.reload"]
+    logged = repr(record.__dict__)
+    assert "not valid YAML at line" in logged
+    assert TOKEN not in logged and TOKEN[:6] not in logged
+
+
+def test_deeply_nested_yaml_is_a_config_error():
+    assert problems("[" * 5000) == ["not valid YAML: nested too deeply"]
+
+
+def test_a_sentinel_port_of_non_ascii_digits_is_a_config_error():
+    found = problems(minimal(store={"sentinel": {"master_name": "m", "hosts": ["s1:\u00b2"]}}))
+    assert found == ["store.sentinel.hosts[0]: expected host:port, got 's1:\u00b2'"]
+
+
+USERINFO_URL = f"https://ops:{TOKEN}@api.example.com/v1"
+
+
+def test_credentials_in_base_url_are_never_printed(tmp_path, capsys):
+    # api-key mode: the URL's credentials may go to a proxy in front of upstream.
+    config = minimal(upstream={"base_url": USERINFO_URL, "token": "t", "auth_header": "api-key"})
+    assert main(["check-config", str(write(tmp_path, config))]) == 0
+    out, err = capsys.readouterr()
+    assert "upstream https://***@api.example.com/v1" in out
+    assert TOKEN not in out + err and "ops" not in out + err
+    # Nor in the error for a URL that is not http(s).
+    bad = problems(minimal(upstream={"base_url": f"ftp://ops:{TOKEN}@x/v1", "token": "t"}))
+    assert bad == ["upstream.base_url: expected an http(s) URL, got 'ftp://***@x/v1'"]
+
+
+def test_credentials_in_base_url_cannot_go_with_the_authorization_header():
+    """The HTTP client would send them as Basic auth, in the header the token needs."""
+    found = problems(minimal(upstream={"base_url": USERINFO_URL, "token": "t"}))
+    assert found == [
+        "upstream.base_url: credentials in the URL cannot be sent with auth_header: "
+        "authorization; remove them (the token is the credential)"
+    ]
+
+
+def token_file(tmp_path: Path, text: str, mode: int = 0o600) -> dict[str, Any]:
+    secret = tmp_path / "token"
+    secret.write_text(text, newline="")
+    secret.chmod(mode)
+    return minimal(upstream={"base_url": "https://x/v1", "token_file": str(secret)})
+
+
+@pytest.mark.parametrize("ending", ["", "\n", "\r\n"])
+def test_a_token_file_may_end_with_one_line_break(tmp_path, ending):
+    assert parse(token_file(tmp_path, TOKEN + ending)).upstream.token == TOKEN
+
+
+@pytest.mark.parametrize("text", [f"{TOKEN}\nsecond", f"{TOKEN}\n\n", f"a\r{TOKEN}"])
+def test_a_token_file_of_more_than_one_line_is_refused(tmp_path, text):
+    found = problems(token_file(tmp_path, text))
+    secret = tmp_path / "token"
+    assert found == [
+        f"upstream.token_file: {secret} holds more than one line; it must hold only the token"
+    ]
+
+
+def test_an_inline_token_with_a_line_break_is_refused():
+    found = problems(minimal(upstream={"base_url": "https://x/v1", "token": f"{TOKEN}\nx"}))
+    assert found == ["upstream.token: must be one line (it holds a line break)"]
+    found = problems(minimal(metrics={"bearer_token": "a\nb"}))
+    assert found == ["metrics.bearer_token: must be one line (it holds a line break)"]
+
+
+@pytest.mark.parametrize(("mode", "warned"), [(0o600, False), (0o400, False), (0o644, True)])
+def test_a_token_file_others_can_read_is_warned_about(tmp_path, caplog, mode, warned):
+    with caplog.at_level(logging.WARNING, logger="gateway.config"):
+        assert parse(token_file(tmp_path, TOKEN, mode)).upstream.token == TOKEN
+    warnings = [r.getMessage() for r in caplog.records if r.name == "gateway.config"]
+    if warned:
+        assert warnings == [
+            f"upstream.token_file: {tmp_path / 'token'} can be read by other users "
+            f"(mode {oct(mode)}); chmod 600 it"
+        ]
+        assert TOKEN not in warnings[0]
+    else:
+        assert warnings == []

@@ -23,7 +23,7 @@ from gateway.config import load_settings, parse_settings
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
-COMPOSE_ENV = {"SORA_UPSTREAM_TOKEN": "compose-test-token", "SORA_TEAM_KEY_SHA256": "a" * 64}
+COMPOSE_ENV = {"SORA_SIMULATOR_TOKEN": "compose-test-token", "SORA_TEAM_KEY_SHA256": "a" * 64}
 
 
 def load(path: Path) -> Any:
@@ -82,7 +82,38 @@ def test_compose_refuses_to_start_without_the_secrets() -> None:
         cwd=REPO,
     )
     assert result.returncode != 0
-    assert "SORA_UPSTREAM_TOKEN" in result.stderr + result.stdout
+    assert "SORA_SIMULATOR_TOKEN" in result.stderr + result.stdout
+
+
+def test_docker_compose_gives_the_real_token_to_the_gateways_only() -> None:
+    """Switched to the real API (SORA_UPSTREAM_TOKEN set), the simulator still gets only
+    its own token: `/_sim/*` is open, and a simulator is no place for a real credential."""
+    command = compose_command()
+    if command is None:
+        pytest.skip("no docker compose client here; the structural check below still runs")
+    real = {**COMPOSE_ENV, "SORA_UPSTREAM_TOKEN": "the-real-token"}
+    result = subprocess.run(
+        [*command, "-f", str(REPO / "docker-compose.yml"), "config"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **real},
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    assert "the-real-token" not in repr(services["simulator"])
+    assert "compose-test-token" in repr(services["simulator"])
+    assert services["gateway-1"]["environment"]["SORA_UPSTREAM_TOKEN"] == "the-real-token"
+
+
+def test_the_simulator_has_its_own_token_variable() -> None:
+    services = load(REPO / "docker-compose.yml")["services"]
+    simulator = repr(services["simulator"])
+    assert "SORA_UPSTREAM_TOKEN" not in simulator
+    assert "SORA_SIMULATOR_TOKEN" in simulator
+    # The gateways use the real token when one is given, else the simulator's.
+    gateway_token = services["gateway-1"]["environment"]["SORA_UPSTREAM_TOKEN"]
+    assert gateway_token.startswith("${SORA_UPSTREAM_TOKEN:-${SORA_SIMULATOR_TOKEN")
 
 
 def test_compose_services_ports_and_volumes_agree_with_the_config_files() -> None:
@@ -109,8 +140,10 @@ def test_compose_services_ports_and_volumes_agree_with_the_config_files() -> Non
     # The gateway config the replicas mount loads, and points at the stack's services.
     mounted = services["gateway-1"]["volumes"][0].split(":")
     assert mounted[1] == "/etc/sora-gateway/gateway.yaml" and mounted[2] == "ro"
+    # Without SORA_UPSTREAM_TOKEN the replicas get the simulator's token under that name.
+    replica_env = {"SORA_UPSTREAM_TOKEN": COMPOSE_ENV["SORA_SIMULATOR_TOKEN"]}
     settings = parse_settings(
-        (REPO / mounted[0]).read_text(), environ={**os.environ, **COMPOSE_ENV}
+        (REPO / mounted[0]).read_text(), environ={**os.environ, **COMPOSE_ENV, **replica_env}
     )
     simulator_port = services["simulator"]["command"][
         services["simulator"]["command"].index("--port") + 1

@@ -19,7 +19,7 @@ import httpx
 import pytest
 import uvicorn
 
-from gateway.simulator import SimulatorSettings, create_simulator_app
+from gateway.simulator import SimulatorSettings, create_simulator_app, fingerprint
 from gateway.simulator.media import BLOCK, NoiseContent, RangeNotSatisfiable, parse_range
 
 AUTH = {"Authorization": "Bearer test-key"}
@@ -556,7 +556,7 @@ async def test_auth_with_a_configured_token(clock):
         stats = (await c.get("/_sim/stats")).json()
         assert stats["auth_rejected"] == 5
         assert stats["requests"] == 7
-        assert stats["credentials_seen"] == ["sk-up", "team-key"]
+        assert stats["credentials_seen"] == [fingerprint("sk-up"), fingerprint("team-key")]
 
 
 async def test_any_credential_without_a_token_but_never_none(client):
@@ -606,7 +606,7 @@ async def test_request_log_keeps_lowercased_headers(client):
     ]
     assert log[0]["query"] == "limit=5"
     assert log[0]["headers"]["x-custom"] == "1"
-    assert log[0]["headers"]["authorization"] == "Bearer test-key"
+    assert log[0]["headers"]["authorization"] == f"Bearer {fingerprint('test-key')}"
     assert (await client.get("/_sim/requests?limit=1")).json() == log[-1:]
 
 
@@ -875,6 +875,42 @@ async def test_config_changes_apply_to_new_jobs_and_reset_restores_them(client, 
     assert_error(
         await client.get(f"/v1/videos/{video['id']}", headers=AUTH), 404, "video_not_found"
     )
+
+
+async def test_no_control_route_shows_a_credential(clock):
+    """`/_sim/*` needs no credential, so it shows none: only fingerprints of them."""
+    token, other = "sk-real-" + "x" * 24, "sgw-team-" + "y" * 24
+    async with make_client(SimulatorSettings(token=token), clock) as c:
+        await c.get("/v1/videos", headers={"Authorization": f"Bearer {token}"})
+        await c.get(
+            "/v1/videos", headers={"api-key": other, "Proxy-Authorization": f"Basic {other}"}
+        )
+        await c.post("/_sim/config", json={"token": token})
+        shown = [
+            (await c.request(method, path)).text
+            for method, path in [
+                ("GET", "/_sim/stats"),
+                ("GET", "/_sim/requests"),
+                ("GET", "/_sim/config"),
+                ("POST", "/_sim/config"),
+                ("GET", "/_sim/faults"),
+            ]
+        ]
+        log = (await c.get("/_sim/requests")).json()
+        stats = (await c.get("/_sim/stats")).json()
+    for text in shown:
+        assert token not in text and other not in text
+    assert log[0]["headers"]["authorization"] == f"Bearer {fingerprint(token)}"
+    assert log[1]["headers"]["api-key"] == fingerprint(other)
+    assert log[1]["headers"]["proxy-authorization"] == f"Basic {fingerprint(other)}"
+    assert stats["credentials_seen"] == [fingerprint(token), fingerprint(other)]
+
+
+async def test_quote_credential_next_quotes_it_in_every_field(client):
+    await client.post("/_sim/faults", json={"quote_credential_next": 1})
+    quoted = assert_error(await client.get("/v1/videos", headers=AUTH), 400, "test-key")
+    assert "test-key" in quoted["message"] and quoted["type"] == quoted["param"] == "test-key"
+    assert (await client.get("/v1/videos", headers=AUTH)).status_code == 200  # used up
 
 
 async def test_token_can_be_set_at_runtime(client):
