@@ -27,6 +27,8 @@ from typing import Any
 
 from starlette.datastructures import Headers
 
+from .answers import video_object
+from .errors import GatewayError
 from .ledger import Slot, SlotLedger, Snapshot
 from .quota import JobSlots, fingerprint
 from .registry import TERMINAL_STATUSES, VideoRegistry
@@ -165,11 +167,15 @@ class Tracker:
             await self.registry.forget(slot.video)
             await self.slots.finish(slot_id=slot.id, outcome="vanished")
             return
-        video = _object(reply.body) if reply.status < 300 else None
+        try:
+            video = video_object(reply, asked=slot.video) if reply.status < 300 else None
+        except GatewayError as exc:
+            log.warning("upstream answered a poll wrongly: %s", exc.message)
+            video = None
         if video is None:
-            await self.ledger.renew(slot.id)
+            await self.ledger.renew(slot.id)  # nothing learnt: the job is not over
             return
-        if not await self.registry.update(video, reply.body):
+        if not await self.registry.update(slot.video, video, reply.body):
             # Counted but never recorded (the store failed between the two writes):
             # the job is the slot's team's, so record it now rather than lose it.
             await self.registry.record(slot.team, slot.kind, video, reply.body)

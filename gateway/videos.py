@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -22,6 +21,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Message, Send
 
+from .answers import ID_SYNTAX, NO_RETRY, json_object, video_object
 from .auth import Team
 from .body import RequestBody, read_body
 from .errors import GatewayError, invalid_request, video_not_found
@@ -58,11 +58,9 @@ LIST_QUERY = {
     "order": {"enum": ["asc", "desc"]},
 }
 
-ID_SYNTAX = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 MAX_PROMPT_CHARS = 32_000
 CONTENT_VARIANTS = ("video", "thumbnail", "spritesheet")
 CONTENT_QUERY = {"variant": {"enum": list(CONTENT_VARIANTS)}}
-NO_RETRY = {"x-should-retry": "false"}
 
 
 class VideoRoutes:
@@ -235,7 +233,7 @@ class VideoRoutes:
                     error.headers.update(NO_RETRY)
                 raise error
             try:
-                video = _video_object(reply)
+                video = video_object(reply)
             except GatewayError as exc:
                 exc.headers.update(NO_RETRY)  # a 2xx: the job may well exist upstream
                 raise
@@ -361,7 +359,7 @@ class VideoRoutes:
             body.close()
         if reply.status >= 300:
             raise error_from_reply(reply, self.upstream.scrub)
-        character = _json_object(reply)
+        character = json_object(reply)
         character_id = character.get("id")
         if not isinstance(character_id, str) or not ID_SYNTAX.fullmatch(character_id):
             raise GatewayError(502, "upstream_error", "Upstream answered without a character id.")
@@ -425,8 +423,8 @@ class VideoRoutes:
             raise error_from_reply(reply, self.upstream.scrub)
         if reply.body == record.body.encode():
             return reply, record
-        video = _video_object(reply)
-        await self.registry.update(video, reply.body)
+        video = video_object(reply, asked=video_id)
+        await self.registry.update(video_id, video, reply.body)
         if video.get("status") in TERMINAL_STATUSES and not record.terminal:
             await self.slots.finish(video_id=video_id, outcome=str(video["status"]))
         return reply, record.seen(video, reply.body)
@@ -549,25 +547,6 @@ class _PrefixedBody(RequestBody):
 
 
 # -- upstream answers -----------------------------------------------------------------------
-
-
-def _json_object(reply: Reply) -> dict[str, Any]:
-    try:
-        value = reply.json()
-    except ValueError:
-        value = None
-    if not isinstance(value, dict):
-        raise GatewayError(502, "upstream_error", "Upstream answered with something not JSON.")
-    return value
-
-
-def _video_object(reply: Reply) -> dict[str, Any]:
-    video = _json_object(reply)
-    if not isinstance(video.get("id"), str) or not ID_SYNTAX.fullmatch(video["id"]):
-        raise GatewayError(
-            502, "upstream_error", "Upstream answered without a video id.", headers=NO_RETRY
-        )
-    return video
 
 
 def _passthrough(reply: Reply) -> Response:

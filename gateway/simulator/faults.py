@@ -16,6 +16,7 @@ COUNTERS = (
     "stall_next",
     "truncate_json_next",
     "garble_json_next",
+    "other_id_next",
 )
 # Whole-number knobs that stay on until set back to 0 (not used up).
 PATTERNS = ("flap",)
@@ -39,6 +40,8 @@ class Faults:
     - `truncate_json_next`: the next N JSON answers on /v1 are cut like `truncate_next`.
     - `garble_json_next`: the next N JSON answers on /v1 are cut to half their bytes
       but framed as complete (the length announced is the half): malformed JSON.
+    - `other_id_next`: the next N retrieves answer the asked video's object under the id
+      of another video (the newest other one), as a confused upstream or cache would.
     """
 
     latency_ms: float = 0.0
@@ -51,6 +54,7 @@ class Faults:
     stall_next: int = 0
     truncate_json_next: int = 0
     garble_json_next: int = 0
+    other_id_next: int = 0
     _flap_seen: int = field(default=0, repr=False)
     _release: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
