@@ -29,6 +29,7 @@ from .logs import note
 from .openapi import FILE, VIDEO_ID, obj, operation, text
 from .quota import JobSlots
 from .registry import TERMINAL_STATUSES, VideoRecord, VideoRegistry
+from .sources import NO_SOURCE, REMIX_BY_BODY_SOURCE, derived_source, refuse_other_sources
 from .store import STORE_ERRORS
 from .upstream import (
     Download,
@@ -109,6 +110,7 @@ class VideoRoutes:
         body = await self._body(request)
         try:
             _require_prompt(body)
+            refuse_other_sources(body, NO_SOURCE)
             return await self._start_job(request, "create", "videos", body)
         finally:
             body.close()
@@ -120,10 +122,9 @@ class VideoRoutes:
         body = await self._body(request)
         try:
             _require_prompt(body)
-            if "video_id" in body.fields or "video_id" in body.files:
-                # Only the checked id in the path may name the source: a second one in
-                # the body could reach an upstream that takes the source from the body.
-                raise invalid_request("The source video goes in the path only.", "video_id")
+            # Only the checked id in the path may name the source: a second one in the
+            # body could reach an upstream that takes the source from the body.
+            refuse_other_sources(body, NO_SOURCE)
             await self._check_source(request, source, "video_id")
             if self.remix_route == "path":
                 return await self._start_job(request, "remix", f"videos/{source}/remix", body)
@@ -140,6 +141,7 @@ class VideoRoutes:
         try:
             source = _field_id(body.fields.get("video_id"), "video_id")
             _require_prompt(body)
+            refuse_other_sources(body, REMIX_BY_BODY_SOURCE)
             await self._check_source(request, source, "video_id")
             if self.remix_route == "body":
                 return await self._start_job(request, "remix", "videos/remix", body)
@@ -172,9 +174,9 @@ class VideoRoutes:
         body = await self._body(request)
         try:
             _require_prompt(body)
-            source = _source_reference(body)
-            if source is not None:
-                await self._check_source(request, source, "video.id")
+            reference = derived_source(body)
+            if reference is not None:
+                await self._check_source(request, _field_id(reference, "video.id"), "video.id")
             return await self._start_job(request, kind, path, body)
         finally:
             body.close()
@@ -497,24 +499,6 @@ def _require_prompt(body: RequestBody) -> None:
         raise invalid_request("prompt is required.", "prompt")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise invalid_request(f"prompt is longer than {MAX_PROMPT_CHARS} characters.", "prompt")
-
-
-def _source_reference(body: RequestBody) -> str | None:
-    """The `video.id` an edit or extension refers to; None when a file was uploaded."""
-    if "video" in body.files:
-        if "video[id]" in body.fields or "video" in body.fields:
-            raise invalid_request("Send video as a file or as an id, not both.", "video")
-        return None
-    if body.is_multipart:
-        reference = body.fields.get("video[id]")
-    else:
-        video = body.fields.get("video")
-        if video is not None and not isinstance(video, dict):
-            raise invalid_request('video must be a file or an object {"id": ...}.', "video")
-        reference = video.get("id") if video else None
-    if reference is None:
-        raise invalid_request('video is required: a file or {"id": ...}.', "video")
-    return _field_id(reference, "video.id")
 
 
 def _with_field(body: RequestBody, name: str, value: str) -> bytes | RequestBody:
