@@ -26,6 +26,7 @@ from .auth import Team
 from .body import RequestBody, read_body
 from .errors import GatewayError, invalid_request, video_not_found
 from .logs import note
+from .matching import wanted
 from .openapi import FILE, VIDEO_ID, obj, operation, text
 from .quota import JobSlots
 from .registry import TERMINAL_STATUSES, VideoRecord, VideoRegistry
@@ -125,11 +126,18 @@ class VideoRoutes:
             # Only the checked id in the path may name the source: a second one in the
             # body could reach an upstream that takes the source from the body.
             refuse_other_sources(body, NO_SOURCE)
-            await self._check_source(request, source, "video_id")
+            record = await self._check_source(request, source, "video_id")
             if self.remix_route == "path":
-                return await self._start_job(request, "remix", f"videos/{source}/remix", body)
+                return await self._start_job(
+                    request, "remix", f"videos/{source}/remix", body, source=record
+                )
             return await self._start_job(
-                request, "remix", "videos/remix", body, _with_field(body, "video_id", source)
+                request,
+                "remix",
+                "videos/remix",
+                body,
+                _with_field(body, "video_id", source),
+                source=record,
             )
         finally:
             body.close()
@@ -142,9 +150,9 @@ class VideoRoutes:
             source = _field_id(body.fields.get("video_id"), "video_id")
             _require_prompt(body)
             refuse_other_sources(body, REMIX_BY_BODY_SOURCE)
-            await self._check_source(request, source, "video_id")
+            record = await self._check_source(request, source, "video_id")
             if self.remix_route == "body":
-                return await self._start_job(request, "remix", "videos/remix", body)
+                return await self._start_job(request, "remix", "videos/remix", body, source=record)
             if body.files:
                 raise invalid_request(
                     "File parts are not accepted here; use POST /v1/videos/{video_id}/remix.",
@@ -152,7 +160,12 @@ class VideoRoutes:
                 )
             fields = {k: v for k, v in body.fields.items() if k != "video_id"}
             return await self._start_job(
-                request, "remix", f"videos/{source}/remix", body, json.dumps(fields).encode()
+                request,
+                "remix",
+                f"videos/{source}/remix",
+                body,
+                json.dumps(fields).encode(),
+                source=record,
             )
         finally:
             body.close()
@@ -175,9 +188,11 @@ class VideoRoutes:
         try:
             _require_prompt(body)
             reference = derived_source(body)
+            record = None
             if reference is not None:
-                await self._check_source(request, _field_id(reference, "video.id"), "video.id")
-            return await self._start_job(request, kind, path, body)
+                source = _field_id(reference, "video.id")
+                record = await self._check_source(request, source, "video.id")
+            return await self._start_job(request, kind, path, body, source=record)
         finally:
             body.close()
 
@@ -188,11 +203,14 @@ class VideoRoutes:
         path: str,
         body: RequestBody,
         rewritten: RequestBody | bytes | None = None,
+        *,
+        source: VideoRecord | None = None,
     ) -> Response:
         """Take a shared slot, send the job-creating request upstream, record the job.
 
         `rewritten` is what to send instead of the client's own bytes, when the remix
-        form has to be translated for upstream.
+        form has to be translated for upstream. `source` is the checked source video's
+        record, whose fields the job inherits (so a lost answer's job can be recognised).
 
         Upstream's refusal (4xx, 429) frees the slot at once. An answer that leaves it
         unknown whether the job exists upstream (a timeout, a reset, a 5xx) keeps the
@@ -206,8 +224,10 @@ class VideoRoutes:
             content_type, length = "application/json", len(outgoing)
         else:
             content, content_type, length = outgoing.raw(), outgoing.content_type, outgoing.size
-        prompt = str(body.fields["prompt"])  # checked by _require_prompt before any slot
-        async with self.slots.hold(team, kind, prompt, request.is_disconnected) as ticket:
+        # The prompt was checked by _require_prompt before any slot.
+        source_id, source_body = (source.id, source.body) if source else (None, "{}")
+        want = wanted(kind, body.fields, source_id, source_body)
+        async with self.slots.hold(team, kind, want, request.is_disconnected) as ticket:
             try:
                 reply = await self.upstream.call(
                     "POST",
@@ -436,8 +456,9 @@ class VideoRoutes:
         await self.registry.forget(video_id)
         await self.slots.finish(video_id=video_id, outcome="vanished")
 
-    async def _check_source(self, request: Request, video_id: str, param: str) -> None:
-        """Refuse a remix/edit/extension source before anything is spent on it."""
+    async def _check_source(self, request: Request, video_id: str, param: str) -> VideoRecord:
+        """Refuse a remix/edit/extension source before anything is spent on it; the
+        accepted source's record."""
         record = await self.registry.owned(_team(request).name, video_id)
         if record is not None and not record.terminal:
             refreshed = await self._refresh(request, record)
@@ -446,6 +467,8 @@ class VideoRoutes:
         if refusal is not None:
             self.slots.metrics.remix_rejections.labels(refusal.code).inc()
             raise refusal
+        assert record is not None  # a missing record is refused above
+        return record
 
     def _refusal(self, record: VideoRecord | None, param: str) -> GatewayError | None:
         if record is None:
