@@ -10,8 +10,9 @@ bytes to upstream. File parts are never held in memory.
 from __future__ import annotations
 
 import asyncio
+import re
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,14 @@ REPLAY_CHUNK_BYTES = 1 << 16
 MAX_TEXT_FIELD_BYTES = 1 << 18  # a 32,000-character prompt in 4-byte UTF-8, with room
 MAX_PARTS = 64
 MAX_JSON_BYTES = 1 << 20  # the largest create is a 32,000-character prompt and a few fields
+# A key is a plain word: no brackets or dots, so no JSON key can alias a nested field the
+# way upstreams that flatten bodies read them (`video[id]`, `video.id`, `video[]`).
+KEY = re.compile(r"[A-Za-z0-9_]+")
+# A form part name is a key, or a nested one flattened as SDKs send it: `video[id]`.
+FORM_NAME = re.compile(r"([A-Za-z0-9_]+)((?:\[[A-Za-z0-9_]+\])*)")
+FORM_SEGMENT = re.compile(r"\[([A-Za-z0-9_]+)\]")
+
+Path = tuple[str, ...]
 
 
 def body_too_large(limit: int) -> GatewayError:
@@ -42,12 +51,19 @@ class RequestBody:
     `fields` is the JSON object, or the text parts of a multipart form keyed by their
     part names (nested objects arrive flattened as `video[id]`). `files` names the
     file parts. `raw` replays the exact bytes the client sent.
+
+    `paths` names every field once, however it was encoded: `{"video": {"id": ...}}`
+    and a part `video[id]` are both `("video", "id")`, in lower case. Reading a body
+    refuses one in which two fields share a path, or a field is also a prefix of
+    another (`video` and `video[id]`): whichever of them an upstream reads, it would
+    not be known to be the one the gateway checked. So the raw bytes can be replayed.
     """
 
     content_type: str
     size: int
     fields: dict[str, Any] = field(default_factory=dict)
     files: frozenset[str] = frozenset()
+    paths: dict[Path, str] = field(default_factory=dict)  # path -> the name as sent
     _spool: Any = None
 
     @property
@@ -104,11 +120,13 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float = 60.0) -
         body = RequestBody(content_type=content_type, size=size, _spool=spool)
         if form is not None:
             body.fields, body.files = form.finish()
+            body.paths = form.paths
         elif size > MAX_JSON_BYTES:
             # Uploads come as multipart; a JSON body is a few fields and is parsed whole.
             raise body_too_large(MAX_JSON_BYTES)
         elif size:
             body.fields = _json_object(spool, mime)
+            body.paths = dict(_json_paths(body.fields))
         return body
     except BaseException:
         spool.close()
@@ -131,14 +149,46 @@ def _json_object(spool: Any, mime: str) -> dict[str, Any]:
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object whose keys are unique: with a repeated key, the value the gateway
+    """A JSON object whose keys are plain words, unique even ignoring case: with a
+    repeated key (`video` and `Video` to a case-blind parser), the value the gateway
     checks and the one upstream reads could differ."""
     found: dict[str, Any] = {}
+    seen: set[str] = set()
     for key, value in pairs:
-        if key in found:
+        if not KEY.fullmatch(key):
+            raise invalid_request(
+                f"The field name {key!r} is not a plain word (letters, digits, '_'); "
+                "send nested fields as JSON objects.",
+                key,
+            )
+        if key.lower() in seen:
             raise invalid_request(f"The field {key!r} is given twice.", key)
+        seen.add(key.lower())
         found[key] = value
     return found
+
+
+def _json_paths(value: dict[str, Any], keys: Path = ()) -> Iterator[tuple[Path, str]]:
+    """Each field of a JSON object by path, objects descended into (see `RequestBody`),
+    with its name as sent, dotted: `video.id`."""
+    for key, item in value.items():
+        if isinstance(item, dict) and item:
+            yield from _json_paths(item, (*keys, key))
+        else:
+            sent = (*keys, key)
+            yield tuple(k.lower() for k in sent), ".".join(sent)
+
+
+def _form_path(name: str) -> Path:
+    """The path of a part name, `video[id]` -> ("video", "id"); 400 for any other shape."""
+    match = FORM_NAME.fullmatch(name)
+    if match is None:
+        raise invalid_request(
+            f"The field name {name!r} is not a plain word or a nested one like 'video[id]'.",
+            name,
+        )
+    head, rest = match.groups()
+    return (head.lower(), *(segment.lower() for segment in FORM_SEGMENT.findall(rest)))
 
 
 class _FormFields:
@@ -151,6 +201,8 @@ class _FormFields:
             raise invalid_request("The multipart body has no boundary in its Content-Type.")
         self.fields: dict[str, str] = {}
         self.files: set[str] = set()
+        self.paths: dict[Path, str] = {}
+        self._prefixes: set[Path] = set()
         self._parts = 0
         self._ended = False
         self._header_name = b""
@@ -231,10 +283,7 @@ class _FormFields:
 
     def _part_end(self) -> None:
         assert self._name is not None
-        if self._name in self.fields or self._name in self.files:
-            # The gateway checks one value and forwards the raw bytes: with a repeated
-            # name upstream might read the other one.
-            raise invalid_request(f"The field {self._name!r} is given twice.", self._name)
+        self._claim(self._name)
         if self._is_file:
             self.files.add(self._name)
             return
@@ -242,6 +291,20 @@ class _FormFields:
             self.fields[self._name] = self._data.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise invalid_request("A text field is not valid UTF-8.", param=self._name) from exc
+
+    def _claim(self, name: str) -> None:
+        """Refuse a part whose path another part has, or is inside, or contains.
+
+        The gateway checks one value and forwards the raw bytes: with two parts for one
+        field (`video[id]` twice, `Video[id]` and `video[id]`, `video` and `video[id]`)
+        upstream might read the other one.
+        """
+        path = _form_path(name)
+        inside = any(path[:n] in self.paths for n in range(1, len(path)))
+        if path in self.paths or path in self._prefixes or inside:
+            raise invalid_request(f"The field {name!r} is given twice.", name)
+        self.paths[path] = name
+        self._prefixes.update(path[:n] for n in range(1, len(path)))
 
     def _end(self) -> None:
         self._ended = True

@@ -7,7 +7,7 @@ script, atomic and idempotent on ids the caller makes, with time taken from Redi
 
 State:
 - `holders`  ZSET slot id -> lease deadline (ms). Its size is the count; nothing else is.
-- `slots`    HASH slot id -> JSON {team, state, video, owner, started, kind, fp}; state is
+- `slots`    HASH slot id -> JSON {team, state, video, owner, started, kind, want}; state is
   `reserved` (create sent or about to be), `bound` (a job id is known) or `unknown`
   (the create's answer was lost: the job may exist upstream; the tracker settles it).
 - `jobs`     HASH video id -> slot id: one job is counted by one slot.
@@ -54,7 +54,8 @@ end
 # Admit a waiter if the shared limit and its team's cap allow and no earlier waiter
 # that could run is ahead of it; otherwise (re)queue it and refresh its heartbeat.
 # ARGV: slot id, team, limit, lease ms, heartbeat ms, owner replica, kind,
-#       fingerprint, caps (JSON object team -> cap; absent teams have no cap).
+#       want (JSON object: what the request fixed, see `matching`), caps (JSON object
+#       team -> cap; absent teams have no cap).
 # Returns {1, 'admitted'} or {0, 'global_limit' | 'team_limit', waiters ahead, holders}.
 ACQUIRE_SCRIPT = (
     _PRELUDE
@@ -93,7 +94,7 @@ for _, w in ipairs(waiters) do
       redis.call('ZADD', holders, now + tonumber(ARGV[4]), slot)
       redis.call('HSET', slots, slot, cjson.encode({
         team = team, state = 'reserved', video = '', owner = ARGV[6],
-        started = now, kind = ARGV[7], fp = ARGV[8]}))
+        started = now, kind = ARGV[7], want = cjson.decode(ARGV[8])}))
       redis.call('ZREM', queue, slot)
       redis.call('ZREM', beats, slot)
       redis.call('HDEL', queue_team, slot)
@@ -139,7 +140,7 @@ local rec
 if raw then
   rec = cjson.decode(raw)
 else
-  rec = {team = ARGV[5], kind = ARGV[6], owner = ARGV[4], started = now, fp = ''}
+  rec = {team = ARGV[5], kind = ARGV[6], owner = ARGV[4], started = now}
 end
 local prev = redis.call('HGET', jobs, video)
 if prev and prev ~= slot then
@@ -273,7 +274,7 @@ class Slot:
     owner: str
     started_ms: int
     kind: str
-    fingerprint: str
+    want: dict[str, str]  # what its request fixed (see `matching`); {} when unknown
     deadline_ms: int
 
 
@@ -316,7 +317,8 @@ class SlotLedger:
         """The teams' own caps, as the acquire script reads them (changed on reload)."""
         self._caps = json.dumps(team_caps) if team_caps else "{}"
 
-    async def try_acquire(self, slot_id: str, team: str, kind: str, fingerprint: str) -> Admission:
+    async def try_acquire(self, slot_id: str, team: str, kind: str, want: str) -> Admission:
+        """Admit or queue a waiter; `want` is the JSON object the slot record keeps."""
         result = await self._acquire(
             keys=KEYS,
             args=[
@@ -327,7 +329,7 @@ class SlotLedger:
                 self.heartbeat_ms,
                 self.owner,
                 kind,
-                fingerprint,
+                want,
                 self._caps,
             ],
         )
@@ -402,7 +404,7 @@ class SlotLedger:
                     owner=str(rec.get("owner", "")),
                     started_ms=int(rec.get("started", 0)),
                     kind=str(rec.get("kind", "")),
-                    fingerprint=str(rec.get("fp", "")),
+                    want=_want(rec),
                     deadline_ms=int(deadline),
                 )
             )
@@ -412,6 +414,14 @@ class SlotLedger:
             claimed_videos=frozenset(_text(v) for v in claimed),
             waiting=int(waiting),
         )
+
+
+def _want(rec: dict[str, Any]) -> dict[str, str]:
+    """The record's `want`; a record written before it existed had only the prompt's `fp`."""
+    want = rec.get("want")
+    if isinstance(want, dict):
+        return {str(k): str(v) for k, v in want.items()}
+    return {"prompt": str(rec["fp"])} if rec.get("fp") else {}
 
 
 def _text(value: Any) -> str:

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
+import json
 import logging
 import math
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TypeVar
 
 from redis.asyncio import Redis
@@ -34,11 +34,6 @@ T = TypeVar("T")
 
 RECHECK_S = 0.25  # a waiter re-checks at least this often, even without a wake-up
 DEFAULT_JOB_S = 30.0  # the retry estimate's guess until a job has been seen to end
-
-
-def fingerprint(prompt: str) -> str:
-    """A short digest of the prompt, to recognise a job whose create answer was lost."""
-    return hashlib.sha256(prompt.encode()).hexdigest()[:16]
 
 
 class Ticket:
@@ -78,9 +73,15 @@ class JobSlots:
 
     @contextlib.asynccontextmanager
     async def hold(
-        self, team: Team, kind: str, prompt: str, disconnected: Callable[[], Awaitable[bool]]
+        self,
+        team: Team,
+        kind: str,
+        want: Mapping[str, str],
+        disconnected: Callable[[], Awaitable[bool]],
     ) -> AsyncIterator[Ticket]:
-        slot_id = await self._acquire(team, kind, fingerprint(prompt), disconnected)
+        """A slot for one job; `want` (see `matching.wanted`) lets the tracker recognise
+        the job if the create's answer is lost."""
+        slot_id = await self._acquire(team, kind, json.dumps(want), disconnected)
         ticket = Ticket(self, slot_id, team, kind)
         self.in_flight.add(slot_id)
         try:
@@ -100,7 +101,7 @@ class JobSlots:
                     log.warning("could not mark a slot unknown; the tracker will")
 
     async def _acquire(
-        self, team: Team, kind: str, fp: str, disconnected: Callable[[], Awaitable[bool]]
+        self, team: Team, kind: str, want: str, disconnected: Callable[[], Awaitable[bool]]
     ) -> str:
         slot_id = f"slot_{uuid.uuid4().hex}"
         loop = asyncio.get_running_loop()
@@ -110,7 +111,7 @@ class JobSlots:
             while True:
                 wake = self._released
                 try:
-                    admission = await self.ledger.try_acquire(slot_id, team.name, kind, fp)
+                    admission = await self.ledger.try_acquire(slot_id, team.name, kind, want)
                 except STORE_ERRORS:
                     self.metrics.quota_rejections.labels(team.name, "store_unavailable").inc()
                     raise

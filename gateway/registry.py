@@ -129,9 +129,13 @@ class VideoRegistry:
             ],
         )
 
-    async def update(self, video: dict[str, Any], body: bytes) -> bool:
-        """Store what upstream just said of a video; False if there is no record of it."""
-        key = _video_key(str(video["id"]))
+    async def update(self, video_id: str, video: dict[str, Any], body: bytes) -> bool:
+        """Store what upstream just said of `video_id`; False if there is no record of it.
+
+        The record is named by the id the caller asked about, never by the answer's own
+        `id` (see `answers.video_object`, which refuses an answer about another video).
+        """
+        key = _video_key(video_id)
         args = [str(video.get("status") or ""), _expiry_arg(video), body, _ttl(video)]
         try:
             updated = await self._batched.execute("EVALSHA", self._update.sha, 1, key, *args)

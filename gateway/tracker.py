@@ -27,9 +27,12 @@ from typing import Any
 
 from starlette.datastructures import Headers
 
+from .answers import video_object
+from .errors import GatewayError
 from .ledger import Slot, SlotLedger, Snapshot
+from .matching import pick
 from .parse import loads_json, whole_number
-from .quota import JobSlots, fingerprint
+from .quota import JobSlots
 from .registry import TERMINAL_STATUSES, VideoRegistry
 from .store import STORE_ERRORS
 from .upstream import Upstream, UpstreamError
@@ -39,7 +42,6 @@ log = logging.getLogger("gateway.tracker")
 MAX_PARALLEL_POLLS = 8
 MIN_TICK_S = 0.005
 END_MARGIN_MS = 5  # poll just after the predicted end, not just before it
-LIST_MATCH_SKEW_S = 60  # a lost create's job was created at most this long before its slot
 
 
 class Tracker:
@@ -166,11 +168,15 @@ class Tracker:
             await self.registry.forget(slot.video)
             await self.slots.finish(slot_id=slot.id, outcome="vanished")
             return
-        video = _object(reply.body) if reply.status < 300 else None
+        try:
+            video = video_object(reply, asked=slot.video) if reply.status < 300 else None
+        except GatewayError as exc:
+            log.warning("upstream answered a poll wrongly: %s", exc.message)
+            video = None
         if video is None:
-            await self.ledger.renew(slot.id)
+            await self.ledger.renew(slot.id)  # nothing learnt: the job is not over
             return
-        if not await self.registry.update(video, reply.body):
+        if not await self.registry.update(slot.video, video, reply.body):
             # Counted but never recorded (the store failed between the two writes):
             # the job is the slot's team's, so record it now rather than lose it.
             await self.registry.record(slot.team, slot.kind, video, reply.body)
@@ -225,7 +231,7 @@ class Tracker:
             return
         candidates = await self._unclaimed(listing.get("data") or [], snapshot)
         for slot in sorted(unknown, key=lambda s: s.started_ms):
-            match = _match(slot, candidates)
+            match = pick(slot.want, slot.started_ms, candidates)
             if match is not None:
                 candidates.remove(match)
                 await self._adopt_job(slot, match)
@@ -254,26 +260,6 @@ class Tracker:
         log.info("found the job of a create whose answer was lost", extra={"video_id": job["id"]})
         if job.get("status") in TERMINAL_STATUSES:
             await self.slots.finish(slot_id=slot.id, outcome=str(job["status"]))
-
-
-def _match(slot: Slot, candidates: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The candidate most likely to be this slot's job: same prompt, created after it."""
-    earliest = slot.started_ms / 1000 - LIST_MATCH_SKEW_S
-    recent = [
-        job
-        for job in candidates
-        if not isinstance(job.get("created_at"), int | float) or job["created_at"] >= earliest
-    ]
-    for job in sorted(recent, key=lambda j: j.get("created_at") or 0):
-        prompt = job.get("prompt")
-        if isinstance(prompt, str) and fingerprint(prompt) == slot.fingerprint:
-            return job
-    # Upstreams that do not echo the prompt: any running job nobody counts is ours to
-    # count, since counting it is what keeps the account under its limit.
-    for job in sorted(recent, key=lambda j: j.get("created_at") or 0):
-        if "prompt" not in job and job.get("status") in ("queued", "in_progress"):
-            return job
-    return None
 
 
 def _object(body: bytes) -> dict[str, Any] | None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -23,15 +22,18 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Message, Send
 
+from .answers import ID_SYNTAX, NO_RETRY, json_object, video_object
 from .auth import Team
 from .body import RequestBody, read_body
 from .errors import GatewayError, invalid_request, video_not_found
 from .logs import note
+from .matching import wanted
 from .openapi import FILE, VIDEO_ID, obj, operation, text
 from .params import check_job_params
 from .parse import whole_number
 from .quota import JobSlots
 from .registry import TERMINAL_STATUSES, VideoRecord, VideoRegistry
+from .sources import NO_SOURCE, REMIX_BY_BODY_SOURCE, derived_source, refuse_other_sources
 from .store import STORE_ERRORS
 from .upstream import (
     Download,
@@ -62,11 +64,9 @@ LIST_QUERY = {
     "order": {"enum": ["asc", "desc"]},
 }
 
-ID_SYNTAX = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 MAX_PROMPT_CHARS = 32_000
 CONTENT_VARIANTS = ("video", "thumbnail", "spritesheet")
 CONTENT_QUERY = {"variant": {"enum": list(CONTENT_VARIANTS)}}
-NO_RETRY = {"x-should-retry": "false"}
 
 
 class VideoRoutes:
@@ -115,6 +115,7 @@ class VideoRoutes:
         body = await self._body(request)
         try:
             _require_prompt(body)
+            refuse_other_sources(body, NO_SOURCE)
             return await self._start_job(request, "create", "videos", body)
         finally:
             body.close()
@@ -126,15 +127,21 @@ class VideoRoutes:
         body = await self._body(request)
         try:
             _require_prompt(body)
-            if "video_id" in body.fields or "video_id" in body.files:
-                # Only the checked id in the path may name the source: a second one in
-                # the body could reach an upstream that takes the source from the body.
-                raise invalid_request("The source video goes in the path only.", "video_id")
-            await self._check_source(request, source, "video_id")
+            # Only the checked id in the path may name the source: a second one in the
+            # body could reach an upstream that takes the source from the body.
+            refuse_other_sources(body, NO_SOURCE)
+            record = await self._check_source(request, source, "video_id")
             if self.remix_route == "path":
-                return await self._start_job(request, "remix", f"videos/{source}/remix", body)
+                return await self._start_job(
+                    request, "remix", f"videos/{source}/remix", body, source=record
+                )
             return await self._start_job(
-                request, "remix", "videos/remix", body, _with_field(body, "video_id", source)
+                request,
+                "remix",
+                "videos/remix",
+                body,
+                _with_field(body, "video_id", source),
+                source=record,
             )
         finally:
             body.close()
@@ -146,9 +153,10 @@ class VideoRoutes:
         try:
             source = _field_id(body.fields.get("video_id"), "video_id")
             _require_prompt(body)
-            await self._check_source(request, source, "video_id")
+            refuse_other_sources(body, REMIX_BY_BODY_SOURCE)
+            record = await self._check_source(request, source, "video_id")
             if self.remix_route == "body":
-                return await self._start_job(request, "remix", "videos/remix", body)
+                return await self._start_job(request, "remix", "videos/remix", body, source=record)
             if body.files:
                 raise invalid_request(
                     "File parts are not accepted here; use POST /v1/videos/{video_id}/remix.",
@@ -156,7 +164,12 @@ class VideoRoutes:
                 )
             fields = {k: v for k, v in body.fields.items() if k != "video_id"}
             return await self._start_job(
-                request, "remix", f"videos/{source}/remix", body, json.dumps(fields).encode()
+                request,
+                "remix",
+                f"videos/{source}/remix",
+                body,
+                json.dumps(fields).encode(),
+                source=record,
             )
         finally:
             body.close()
@@ -178,10 +191,12 @@ class VideoRoutes:
         body = await self._body(request)
         try:
             _require_prompt(body)
-            source = _source_reference(body)
-            if source is not None:
-                await self._check_source(request, source, "video.id")
-            return await self._start_job(request, kind, path, body)
+            reference = derived_source(body)
+            record = None
+            if reference is not None:
+                source = _field_id(reference, "video.id")
+                record = await self._check_source(request, source, "video.id")
+            return await self._start_job(request, kind, path, body, source=record)
         finally:
             body.close()
 
@@ -192,11 +207,14 @@ class VideoRoutes:
         path: str,
         body: RequestBody,
         rewritten: RequestBody | bytes | None = None,
+        *,
+        source: VideoRecord | None = None,
     ) -> Response:
         """Take a shared slot, send the job-creating request upstream, record the job.
 
         `rewritten` is what to send instead of the client's own bytes, when the remix
-        form has to be translated for upstream.
+        form has to be translated for upstream. `source` is the checked source video's
+        record, whose fields the job inherits (so a lost answer's job can be recognised).
 
         Upstream's refusal (4xx, 429) frees the slot at once. An answer that leaves it
         unknown whether the job exists upstream (a timeout, a reset, a 5xx) keeps the
@@ -212,8 +230,10 @@ class VideoRoutes:
             content_type, length = "application/json", len(outgoing)
         else:
             content, content_type, length = outgoing.raw(), outgoing.content_type, outgoing.size
-        prompt = str(body.fields["prompt"])  # checked by _require_prompt before any slot
-        async with self.slots.hold(team, kind, prompt, request.is_disconnected) as ticket:
+        # The prompt was checked by _require_prompt before any slot.
+        source_id, source_body = (source.id, source.body) if source else (None, "{}")
+        want = wanted(kind, body.fields, source_id, source_body)
+        async with self.slots.hold(team, kind, want, request.is_disconnected) as ticket:
             try:
                 reply = await self.upstream.call(
                     "POST",
@@ -241,7 +261,7 @@ class VideoRoutes:
                     error.headers.update(NO_RETRY)
                 raise error
             try:
-                video = _video_object(reply)
+                video = video_object(reply)
             except GatewayError as exc:
                 exc.headers.update(NO_RETRY)  # a 2xx: the job may well exist upstream
                 raise
@@ -367,7 +387,7 @@ class VideoRoutes:
             body.close()
         if reply.status >= 300:
             raise error_from_reply(reply, self.upstream.scrub)
-        character = _json_object(reply)
+        character = json_object(reply)
         character_id = character.get("id")
         if not isinstance(character_id, str) or not ID_SYNTAX.fullmatch(character_id):
             raise GatewayError(502, "upstream_error", "Upstream answered without a character id.")
@@ -431,8 +451,8 @@ class VideoRoutes:
             raise error_from_reply(reply, self.upstream.scrub)
         if reply.body == record.body.encode():
             return reply, record
-        video = _video_object(reply)
-        await self.registry.update(video, reply.body)
+        video = video_object(reply, asked=video_id)
+        await self.registry.update(video_id, video, reply.body)
         if video.get("status") in TERMINAL_STATUSES and not record.terminal:
             await self.slots.finish(video_id=video_id, outcome=str(video["status"]))
         return reply, record.seen(video, reply.body)
@@ -442,8 +462,9 @@ class VideoRoutes:
         await self.registry.forget(video_id)
         await self.slots.finish(video_id=video_id, outcome="vanished")
 
-    async def _check_source(self, request: Request, video_id: str, param: str) -> None:
-        """Refuse a remix/edit/extension source before anything is spent on it."""
+    async def _check_source(self, request: Request, video_id: str, param: str) -> VideoRecord:
+        """Refuse a remix/edit/extension source before anything is spent on it; the
+        accepted source's record."""
         record = await self.registry.owned(_team(request).name, video_id)
         if record is not None and not record.terminal:
             refreshed = await self._refresh(request, record)
@@ -452,6 +473,8 @@ class VideoRoutes:
         if refusal is not None:
             self.slots.metrics.remix_rejections.labels(refusal.code).inc()
             raise refusal
+        assert record is not None  # a missing record is refused above
+        return record
 
     def _refusal(self, record: VideoRecord | None, param: str) -> GatewayError | None:
         if record is None:
@@ -507,24 +530,6 @@ def _require_prompt(body: RequestBody) -> None:
         raise invalid_request(f"prompt is longer than {MAX_PROMPT_CHARS} characters.", "prompt")
 
 
-def _source_reference(body: RequestBody) -> str | None:
-    """The `video.id` an edit or extension refers to; None when a file was uploaded."""
-    if "video" in body.files:
-        if "video[id]" in body.fields or "video" in body.fields:
-            raise invalid_request("Send video as a file or as an id, not both.", "video")
-        return None
-    if body.is_multipart:
-        reference = body.fields.get("video[id]")
-    else:
-        video = body.fields.get("video")
-        if video is not None and not isinstance(video, dict):
-            raise invalid_request('video must be a file or an object {"id": ...}.', "video")
-        reference = video.get("id") if video else None
-    if reference is None:
-        raise invalid_request('video is required: a file or {"id": ...}.', "video")
-    return _field_id(reference, "video.id")
-
-
 def _with_field(body: RequestBody, name: str, value: str) -> bytes | RequestBody:
     """The body with one more field, for upstreams that take the remix source in the body."""
     if not body.is_multipart:
@@ -555,25 +560,6 @@ class _PrefixedBody(RequestBody):
 
 
 # -- upstream answers -----------------------------------------------------------------------
-
-
-def _json_object(reply: Reply) -> dict[str, Any]:
-    try:
-        value = reply.json()
-    except ValueError:
-        value = None
-    if not isinstance(value, dict):
-        raise GatewayError(502, "upstream_error", "Upstream answered with something not JSON.")
-    return value
-
-
-def _video_object(reply: Reply) -> dict[str, Any]:
-    video = _json_object(reply)
-    if not isinstance(video.get("id"), str) or not ID_SYNTAX.fullmatch(video["id"]):
-        raise GatewayError(
-            502, "upstream_error", "Upstream answered without a video id.", headers=NO_RETRY
-        )
-    return video
 
 
 def _passthrough(reply: Reply) -> Response:

@@ -63,7 +63,8 @@ async def get_faults(request: Request) -> Response:
 
 async def set_faults(request: Request) -> Response:
     """Set knobs (see `Faults`): latency_ms, fail_next, flap, rate_limit_next,
-    create_then_{500,hang}_next, truncate_next, stall_next, {truncate,garble}_json_next."""
+    create_then_{500,hang}_next, truncate_next, stall_next, {truncate,garble}_json_next,
+    other_id_next."""
     sim = _sim(request)
     try:
         sim.faults.update(await _json_object(request))

@@ -17,6 +17,7 @@ COUNTERS = (
     "truncate_json_next",
     "garble_json_next",
     "quote_credential_next",
+    "other_id_next",
 )
 # Whole-number knobs that stay on until set back to 0 (not used up).
 PATTERNS = ("flap",)
@@ -43,6 +44,8 @@ class Faults:
     - `quote_credential_next`: the next N authenticated /v1 requests answer 400 with
       the credential they presented quoted in every field of the error, in the forms a
       careless upstream writes it (plain, URL-encoded, form-encoded, JSON-escaped).
+    - `other_id_next`: the next N retrieves answer the asked video's object under the id
+      of another video (the newest other one), as a confused upstream or cache would.
     """
 
     latency_ms: float = 0.0
@@ -56,6 +59,7 @@ class Faults:
     truncate_json_next: int = 0
     garble_json_next: int = 0
     quote_credential_next: int = 0
+    other_id_next: int = 0
     _flap_seen: int = field(default=0, repr=False)
     _release: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 

@@ -252,6 +252,13 @@ class JobBook:
             raise SimError(404, "video_not_found", f"Video '{video_id}' not found.")
         return job
 
+    def other_id(self, video_id: str) -> str:
+        """The id of the newest job other than `video_id` (a made-up one if there is none)."""
+        others = [job for job in self.jobs.values() if job.id != video_id]
+        if not others:
+            return f"video_{uuid.uuid4().hex}"
+        return max(others, key=lambda job: (job.created, job.seq)).id
+
     def delete(self, video_id: str) -> None:
         """Forget the job; a running one stops counting against the limit at once."""
         self.get(video_id)

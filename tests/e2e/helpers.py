@@ -8,6 +8,7 @@ from __future__ import annotations
 import atexit
 import functools
 import secrets
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import httpx
@@ -51,16 +52,18 @@ def ok(reply: httpx.Response) -> dict[str, Any]:
 
 
 def multipart(
-    fields: dict[str, str], files: dict[str, tuple[str, bytes, str]] | None = None
+    fields: Mapping[str, str] | Iterable[tuple[str, str]],
+    files: dict[str, tuple[str, bytes, str]] | None = None,
 ) -> dict[str, Any]:
     """`content` and `headers` for a multipart/form-data body, text parts and file parts.
 
     httpx itself sends url-encoded forms when there is no file; the SDKs always send
-    multipart, so the body is built here.
+    multipart, so the body is built here. Text parts given as (name, value) pairs may
+    repeat a name.
     """
     boundary = "e2e-" + secrets.token_hex(12)
     parts: list[bytes] = []
-    for name, value in fields.items():
+    for name, value in fields.items() if isinstance(fields, Mapping) else fields:
         parts.append(
             f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
             + value.encode()

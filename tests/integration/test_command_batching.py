@@ -117,12 +117,12 @@ async def test_a_registry_update_survives_a_store_that_forgot_its_scripts(client
     await client.script_flush()
 
     running = {**video, "status": "in_progress"}
-    assert await registry.update(running, b'{"status":"in_progress"}') is True
+    assert await registry.update(running["id"], running, b'{"status":"in_progress"}') is True
 
     record = await registry.get("video_batch1")
     assert record is not None
     assert (record.status, record.body) == ("in_progress", '{"status":"in_progress"}')
-    assert await registry.update({"id": "video_unknown"}, b"{}") is False
+    assert await registry.update("video_unknown", {"id": "video_unknown"}, b"{}") is False
 
 
 async def test_concurrent_updates_after_the_scripts_were_flushed_all_land(client):
@@ -134,7 +134,7 @@ async def test_concurrent_updates_after_the_scripts_were_flushed_all_land(client
     await client.script_flush()
 
     done = await asyncio.gather(
-        *(registry.update({"id": v, "status": "completed"}, b'{"done":1}') for v in ids),
+        *(registry.update(v, {"id": v, "status": "completed"}, b'{"done":1}') for v in ids),
         registry.get(ids[0]),
     )
 

@@ -331,3 +331,58 @@ async def test_a_json_body_over_a_mebibyte_is_refused_even_under_the_upload_cap(
     with pytest.raises(GatewayError) as caught:
         await read(big, cap=8 << 20)
     assert (caught.value.status, caught.value.code) == (413, "request_too_large")
+
+
+# -- one path per field, whatever the encoding ------------------------------------------------
+
+
+async def test_json_and_form_name_each_field_by_the_same_path() -> None:
+    data = {"prompt": "p", "Video": {"ID": "video_1"}, "style": {}}
+    assert (await read(json.dumps(data).encode())).paths == {
+        ("prompt",): "prompt",
+        ("video", "id"): "Video.ID",
+        ("style",): "style",
+    }
+    sent = form(part("prompt", b"p"), part("Video[ID]", b"video_1"), part("f", b"x", "f.bin"))
+    assert (await read(sent, MULTIPART)).paths == {
+        ("prompt",): "prompt",
+        ("video", "id"): "Video[ID]",
+        ("f",): "f",
+    }
+
+
+@pytest.mark.parametrize(
+    ("data", "param"),
+    [
+        (b'{"prompt": "p", "video[id]": "v"}', "video[id]"),
+        (b'{"prompt": "p", "video[]": "v"}', "video[]"),
+        (b'{"prompt": "p", "video.id": "v"}', "video.id"),
+        (b'{"prompt": "p", "": "v"}', ""),
+        (b'{"prompt": "p", "a": [{"b c": 1}]}', "b c"),
+        (b'{"prompt": "p", "video": {"id": "a"}, "VIDEO": {"id": "b"}}', "VIDEO"),
+        (b'{"prompt": "p", "video": {"id": "a", "Id": "b"}}', "Id"),
+    ],
+    ids=["brackets", "empty-brackets", "dot", "empty", "inside-a-list", "case", "nested-case"],
+)
+async def test_a_json_key_that_could_alias_another_field_is_refused(data, param) -> None:
+    error = await refused(data)
+    assert (error.status, error.code, error.param) == (400, "invalid_request", param)
+
+
+@pytest.mark.parametrize(
+    ("names", "param"),
+    [
+        (["video[id]", "Video[id]"], "Video[id]"),
+        (["video[id]", "video"], "video"),
+        (["video", "video[id]"], "video[id]"),
+        (["video[id]", "video[id][x]"], "video[id][x]"),
+        (["video[]"], "video[]"),
+        (["video.id"], "video.id"),
+        (["video[id"], "video[id"),
+    ],
+    ids=["case", "leaf-after", "leaf-before", "deeper", "empty-brackets", "dot", "unclosed"],
+)
+async def test_form_parts_that_could_alias_another_field_are_refused(names, param) -> None:
+    sent = form(part("prompt", b"p"), *(part(name, b"video_x") for name in names))
+    error = await refused(sent, MULTIPART)
+    assert (error.status, error.code, error.param) == (400, "invalid_request", param)

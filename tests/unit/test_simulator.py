@@ -656,6 +656,15 @@ async def test_create_then_hang_holds_the_answer_until_reset(client):
     assert (await client.get("/_sim/stats")).json()["jobs_created"] == 0
 
 
+async def test_other_id_next_answers_a_retrieve_under_another_videos_id(client):
+    first, second = await create(client, "first"), await create(client, "second")
+    await client.post("/_sim/faults", json={"other_id_next": 1})
+    confused = (await client.get(f"/v1/videos/{first['id']}", headers=AUTH)).json()
+    assert (confused["id"], confused["prompt"]) == (second["id"], "first")
+    again = (await client.get(f"/v1/videos/{first['id']}", headers=AUTH)).json()
+    assert again["id"] == first["id"]
+
+
 async def test_latency_is_added_to_v1_answers(client):
     await client.post("/_sim/faults", json={"latency_ms": 60})
     started = time.perf_counter()

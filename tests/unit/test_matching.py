@@ -1,0 +1,121 @@
+"""A lost create's job is recognised by every field its request fixed, never by prompt alone."""
+
+from __future__ import annotations
+
+import json
+
+from gateway.matching import could_be, fingerprint, pick, wanted
+
+STARTED_MS = 1_700_000_000_000
+T = STARTED_MS // 1000
+
+
+def job(video_id: str, **fields: object) -> dict[str, object]:
+    base: dict[str, object] = {
+        "id": video_id,
+        "status": "queued",
+        "created_at": T,
+        "model": "sora-2",
+        "size": "720x1280",
+        "seconds": "4",
+        "prompt": "same prompt",
+        "remixed_from_video_id": None,
+    }
+    return {**base, **fields}
+
+
+def create_want(**fields: object) -> dict[str, str]:
+    return wanted("create", {"prompt": "same prompt", **fields}, None, "{}")
+
+
+def test_a_create_fixes_the_fields_it_sends_and_no_prompt_in_clear():
+    want = create_want(model="sora-2-pro", size="1280x720", seconds=8)
+    assert want == {
+        "prompt": fingerprint("same prompt"),
+        "model": "sora-2-pro",
+        "size": "1280x720",
+        "seconds": "8",
+        "source": "",
+    }
+    assert "same prompt" not in json.dumps(want)
+
+
+def test_two_teams_with_the_same_prompt_get_each_its_own_job():
+    """The swap of issue 11: the listing holds both jobs, same prompt, same second."""
+    alpha = create_want(model="sora-2", size="720x1280", seconds="4")
+    beta = create_want(model="sora-2-pro", size="1280x720", seconds="8")
+    jobs = [
+        job("video_beta", model="sora-2-pro", size="1280x720", seconds="8"),
+        job("video_alpha"),
+    ]  # newest first, as upstream lists them; one created_at second for both
+    assert pick(alpha, STARTED_MS, jobs)["id"] == "video_alpha"
+    assert pick(beta, STARTED_MS, jobs)["id"] == "video_beta"
+
+
+def test_a_job_whose_echo_contradicts_the_request_is_never_taken():
+    want = create_want(model="sora-2", size="720x1280", seconds="4")
+    for contradiction in (
+        {"prompt": "another prompt"},
+        {"model": "sora-2-pro"},
+        {"size": "1280x720"},
+        {"seconds": "8"},
+        {"remixed_from_video_id": "video_src"},  # a remix is not this create's job
+    ):
+        assert pick(want, STARTED_MS, [job("video_x", **contradiction)]) is None, contradiction
+
+
+def test_an_omitted_field_matches_whatever_upstream_chose():
+    want = create_want()
+    assert could_be(want, job("video_x", model="sora-2-pro", size="1792x1024", seconds="12"))
+
+
+def test_a_dated_model_snapshot_is_the_model_asked_for_but_another_model_is_not():
+    want = create_want(model="sora-2")
+    assert could_be(want, job("video_x", model="sora-2-2025-10-06"))
+    assert not could_be(want, job("video_x", model="sora-2-pro"))
+
+
+def test_seconds_as_a_number_or_a_string_are_the_same():
+    assert could_be(create_want(seconds=8), job("video_x", seconds=8))
+    assert could_be(create_want(seconds="8"), job("video_x", seconds=8))
+
+
+def test_a_remix_fixes_its_source_and_inherits_the_sources_fields():
+    source = json.dumps(
+        {"id": "video_src", "model": "sora-2-pro", "size": "1280x720", "seconds": "8"}
+    )
+    want = wanted("remix", {"prompt": "same prompt"}, "video_src", source)
+    assert want["source"] == "video_src" and want["size"] == "1280x720"
+    remix = job(
+        "video_r",
+        model="sora-2-pro",
+        size="1280x720",
+        seconds="8",
+        remixed_from_video_id="video_src",
+    )
+    assert could_be(want, remix)
+    assert not could_be(want, {**remix, "remixed_from_video_id": "video_other"})
+    assert not could_be(want, {**remix, "remixed_from_video_id": None})
+    assert not could_be(want, {**remix, "size": "720x1280"})
+
+
+def test_an_extension_does_not_fix_the_stitched_seconds():
+    source = json.dumps({"id": "video_src", "model": "sora-2", "size": "720x1280", "seconds": "8"})
+    want = wanted("extension", {"prompt": "same prompt", "seconds": "4"}, "video_src", source)
+    assert "seconds" not in want and "source" not in want
+    assert could_be(want, job("video_e", seconds="12"))
+
+
+def test_without_an_echoed_prompt_only_a_running_job_that_agrees_is_taken():
+    want = create_want(size="1280x720")
+    quiet = {k: v for k, v in job("video_q", size="1280x720").items() if k != "prompt"}
+    assert pick(want, STARTED_MS, [quiet])["id"] == "video_q"
+    assert pick(want, STARTED_MS, [{**quiet, "size": "720x1280"}]) is None
+    assert pick(want, STARTED_MS, [{**quiet, "status": "completed"}]) is None
+
+
+def test_a_job_echoing_the_prompt_is_preferred_and_too_old_a_job_is_not_taken():
+    want = create_want()
+    quiet = {k: v for k, v in job("video_q", created_at=T - 5).items() if k != "prompt"}
+    assert pick(want, STARTED_MS, [quiet, job("video_p")])["id"] == "video_p"
+    assert pick(want, STARTED_MS, [job("video_old", created_at=T - 3600)]) is None
