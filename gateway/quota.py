@@ -25,7 +25,7 @@ from .errors import GatewayError
 from .ledger import RELEASED_CHANNEL, SlotLedger
 from .logs import note
 from .metrics import GatewayMetrics
-from .store import STORE_ERRORS
+from .store import STORE_ERRORS, STORE_FAILURES, StoreBusy
 from .upstream import UpstreamError
 
 log = logging.getLogger("gateway.quota")
@@ -94,7 +94,7 @@ class JobSlots:
             if not ticket.settled:
                 try:
                     await _shielded(self.ledger.mark_unknown(slot_id))
-                except STORE_ERRORS:
+                except STORE_FAILURES:
                     # Still `reserved` in the store: the tracker treats a reserved slot
                     # with no request behind it as unknown, so nothing is lost.
                     log.warning("could not mark a slot unknown; the tracker will")
@@ -114,6 +114,12 @@ class JobSlots:
                 except STORE_ERRORS:
                     self.metrics.quota_rejections.labels(team.name, "store_unavailable").inc()
                     raise
+                except StoreBusy:
+                    # No connection was free, so nothing reached the store: this is one
+                    # more wait, and only a wait that runs out answers store_busy.
+                    if loop.time() >= deadline:
+                        raise
+                    continue
                 if admission.admitted:
                     waited = loop.time() - started
                     self.metrics.slot_wait.labels(team.name).observe(waited)

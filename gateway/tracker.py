@@ -30,7 +30,7 @@ from starlette.datastructures import Headers
 from .ledger import Slot, SlotLedger, Snapshot
 from .quota import JobSlots, fingerprint
 from .registry import TERMINAL_STATUSES, VideoRegistry
-from .store import STORE_ERRORS
+from .store import STORE_ERRORS, StoreBusy
 from .upstream import Upstream, UpstreamError
 
 log = logging.getLogger("gateway.tracker")
@@ -80,6 +80,9 @@ class Tracker:
             except STORE_ERRORS:
                 self.slots.metrics.store_errors.inc()
                 log.warning("tracker tick failed: the store is unreachable")
+            except StoreBusy:
+                self.slots.metrics.store_busy.inc()
+                log.warning("tracker tick deferred: no free store connection in time")
             except Exception:
                 log.exception("tracker tick failed")
             await asyncio.sleep(delay)

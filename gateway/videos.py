@@ -29,7 +29,7 @@ from .logs import note
 from .openapi import FILE, VIDEO_ID, obj, operation, text
 from .quota import JobSlots
 from .registry import TERMINAL_STATUSES, VideoRecord, VideoRegistry
-from .store import STORE_ERRORS
+from .store import STORE_FAILURES
 from .upstream import (
     Download,
     Reply,
@@ -243,7 +243,7 @@ class VideoRoutes:
             try:
                 await ticket.bind(video["id"])
                 await self.registry.record(team.name, kind, video, reply.body)
-            except STORE_ERRORS:
+            except STORE_FAILURES:
                 # The job runs upstream; the tracker will find and record it once the
                 # store is back. The client must not create it a second time.
                 log.error("could not record a created job", extra={"video_id": video["id"]})
@@ -367,7 +367,7 @@ class VideoRoutes:
             raise GatewayError(502, "upstream_error", "Upstream answered without a character id.")
         try:
             await self.registry.record_character(_team(request).name, character_id)
-        except STORE_ERRORS:
+        except STORE_FAILURES:
             log.error("could not record a created character", extra={"character": character_id})
             raise GatewayError(
                 503,
