@@ -1,6 +1,6 @@
 """`create_app(settings)`: the Starlette application with its routes, middleware and lifespan.
 
-The process-wide resources (one Redis client, one upstream HTTP client) are created in
+The process-wide resources (the store clients, one upstream HTTP client) are created in
 the lifespan and closed with it; handlers receive them through their owner objects,
 never through module globals.
 """
@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator
 
 import redis.exceptions
 from prometheus_client import CONTENT_TYPE_LATEST
-from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -28,16 +27,19 @@ from starlette.types import ASGIApp
 from . import __version__
 from .auth import TeamDirectory, bearer_matches
 from .config import Settings, TeamSettings
-from .errors import GatewayError, store_unavailable
-from .ledger import SlotLedger
+from .errors import GatewayError, store_busy, store_unavailable
+from .ledger import SlotLedger, Usage, read_usage
 from .metrics import GatewayMetrics, QuotaGauges
 from .middleware import GatewayMiddleware
 from .observe import RequestRecorder
 from .openapi import openapi_document, operation
 from .quota import JobSlots
+from .readiness import Readiness
 from .registry import VideoRegistry
 from .reload import TeamsReloader
-from .store import STORE_ERRORS, connect, connect_sentinel, warn_if_volatile
+from .shared_read import SharedRead
+from .store import STORE_ERRORS, StoreBusy, warn_if_volatile
+from .store_clients import StoreClients
 from .tracker import Tracker
 from .upstream import Upstream
 from .videos import VideoRoutes
@@ -58,20 +60,12 @@ def create_app(
     if url is None and sentinel is None:
         raise ValueError("no store: set store.redis_url or store.sentinel, or start one")
 
-    def store_client(*, retry_once: bool = False) -> Redis:
-        if url is not None:
-            return connect(url, retry_once=retry_once)
-        assert sentinel is not None
-        return connect_sentinel(sentinel, retry_once=retry_once)
-
-    store = store_client()
-    # Every registry command is a read or an idempotent write: it may be sent twice.
-    registry_store = store_client(retry_once=True)
+    stores = StoreClients.open(url, sentinel)
     metrics = GatewayMetrics(team.name for team in settings.teams)
     upstream = Upstream(settings.upstream, metrics)
-    registry = VideoRegistry(registry_store)
+    registry = VideoRegistry(stores.registry)
     ledger = SlotLedger(
-        store,
+        stores.ledger,
         limit=settings.quota.max_in_flight,
         team_caps=_caps(settings.teams),
         owner=replica_id(),
@@ -100,6 +94,15 @@ def create_app(
         remix_route=settings.upstream.remix_route,
     )
 
+    # The operational routes read the store only on `stores.ops`, never on admission's
+    # connections: readiness from the background check, the quota one read per scrape.
+    readiness = Readiness(stores.ops)
+
+    async def read_quota_once() -> Usage:
+        return await read_usage(stores.ops)
+
+    read_quota = SharedRead(read_quota_once)
+
     @operation("The process is alive")
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -112,13 +115,20 @@ def create_app(
                 401, "invalid_api_key", "This page needs its bearer token."
             ).response()
         try:
-            usage = await ledger.usage()
+            usage = await read_quota()
+        except StoreBusy:
+            gauges = None
         except STORE_ERRORS:
             metrics.store_errors.inc()
             gauges = None
         else:
             gauges = QuotaGauges(usage.in_use, ledger.limit, usage.waiting)
         return Response(metrics.exposition(gauges), media_type=CONTENT_TYPE_LATEST)
+
+    async def busy_error(request: Request, exc: Exception) -> Response:
+        metrics.store_busy.inc()
+        log.warning("no free store connection in time: answered store_busy")
+        return store_busy().response()
 
     async def store_error(request: Request, exc: Exception) -> Response:
         metrics.store_errors.inc()
@@ -127,9 +137,7 @@ def create_app(
 
     @operation("Ready: config loaded and the store answering")
     async def readyz(request: Request) -> Response:
-        try:
-            await store.ping()
-        except (*STORE_ERRORS, OSError):
+        if not readiness.ready():
             return store_unavailable().response()
         return JSONResponse({"status": "ready"})
 
@@ -142,12 +150,14 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await readiness.check()
         background = [
             asyncio.create_task(tracker.run(), name="tracker"),
-            asyncio.create_task(slots.listen(store), name="release-listener"),
+            asyncio.create_task(slots.listen(stores.pubsub), name="release-listener"),
+            asyncio.create_task(readiness.run(), name="readiness"),
         ]
-        with contextlib.suppress(*STORE_ERRORS):
-            await warn_if_volatile(store)
+        with contextlib.suppress(*STORE_ERRORS, StoreBusy):
+            await warn_if_volatile(stores.ops)
         if config_path is not None:
             reloader = TeamsReloader(config_path, settings, apply_teams)
             background.append(asyncio.create_task(reloader.watch(), name="config-reloader"))
@@ -158,8 +168,7 @@ def create_app(
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await upstream.aclose()
-            await store.aclose()
-            await registry_store.aclose()
+            await stores.aclose()
 
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
@@ -179,6 +188,7 @@ def create_app(
             HTTPException: _http_error,
             redis.exceptions.ConnectionError: store_error,
             redis.exceptions.TimeoutError: store_error,
+            StoreBusy: busy_error,
             Exception: _internal_error,
         },
         lifespan=lifespan,

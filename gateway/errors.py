@@ -80,3 +80,13 @@ def store_unavailable() -> GatewayError:
         "The gateway's shared store is unreachable; try again shortly.",
         headers={"retry-after": "1"},
     )
+
+
+def store_busy() -> GatewayError:
+    # This replica had no free store connection for a moment; the store itself is up.
+    return GatewayError(
+        503,
+        "store_busy",
+        "The gateway is busy; try again shortly.",
+        headers={"retry-after": "1"},
+    )

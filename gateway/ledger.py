@@ -11,8 +11,12 @@ State:
   `reserved` (create sent or about to be), `bound` (a job id is known) or `unknown`
   (the create's answer was lost: the job may exist upstream; the tracker settles it).
 - `jobs`     HASH video id -> slot id: one job is counted by one slot.
-- `queue`    ZSET waiting slot id -> arrival number; `beats` ZSET waiter -> heartbeat
-  deadline (a waiter whose replica died drops out); `queue_team` HASH waiter -> team.
+- `queue:<team>` ZSET waiting slot id -> arrival number: one FIFO per team, so an
+  admission decision merges the heads of the teams' FIFOs (at most `free slots` steps)
+  instead of walking every waiter. `queued_teams` SET: the teams whose FIFO is not
+  empty. `beats` ZSET waiter -> heartbeat deadline (a waiter whose replica died drops
+  out); `waiter_team` HASH waiter -> team (which FIFO it is in); `queue_seq` the
+  arrival counter shared by all FIFOs.
 
 A lease is a liveness promise of the replica that owns the slot: the owner renews it
 while the job runs; when it runs out, another replica adopts the slot and keeps the job
@@ -22,37 +26,57 @@ counted. Expiry never frees a slot by itself.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import redis.exceptions
 from redis.asyncio import Redis
 
 from .registry import PREFIX
 
 RELEASED_CHANNEL = PREFIX + "released"
+# A team's FIFO of waiters is QUEUE_PREFIX + team name; the prefix is passed in KEYS.
+QUEUE_PREFIX = PREFIX + "queue:"
 KEYS = [
     PREFIX + "holders",
     PREFIX + "slots",
     PREFIX + "jobs",
-    PREFIX + "queue",
+    PREFIX + "queued_teams",
     PREFIX + "beats",
-    PREFIX + "queue_team",
+    PREFIX + "waiter_team",
     PREFIX + "queue_seq",
+    QUEUE_PREFIX,
 ]
 
-# Shared by every script: the key names above and Redis time in milliseconds.
+# Shared by every script: the key names above and Redis time in milliseconds. KEYS[8]
+# is not a key but the prefix of the per-team FIFOs (`queue_of(team)`): every FIFO
+# shares the `{sgw}` hash tag, so the scripts still touch one cluster slot.
 _PRELUDE = """
 local holders, slots, jobs = KEYS[1], KEYS[2], KEYS[3]
-local queue, beats, queue_team, queue_seq = KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local queued_teams, beats, waiter_team, queue_seq = KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local function queue_of(team) return KEYS[8] .. team end
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function leave_queue(w)
+  local t = redis.call('HGET', waiter_team, w)
+  if t then
+    redis.call('ZREM', queue_of(t), w)
+    if redis.call('ZCARD', queue_of(t)) == 0 then redis.call('SREM', queued_teams, t) end
+  end
+  redis.call('ZREM', beats, w)
+  redis.call('HDEL', waiter_team, w)
 end
 """
 
 # Admit a waiter if the shared limit and its team's cap allow and no earlier waiter
 # that could run is ahead of it; otherwise (re)queue it and refresh its heartbeat.
+# The cost does not grow with the number of waiters: dead waiters are found by their
+# expired heartbeats (each is dropped once), the decision merges the heads of the
+# FIFOs of the teams under their cap in arrival order, at most `free slots` steps, and
+# `ahead` is one ZCOUNT per such team. What grows is only the number of teams waiting
+# and of slots held (at most about the limit).
 # ARGV: slot id, team, limit, lease ms, heartbeat ms, owner replica, kind,
 #       want (JSON object: what the request fixed, see `matching`), caps (JSON object
 #       team -> cap; absent teams have no cap).
@@ -63,15 +87,16 @@ ACQUIRE_SCRIPT = (
 local slot, team, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local now = now_ms()
 if redis.call('ZSCORE', holders, slot) then return {1, 'admitted'} end
-for _, w in ipairs(redis.call('ZRANGEBYSCORE', beats, '-inf', now)) do
-  redis.call('ZREM', queue, w)
-  redis.call('ZREM', beats, w)
-  redis.call('HDEL', queue_team, w)
+for _, w in ipairs(redis.call('ZRANGEBYSCORE', beats, '-inf', now)) do leave_queue(w) end
+local mine = queue_of(team)
+local arrival = redis.call('ZSCORE', mine, slot)
+if not arrival then
+  arrival = redis.call('INCR', queue_seq)
+  redis.call('ZADD', mine, arrival, slot)
+  redis.call('SADD', queued_teams, team)
+  redis.call('HSET', waiter_team, slot, team)
 end
-if not redis.call('ZSCORE', queue, slot) then
-  redis.call('ZADD', queue, redis.call('INCR', queue_seq), slot)
-  redis.call('HSET', queue_team, slot, team)
-end
+arrival = tonumber(arrival)
 redis.call('ZADD', beats, now + tonumber(ARGV[5]), slot)
 local caps = cjson.decode(ARGV[9])
 local held = {}
@@ -82,35 +107,51 @@ for _, h in ipairs(redis.call('ZRANGE', holders, 0, -1)) do
   held[t] = (held[t] or 0) + 1
   total = total + 1
 end
-local mine_full = caps[team] ~= nil and (held[team] or 0) >= caps[team]
-local counts = {}
-for t, n in pairs(held) do counts[t] = n end
-local waiters = redis.call('ZRANGE', queue, 0, -1)
-for _, w in ipairs(waiters) do
-  if total >= limit then break end
-  local t = redis.call('HGET', queue_team, w) or ''
-  if caps[t] == nil or (counts[t] or 0) < caps[t] then
-    if w == slot then
+local function room(t)
+  if caps[t] == nil then return limit end
+  return caps[t] - (held[t] or 0)
+end
+local teams = redis.call('SMEMBERS', queued_teams)
+if room(team) > 0 and total < limit then
+  -- Merge the eligible teams' FIFOs by arrival number; each step gives a free slot to
+  -- the earliest head, and a team stops taking slots when its cap is reached.
+  local heads, taken = {}, {}
+  for _, t in ipairs(teams) do
+    if room(t) > 0 then
+      local h = redis.call('ZRANGE', queue_of(t), 0, 0, 'WITHSCORES')
+      if h[1] then heads[t] = {h[1], tonumber(h[2])} end
+      taken[t] = 0
+    end
+  end
+  for _ = 1, limit - total do
+    local best
+    for t, h in pairs(heads) do
+      if best == nil or h[2] < heads[best][2] then best = t end
+    end
+    if best == nil then break end
+    if heads[best][1] == slot then
       redis.call('ZADD', holders, now + tonumber(ARGV[4]), slot)
       redis.call('HSET', slots, slot, cjson.encode({
         team = team, state = 'reserved', video = '', owner = ARGV[6],
         started = now, kind = ARGV[7], want = cjson.decode(ARGV[8])}))
-      redis.call('ZREM', queue, slot)
-      redis.call('ZREM', beats, slot)
-      redis.call('HDEL', queue_team, slot)
+      leave_queue(slot)
       return {1, 'admitted'}
     end
-    counts[t] = (counts[t] or 0) + 1
-    total = total + 1
+    taken[best] = taken[best] + 1
+    heads[best] = nil
+    if taken[best] < room(best) then
+      local h = redis.call('ZRANGE', queue_of(best), taken[best], taken[best], 'WITHSCORES')
+      if h[1] then heads[best] = {h[1], tonumber(h[2])} end
+    end
   end
 end
 local ahead = 0
-for _, w in ipairs(waiters) do
-  if w == slot then break end
-  local t = redis.call('HGET', queue_team, w) or ''
-  if caps[t] == nil or (held[t] or 0) < caps[t] then ahead = ahead + 1 end
+for _, t in ipairs(teams) do
+  if room(t) > 0 then
+    ahead = ahead + redis.call('ZCOUNT', queue_of(t), '-inf', '(' .. arrival)
+  end
 end
-return {0, mine_full and 'team_limit' or 'global_limit', ahead, total}
+return {0, room(team) > 0 and 'global_limit' or 'team_limit', ahead, total}
 """
 )
 
@@ -118,9 +159,7 @@ return {0, mine_full and 'team_limit' or 'global_limit', ahead, total}
 ABANDON_SCRIPT = (
     _PRELUDE
     + """
-redis.call('ZREM', queue, ARGV[1])
-redis.call('ZREM', beats, ARGV[1])
-redis.call('HDEL', queue_team, ARGV[1])
+leave_queue(ARGV[1])
 return 1
 """
 )
@@ -317,8 +356,10 @@ class SlotLedger:
         """The teams' own caps, as the acquire script reads them (changed on reload)."""
         self._caps = json.dumps(team_caps) if team_caps else "{}"
 
-    async def try_acquire(self, slot_id: str, team: str, kind: str, want: str) -> Admission:
-        """Admit or queue a waiter; `want` is the JSON object the slot record keeps."""
+    async def try_acquire(
+        self, slot_id: str, team: str, kind: str, want: Mapping[str, str]
+    ) -> Admission:
+        """Admit or queue a waiter; `want` (what the request fixed) goes into its record."""
         result = await self._acquire(
             keys=KEYS,
             args=[
@@ -329,7 +370,7 @@ class SlotLedger:
                 self.heartbeat_ms,
                 self.owner,
                 kind,
-                want,
+                json.dumps(want, separators=(",", ":")) if want else "{}",
                 self._caps,
             ],
         )
@@ -360,25 +401,6 @@ class SlotLedger:
         team, kind, started, now, video = (_text(v) for v in result[1:6])
         return Release(team, kind, video, (int(now) - int(float(started))) / 1000)
 
-    async def usage(self) -> Usage:
-        """Slots held and requests waiting, in one round trip.
-
-        A pure read, so a connection error is retried once: after a store restart the
-        first command on a pooled connection the restart killed fails, and a scrape
-        should not lose its quota gauges to that.
-        """
-        try:
-            return await self._read_usage()
-        except redis.exceptions.ConnectionError:
-            return await self._read_usage()
-
-    async def _read_usage(self) -> Usage:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zcard(KEYS[0])
-            pipe.zcard(KEYS[3])
-            in_use, waiting = await pipe.execute()
-        return Usage(int(in_use), int(waiting))
-
     async def snapshot(self) -> Snapshot:
         """Every slot with its lease, read in one round trip (for the tracker and metrics)."""
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -386,7 +408,7 @@ class SlotLedger:
             pipe.zrange(KEYS[0], 0, -1, withscores=True)
             pipe.hgetall(KEYS[1])
             pipe.hkeys(KEYS[2])
-            pipe.zcard(KEYS[3])
+            pipe.zcard(KEYS[4])
             (secs, micros), holders, records, claimed, waiting = await pipe.execute()
         slots = []
         for raw_id, deadline in holders:
@@ -422,6 +444,16 @@ def _want(rec: dict[str, Any]) -> dict[str, str]:
     if isinstance(want, dict):
         return {str(k): str(v) for k, v in want.items()}
     return {"prompt": str(rec["fp"])} if rec.get("fp") else {}
+
+
+async def read_usage(redis: Redis) -> Usage:
+    """Slots held and requests waiting, in one round trip: a pure read, so any client
+    (the operational one for `/metrics`) may send it, and send it twice."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zcard(KEYS[0])
+        pipe.zcard(KEYS[4])
+        in_use, waiting = await pipe.execute()
+    return Usage(int(in_use), int(waiting))
 
 
 def _text(value: Any) -> str:

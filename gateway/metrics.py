@@ -91,6 +91,11 @@ class GatewayMetrics:
         self.store_errors = Counter(
             PREFIX + "store_errors_total", "Operations that failed to reach the store.", registry=r
         )
+        self.store_busy = Counter(
+            PREFIX + "store_busy_total",
+            "Operations given up because no pooled store connection came free in time.",
+            registry=r,
+        )
         self.upstream_errors = Counter(
             PREFIX + "upstream_errors_total",
             "Upstream failures: timeout, unavailable, error (reset or 5xx), rate_limited.",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import uuid
@@ -25,7 +24,7 @@ from .errors import GatewayError
 from .ledger import RELEASED_CHANNEL, SlotLedger
 from .logs import note
 from .metrics import GatewayMetrics
-from .store import STORE_ERRORS
+from .store import STORE_ERRORS, STORE_FAILURES, StoreBusy
 from .upstream import UpstreamError
 
 log = logging.getLogger("gateway.quota")
@@ -81,7 +80,7 @@ class JobSlots:
     ) -> AsyncIterator[Ticket]:
         """A slot for one job; `want` (see `matching.wanted`) lets the tracker recognise
         the job if the create's answer is lost."""
-        slot_id = await self._acquire(team, kind, json.dumps(want), disconnected)
+        slot_id = await self._acquire(team, kind, want, disconnected)
         ticket = Ticket(self, slot_id, team, kind)
         self.in_flight.add(slot_id)
         try:
@@ -95,13 +94,17 @@ class JobSlots:
             if not ticket.settled:
                 try:
                     await _shielded(self.ledger.mark_unknown(slot_id))
-                except STORE_ERRORS:
+                except STORE_FAILURES:
                     # Still `reserved` in the store: the tracker treats a reserved slot
                     # with no request behind it as unknown, so nothing is lost.
                     log.warning("could not mark a slot unknown; the tracker will")
 
     async def _acquire(
-        self, team: Team, kind: str, want: str, disconnected: Callable[[], Awaitable[bool]]
+        self,
+        team: Team,
+        kind: str,
+        want: Mapping[str, str],
+        disconnected: Callable[[], Awaitable[bool]],
     ) -> str:
         slot_id = f"slot_{uuid.uuid4().hex}"
         loop = asyncio.get_running_loop()
@@ -115,6 +118,12 @@ class JobSlots:
                 except STORE_ERRORS:
                     self.metrics.quota_rejections.labels(team.name, "store_unavailable").inc()
                     raise
+                except StoreBusy:
+                    # No connection was free, so nothing reached the store: this is one
+                    # more wait, and only a wait that runs out answers store_busy.
+                    if loop.time() >= deadline:
+                        raise
+                    continue
                 if admission.admitted:
                     waited = loop.time() - started
                     self.metrics.slot_wait.labels(team.name).observe(waited)

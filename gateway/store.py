@@ -8,6 +8,7 @@ the test suite, so tests run the ledger's Lua against a real server, never a fak
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import logging
 import os
@@ -23,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 
 from .config import SentinelSettings
@@ -35,6 +37,9 @@ log = logging.getLogger("gateway.store")
 STARTUP_TIMEOUT_S = 10.0
 # What a dead or unreachable store raises: every such failure means 503, never a guess.
 STORE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+# How long a command waits for a free pooled connection before StoreBusy.
+POOL_WAIT_S = 2.0
+DEFAULT_POOL_SIZE = 32
 
 
 # A dead store must mean a quick 503, not a hang.
@@ -44,6 +49,37 @@ _CLIENT_OPTIONS: dict[str, Any] = {
     "health_check_interval": 10,
     "retry_on_timeout": False,
 }
+
+
+class StoreBusy(redis.exceptions.RedisError):
+    """Every pooled connection stayed in use for `POOL_WAIT_S`: this process is busy, the
+    store is not down. Not a STORE_ERRORS member, so it is never counted or answered as
+    an unreachable store; the caller answers 503 `store_busy` with a retry hint."""
+
+
+# Every way a store command can fail to happen, for callers that must act on "it may
+# not have been written" (a created job not recorded) whatever the reason.
+STORE_FAILURES = (*STORE_ERRORS, StoreBusy)
+
+
+class WaitingPool(BlockingConnectionPool):
+    """A bounded pool whose full state makes a command wait briefly for a connection
+    (redis-py's default pool raises at once), and then raise StoreBusy rather than the
+    ConnectionError that would read as the store being unreachable."""
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> AbstractConnection:
+        try:
+            return await super().get_connection()
+        except redis.exceptions.ConnectionError as exc:
+            # BlockingConnectionPool raises its wait's TimeoutError as the cause; a
+            # failure to connect has no such cause and stays a store error.
+            if isinstance(exc.__cause__, asyncio.TimeoutError):
+                raise StoreBusy(f"no free store connection within {self.timeout}s") from None
+            raise
+
+
+class SentinelWaitingPool(SentinelConnectionPool, WaitingPool):
+    """The same waiting pool, for connections to the primary that Sentinel names."""
 
 
 def _options(retry_once: bool) -> dict[str, Any]:
@@ -61,12 +97,22 @@ def _options(retry_once: bool) -> dict[str, Any]:
     }
 
 
-def connect(url: str, *, retry_once: bool = False) -> Redis:
-    """An asyncio client for one Redis at `url`."""
-    return Redis.from_url(url, **_options(retry_once))
+def connect(
+    url: str, *, max_connections: int = DEFAULT_POOL_SIZE, retry_once: bool = False
+) -> Redis:
+    """An asyncio client for one Redis at `url`, with its own pool of `max_connections`."""
+    pool = WaitingPool.from_url(
+        url, max_connections=max_connections, timeout=POOL_WAIT_S, **_options(retry_once)
+    )
+    return Redis.from_pool(pool)
 
 
-def connect_sentinel(settings: SentinelSettings, *, retry_once: bool = False) -> Redis:
+def connect_sentinel(
+    settings: SentinelSettings,
+    *,
+    max_connections: int = DEFAULT_POOL_SIZE,
+    retry_once: bool = False,
+) -> Redis:
     """A client for the current primary; after a failover it finds the new one itself."""
     sentinel = Sentinel(
         list(settings.hosts),
@@ -77,7 +123,12 @@ def connect_sentinel(settings: SentinelSettings, *, retry_once: bool = False) ->
         },
     )
     return sentinel.master_for(
-        settings.master_name, password=settings.password, **_options(retry_once)
+        settings.master_name,
+        connection_pool_class=SentinelWaitingPool,
+        password=settings.password,
+        max_connections=max_connections,
+        timeout=POOL_WAIT_S,
+        **_options(retry_once),
     )
 
 

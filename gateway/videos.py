@@ -34,7 +34,7 @@ from .parse import whole_number
 from .quota import JobSlots
 from .registry import TERMINAL_STATUSES, VideoRecord, VideoRegistry
 from .sources import NO_SOURCE, REMIX_BY_BODY_SOURCE, derived_source, refuse_other_sources
-from .store import STORE_ERRORS
+from .store import STORE_FAILURES
 from .upstream import (
     Download,
     Reply,
@@ -269,7 +269,7 @@ class VideoRoutes:
             try:
                 await ticket.bind(video["id"])
                 await self.registry.record(team.name, kind, video, reply.body)
-            except STORE_ERRORS:
+            except STORE_FAILURES:
                 # The job runs upstream; the tracker will find and record it once the
                 # store is back. The client must not create it a second time.
                 log.error("could not record a created job", extra={"video_id": video["id"]})
@@ -393,7 +393,7 @@ class VideoRoutes:
             raise GatewayError(502, "upstream_error", "Upstream answered without a character id.")
         try:
             await self.registry.record_character(_team(request).name, character_id)
-        except STORE_ERRORS:
+        except STORE_FAILURES:
             log.error("could not record a created character", extra={"character": character_id})
             raise GatewayError(
                 503,

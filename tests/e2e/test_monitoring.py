@@ -60,7 +60,7 @@ QUEUE_S = 0.2
 RUN_S = 0.6
 LONG_RUN_S = 60.0  # jobs that hold their slots until deleted
 HOLDERS = "{sgw}:holders"
-QUEUE = "{sgw}:queue"
+WAITERS = "{sgw}:beats"  # every waiter has a heartbeat
 PROMPT = "a heron standing in a misty river"
 # What Grafana puts in place of its variables when every team is selected.
 GRAFANA_VARIABLES = {
@@ -333,7 +333,7 @@ def test_slots_in_use_is_the_ledger_count_on_every_replica_and_worker(rig: Rig) 
         readings.append((gateway.name, in_use, ledger))
         assert in_use == ledger == LIMIT, readings
         assert limit == LIMIT
-        assert waiting == rig.redis.zcard(QUEUE) == 0
+        assert waiting == rig.redis.zcard(WAITERS) == 0
 
     def both_workers_answered() -> bool:
         with ThreadPoolExecutor(4) as pool:

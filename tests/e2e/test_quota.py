@@ -46,7 +46,7 @@ RUNNING = ("queued", "in_progress")
 
 HOLDERS = "{sgw}:holders"
 SLOTS = "{sgw}:slots"
-QUEUE = "{sgw}:queue"
+WAITERS = "{sgw}:beats"  # every waiter has a heartbeat
 
 ENVELOPE_FIELDS = {"message", "type", "param", "code"}
 QUOTA_CODES = ("concurrency_limit_exceeded", "team_concurrency_limit_exceeded")
@@ -126,7 +126,7 @@ class Rig:
         return int(self.redis.zcard(HOLDERS))
 
     def waiting(self) -> int:
-        return int(self.redis.zcard(QUEUE))
+        return int(self.redis.zcard(WAITERS))
 
     def held_slots(self) -> list[dict[str, Any]]:
         """The records of the slots counted in `holders` (one transaction)."""

@@ -102,16 +102,19 @@ class Rig:
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.zcard("{sgw}:holders")
             pipe.hlen("{sgw}:slots")
-            pipe.zcard("{sgw}:queue")
             pipe.zcard("{sgw}:beats")
-            pipe.hlen("{sgw}:queue_team")
-            holders, slots, queue, beats, queue_team = pipe.execute()
+            pipe.hlen("{sgw}:waiter_team")
+            pipe.scard("{sgw}:queued_teams")
+            for team in TEAMS:
+                pipe.zcard(f"{{sgw}}:queue:{team}")
+            holders, slots, beats, waiter_team, queued_teams, *fifos = pipe.execute()
         return {
             "holders": holders,
             "slots": slots,
-            "queue": queue,
+            "queue": sum(fifos),  # waiters in the teams' FIFOs
+            "queued_teams": queued_teams,
             "beats": beats,
-            "queue_team": queue_team,
+            "waiter_team": waiter_team,
         }
 
     def owner(self, video_id: str) -> str | None:
@@ -506,7 +509,8 @@ def test_a_client_gone_while_waiting_for_a_slot_leaves_the_queue(
         wait_until(lambda: rig.ledger()["queue"] == 1, 5, "the create queued for a slot")
     wait_until(lambda: rig.ledger()["queue"] == 0, 3, "the abandoned waiter left the queue")
     ledger = rig.ledger()
-    assert (ledger["beats"], ledger["queue_team"], ledger["holders"]) == (0, 0, LIMIT), ledger
+    assert (ledger["beats"], ledger["waiter_team"], ledger["queued_teams"]) == (0, 0, 0), ledger
+    assert ledger["holders"] == LIMIT, ledger
     for team, video_id in held:  # a delete ends a job at once
         with rig.client(team) as client:
             assert client.delete(f"/v1/videos/{video_id}").status_code == 200

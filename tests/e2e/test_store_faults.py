@@ -270,7 +270,7 @@ class Rig:
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.zcard("{sgw}:holders")
             pipe.hlen("{sgw}:slots")
-            pipe.zcard("{sgw}:queue")
+            pipe.hlen("{sgw}:waiter_team")  # one entry per waiter in the teams' FIFOs
             pipe.zcard("{sgw}:beats")
             holders, slots, queue, beats = pipe.execute()
         return {"holders": holders, "slots": slots, "queue": queue, "beats": beats}

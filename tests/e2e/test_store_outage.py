@@ -33,6 +33,7 @@ from gateway.store import EmbeddedRedis, free_port
 
 TRACKER = {"poll_interval_s": 0.3, "lease_s": 2}
 RECOVERY_S = 10.0  # the brief's bound for ready-and-admitting after the store is back
+NOT_READY_S = 3.0  # readiness is checked each second, each check bounded to one second
 # §7: a slot is free within 2 x poll_interval of its job ending; the rest is slack for a
 # loaded machine (the first tick after a restart also reconnects to the store).
 RELEASE_S = 2 * TRACKER["poll_interval_s"] + 3.0
@@ -181,6 +182,15 @@ def _ready(node: Node) -> bool:
     return httpx.get(node.gateway.url + "/readyz", timeout=5.0).status_code == 200
 
 
+def _not_ready(node: Node) -> bool:
+    """`/readyz` answers from a check run each second: 503 `store_unavailable` soon."""
+    reply = httpx.get(node.gateway.url + "/readyz", timeout=5.0)
+    if reply.status_code == 200:
+        return False
+    assert_error(reply, 503, "store_unavailable")
+    return True
+
+
 def _create(client: httpx.Client, prompt: str) -> httpx.Response:
     return client.post("/v1/videos", json={"prompt": prompt})
 
@@ -211,6 +221,7 @@ def test_with_the_store_down_the_gateway_is_alive_not_ready_and_fails_closed(vol
 
     node.store_down()
 
+    wait_until(lambda: _not_ready(node), NOT_READY_S, "/readyz 503 once the store is down")
     # Twice: the first requests meet the pool's dead connections, later ones a refused port.
     for _ in range(2):
         ready = httpx.get(node.gateway.url + "/readyz", timeout=10.0)
@@ -253,7 +264,7 @@ def test_with_the_store_down_a_character_is_not_created_upstream(volatile):
 def test_once_the_store_is_back_the_gateway_recovers_without_a_manual_step(volatile):
     node = volatile
     node.store_down()
-    assert_error(httpx.get(node.gateway.url + "/readyz", timeout=10.0), 503, "store_unavailable")
+    wait_until(lambda: _not_ready(node), NOT_READY_S, "/readyz 503 once the store is down")
     with node.client() as client:
         assert_error(_create(client, "during the outage"), 503, "store_unavailable")
     assert node.sim_stats()["jobs_created"] == 0

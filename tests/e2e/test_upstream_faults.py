@@ -245,7 +245,7 @@ def check_ledger_and_health(rig: Rig, answers: list[Answer]) -> None:
         interval=0.1,
     )
     assert rig.redis.hlen("{sgw}:slots") == 0
-    assert rig.redis.zcard("{sgw}:queue") == 0
+    assert rig.redis.hlen("{sgw}:waiter_team") == 0  # nobody left waiting
     jobs = rig.upstream_jobs()
     assert len(jobs) == rig.stats()["jobs_created"]
     lost = {job["id"]: job["prompt"] for job in jobs if rig.owner(job["id"]) is None}

@@ -80,7 +80,7 @@ class LedgerMachine(RuleBasedStateMachine):
         if replica not in self.alive:
             return None
         slot = f"slot_{uuid.uuid4().hex[:8]}"
-        admission = self.run(self.ledgers[replica].try_acquire(slot, team, "create", "{}"))
+        admission = self.run(self.ledgers[replica].try_acquire(slot, team, "create", {}))
         if not admission.admitted:
             self.run(self.ledgers[replica].abandon(slot))
             return None

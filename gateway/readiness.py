@@ -1,0 +1,56 @@
+"""Readiness answered from the last background check, so `/readyz` costs no store trip.
+
+A probe that pinged the store per request let a flood of unauthenticated `/readyz`
+calls take every store connection. Here one task checks the store every
+`CHECK_EVERY_S` on the operational connection and `/readyz` reads the result: a store
+that goes away turns the answer to 503 within about a second, and back to 200 as soon
+as a check succeeds again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import redis.exceptions
+from redis.asyncio import Redis
+
+log = logging.getLogger("gateway.readiness")
+
+CHECK_EVERY_S = 1.0
+CHECK_TIMEOUT_S = 1.0  # a hung store fails the check rather than hold the last answer
+STALE_AFTER_S = 3 * CHECK_EVERY_S  # no check for this long (a stuck task): not ready
+
+
+class Readiness:
+    def __init__(self, store: Redis) -> None:
+        self._store = store
+        self._ok = False
+        self._checked_at = 0.0  # event loop time of the last finished check
+
+    def ready(self) -> bool:
+        """The last check's answer, if it is recent."""
+        fresh = asyncio.get_running_loop().time() - self._checked_at <= STALE_AFTER_S
+        return self._ok and fresh
+
+    async def check(self) -> bool:
+        """Ping the store once and remember the answer."""
+        try:
+            async with asyncio.timeout(CHECK_TIMEOUT_S):
+                await self._store.ping()
+            ok = True
+        except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
+            ok = False
+            if self._ok:
+                log.warning("not ready: the store does not answer (%s)", type(exc).__name__)
+        if ok and not self._ok and self._checked_at:
+            log.info("ready again: the store answers")
+        self._ok = ok
+        self._checked_at = asyncio.get_running_loop().time()
+        return ok
+
+    async def run(self) -> None:
+        """Check forever, one check at a time."""
+        while True:
+            await asyncio.sleep(CHECK_EVERY_S)
+            await self.check()

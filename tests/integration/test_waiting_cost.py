@@ -1,0 +1,112 @@
+"""The cost of one admission decision does not grow with the number of waiters.
+
+Each waiting request re-runs the acquire script several times a second, so a script
+that walks every waiter costs O(waiters) per call and O(waiters²) per second. The
+ledger keeps one FIFO per team and merges their heads; here the store itself counts
+the commands one decision runs (INFO commandstats counts those run inside scripts),
+with 10 and with 1,000 waiters queued, and the order of CONTRACT §3 is checked on the
+same FIFOs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis
+
+from gateway.ledger import SlotLedger
+from gateway.store import EmbeddedRedis, connect
+
+LIMIT = 2
+CAPS = {"capped": 1}
+
+
+@pytest.fixture(scope="module")
+def private_store() -> Iterator[EmbeddedRedis]:
+    """A server of its own: its command counts are this test's alone."""
+    with EmbeddedRedis(persistent=False) as server:
+        yield server
+
+
+@pytest.fixture
+async def ledger(private_store: EmbeddedRedis) -> AsyncIterator[SlotLedger]:
+    client = connect(private_store.url)
+    await client.flushall()
+    yield SlotLedger(client, limit=LIMIT, team_caps=CAPS, owner="r1", lease_s=60)
+    await client.aclose()
+
+
+def commands_run(store: EmbeddedRedis) -> int:
+    """Every command the server has run, those inside scripts included."""
+    with redis.Redis.from_url(store.url) as client:
+        stats = client.info("commandstats")
+    return sum(int(stat["calls"]) for name, stat in stats.items() if name != "cmdstat_info")
+
+
+async def queue_waiters(ledger: SlotLedger, team: str, count: int) -> None:
+    for n in range(count):
+        admission = await ledger.try_acquire(f"slot_{team}_{n}", team, "create", {})
+        assert not admission.admitted
+
+
+async def decision_cost(ledger: SlotLedger, store: EmbeddedRedis, waiters: int) -> tuple[int, int]:
+    """Commands run by (a waiter's re-check with every slot held, a new arrival's
+    admission past a whole queue of waiters whose team is at its cap)."""
+    assert (await ledger.try_acquire("slot_capped_running", "capped", "create", {})).admitted
+    await queue_waiters(ledger, "capped", waiters)  # capped is at its cap: none may run
+    assert (await ledger.try_acquire("slot_alpha_running", "alpha", "create", {})).admitted
+    await queue_waiters(ledger, "alpha", 3)  # the limit is reached
+
+    before = commands_run(store)
+    recheck = await ledger.try_acquire("slot_alpha_1", "alpha", "create", {})
+    recheck_cost = commands_run(store) - before
+    assert (recheck.admitted, recheck.reason, recheck.ahead) == (False, "global_limit", 1)
+
+    await ledger.release("slot_alpha_running")
+    for n in range(3):
+        await ledger.abandon(f"slot_alpha_{n}")
+    before = commands_run(store)
+    arrival = await ledger.try_acquire("slot_beta_new", "beta", "create", {})
+    arrival_cost = commands_run(store) - before
+    assert arrival.admitted, "every earlier waiter's team is at its cap"
+    return recheck_cost, arrival_cost
+
+
+async def test_one_decision_costs_the_same_with_10_and_1000_waiters(
+    ledger: SlotLedger, private_store: EmbeddedRedis
+) -> None:
+    few = await decision_cost(ledger, private_store, 10)
+    await ledger.redis.flushall()
+    many = await decision_cost(ledger, private_store, 1000)
+    assert many == few, f"commands per decision: {few} with 10 waiters, {many} with 1000"
+
+
+async def test_waiters_are_served_in_arrival_order_among_teams_under_their_cap(
+    ledger: SlotLedger,
+) -> None:
+    assert (await ledger.try_acquire("c_running", "capped", "create", {})).admitted
+    assert (await ledger.try_acquire("a_running", "alpha", "create", {})).admitted
+    arrivals = [("c1", "capped"), ("a1", "alpha"), ("b1", "beta"), ("a2", "alpha")]
+    for slot, team in arrivals:
+        assert not (await ledger.try_acquire(slot, team, "create", {})).admitted
+
+    waiting = await ledger.try_acquire("a2", "alpha", "create", {})
+    # c1 is ahead but its team is at its cap: it does not count as ahead.
+    assert (waiting.reason, waiting.ahead) == ("global_limit", 2)
+    capped = await ledger.try_acquire("c1", "capped", "create", {})
+    assert (capped.admitted, capped.reason) == (False, "team_limit")
+
+    await ledger.release("a_running")  # one slot free: it goes to a1, the earliest eligible
+    assert not (await ledger.try_acquire("b1", "beta", "create", {})).admitted
+    assert not (await ledger.try_acquire("a2", "alpha", "create", {})).admitted
+    assert (await ledger.try_acquire("a1", "alpha", "create", {})).admitted
+
+    await ledger.release("c_running")  # c1 may run again, and it arrived first
+    assert not (await ledger.try_acquire("b1", "beta", "create", {})).admitted
+    assert (await ledger.try_acquire("c1", "capped", "create", {})).admitted
+
+    await ledger.release("a1")
+    await ledger.abandon("b1")  # the next in line leaves: a2 is first now
+    assert (await ledger.try_acquire("a2", "alpha", "create", {})).admitted
+    assert await ledger.redis.zcard("{sgw}:beats") == 0  # nobody left waiting
