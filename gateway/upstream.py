@@ -11,6 +11,7 @@ reached upstream (a create that may exist upstream must not invite a blind retry
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -70,30 +71,54 @@ class Reply:
 
 
 class Download:
-    """An upstream answer whose body is streamed: status and headers first, bytes after."""
+    """An upstream answer whose body is streamed: status and headers first, bytes after.
+
+    Each body read waits at most `upstream.timeout_s` for upstream; time spent while the
+    gateway's own client is not reading does not count, so a slow reader is never cut.
+    """
 
     def __init__(self, upstream: Upstream, response: aiohttp.ClientResponse) -> None:
         self._upstream = upstream
         self._response = response
         self.status = response.status
         self.headers = _lowercase(response.headers)
+        _take_over_read_timeout(response)
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The raw bytes as they arrive (still content-encoded, if upstream encoded them)."""
+        content = self._response.content
+        timeout_s = self._upstream.settings.timeout_s
         try:
-            async for chunk in self._response.content.iter_any():
+            while True:
+                async with asyncio.timeout(timeout_s):
+                    chunk = await content.readany()
+                if not chunk:
+                    return
                 yield chunk
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise self._upstream.failed(exc) from None
 
     async def read(self) -> bytes:
-        try:
-            return await self._response.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise self._upstream.failed(exc) from None
+        return b"".join([chunk async for chunk in self.chunks()])
 
     def close(self) -> None:
         self._response.release()
+
+
+def _take_over_read_timeout(response: aiohttp.ClientResponse) -> None:
+    """From the answer's head on, body reads are timed by `Download`, not by aiohttp.
+
+    aiohttp's `sock_read` timer belongs to the pooled connection, not to the request.
+    When a body aiohttp had paused (its reader slower than upstream) ends inside
+    aiohttp's resume, aiohttp 3.14 re-arms that timer after it has already put the
+    connection back in the pool; when it fires, the connection's next request fails at
+    once with a read timeout. With the connection's read timeout off once the head has
+    arrived nothing can be left armed (aiohttp's `ws_connect` hands the timeout over the
+    same way); the next request on the connection sets it again.
+    """
+    connection = response.connection
+    if connection is not None and connection.protocol is not None:
+        connection.protocol.read_timeout = None
 
 
 class Upstream:
@@ -182,20 +207,9 @@ class Upstream:
         url = f"{self.settings.base_url}/{path}"
         started = time.perf_counter()
         try:
-            try:
-                response = await self._client().request(
-                    method, url, params=params, data=content, headers=headers,
-                    allow_redirects=False,
-                )  # fmt: skip
-            except aiohttp.ServerTimeoutError:
-                # A pooled connection can hold a read timeout left from its previous
-                # answer and fail the next request at once. A GET that failed that
-                # fast never waited on upstream: send it once more on another connection.
-                if method != "GET" or time.perf_counter() - started > 0.1 * self.settings.timeout_s:
-                    raise
-                response = await self._client().request(
-                    method, url, params=params, headers=headers, allow_redirects=False
-                )
+            response = await self._client().request(
+                method, url, params=params, data=content, headers=headers, allow_redirects=False
+            )
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise self.failed(exc) from None
         status = response.status
