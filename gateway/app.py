@@ -29,6 +29,7 @@ from starlette.types import ASGIApp
 from . import __version__
 from .auth import TeamDirectory
 from .config import Settings, TeamSettings
+from .downloads import DownloadBudget
 from .errors import GatewayError, store_unavailable
 from .ledger import SlotLedger
 from .metrics import GatewayMetrics, QuotaGauges
@@ -69,7 +70,7 @@ def create_app(
     # Every registry command is a read or an idempotent write: it may be sent twice.
     registry_store = store_client(retry_once=True)
     metrics = GatewayMetrics(team.name for team in settings.teams)
-    upstream = Upstream(settings.upstream, metrics)
+    upstream = Upstream(settings.upstream, metrics, max_downloads=settings.limits.max_downloads)
     registry = VideoRegistry(registry_store)
     ledger = SlotLedger(
         store,
@@ -95,6 +96,7 @@ def create_app(
         registry=registry,
         upstream=upstream,
         slots=slots,
+        downloads=DownloadBudget(settings.limits.max_downloads, settings.limits.max_team_downloads),
         max_body_bytes=settings.limits.max_body_bytes,
         body_timeout_s=settings.limits.body_timeout_s,
         client_idle_timeout_s=settings.limits.client_idle_timeout_s,
@@ -128,8 +130,12 @@ def create_app(
         log.warning("store unreachable: %s", type(exc).__name__)
         return store_unavailable().response()
 
-    @operation("Ready: config loaded and the store answering")
+    @operation("Ready: config loaded, the store answering, upstream calls not starved")
     async def readyz(request: Request) -> Response:
+        if upstream.starved:
+            return GatewayError(
+                503, "upstream_starved", "Upstream calls are waiting for connections."
+            ).response()
         try:
             await store.ping()
         except (*STORE_ERRORS, OSError):
