@@ -10,6 +10,10 @@ from .auth import key_digest, new_key
 from .config import ConfigError, load_settings
 from .scrub import redact_url
 
+# The servers the gateway is tested under; "auto" is uvicorn's pick (uvloop, httptools).
+LOOPS = ("auto", "asyncio", "uvloop")
+HTTP_PARSERS = ("auto", "httptools", "h11")
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -24,6 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument(
         "--workers", type=int, default=1, help="worker processes, each a full replica"
+    )
+    serve.add_argument(
+        "--loop", choices=LOOPS, default="auto", help="event loop (auto: uvloop when installed)"
+    )
+    serve.add_argument(
+        "--http", choices=HTTP_PARSERS, default="auto", help="HTTP parser (auto: httptools)"
     )
 
     check = commands.add_parser("check-config", help="validate a config file")
@@ -66,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         from .serve import serve
 
-        return serve(args.config, args.host, args.port, args.workers)
+        return serve(args.config, args.host, args.port, args.workers, args.loop, args.http)
     if args.command == "simulate":
         return _simulate(args)
     from .demo import run_demo

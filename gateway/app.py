@@ -27,6 +27,7 @@ from starlette.types import ASGIApp
 from . import __version__
 from .auth import TeamDirectory, bearer_matches
 from .config import Settings, TeamSettings
+from .downloads import DownloadBudget
 from .errors import GatewayError, store_busy, store_unavailable
 from .ledger import SlotLedger, Usage, read_usage
 from .metrics import GatewayMetrics, QuotaGauges
@@ -62,7 +63,7 @@ def create_app(
 
     stores = StoreClients.open(url, sentinel)
     metrics = GatewayMetrics(team.name for team in settings.teams)
-    upstream = Upstream(settings.upstream, metrics)
+    upstream = Upstream(settings.upstream, metrics, max_downloads=settings.limits.max_downloads)
     registry = VideoRegistry(stores.registry)
     ledger = SlotLedger(
         stores.ledger,
@@ -88,6 +89,7 @@ def create_app(
         registry=registry,
         upstream=upstream,
         slots=slots,
+        downloads=DownloadBudget(settings.limits.max_downloads, settings.limits.max_team_downloads),
         max_body_bytes=settings.limits.max_body_bytes,
         body_timeout_s=settings.limits.body_timeout_s,
         client_idle_timeout_s=settings.limits.client_idle_timeout_s,
@@ -135,8 +137,12 @@ def create_app(
         log.warning("store unreachable: %s", type(exc).__name__)
         return store_unavailable().response()
 
-    @operation("Ready: config loaded and the store answering")
+    @operation("Ready: config loaded, the store answering, upstream calls not starved")
     async def readyz(request: Request) -> Response:
+        if upstream.starved:
+            return GatewayError(
+                503, "upstream_starved", "Upstream calls are waiting for connections."
+            ).response()
         if not readiness.ready():
             return store_unavailable().response()
         return JSONResponse({"status": "ready"})

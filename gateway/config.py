@@ -92,6 +92,11 @@ class LimitsSettings:
     # A download whose client accepts no byte for this long is cut off: a reader that
     # stopped cannot hold a connection and an upstream stream forever.
     client_idle_timeout_s: float = 120.0
+    # Downloads relayed at once by one replica, and by one team on one replica. Each
+    # holds an upstream connection of its own pool and up to 1 MiB of buffers while
+    # its client is slower than upstream; beyond either bound a download is 429.
+    max_downloads: int = 128
+    max_team_downloads: int = 32
 
 
 @dataclass(frozen=True)
@@ -291,13 +296,25 @@ class _Checker:
             # adopt its jobs while it is healthy.
             self.fail("tracker.lease_s", "must be at least twice tracker.poll_interval_s")
         limits_sec = self.section(
-            raw, "limits", {"max_body_bytes", "body_timeout_s", "client_idle_timeout_s"}
+            raw,
+            "limits",
+            {
+                "max_body_bytes",
+                "body_timeout_s",
+                "client_idle_timeout_s",
+                "max_downloads",
+                "max_team_downloads",
+            },
         )
         limits = LimitsSettings(
             max_body_bytes=self.integer(limits_sec, "limits", "max_body_bytes", 52_428_800),
             body_timeout_s=self.number(limits_sec, "limits", "body_timeout_s", 60.0),
             client_idle_timeout_s=self.number(limits_sec, "limits", "client_idle_timeout_s", 120.0),
+            max_downloads=self.integer(limits_sec, "limits", "max_downloads", 128),
+            max_team_downloads=self.integer(limits_sec, "limits", "max_team_downloads", 32),
         )
+        if limits.max_team_downloads > limits.max_downloads:
+            self.fail("limits.max_team_downloads", "must be at most limits.max_downloads")
         logging_sec = self.section(raw, "logging", {"level", "format"})
         logging = LoggingSettings(
             level=self.choice(

@@ -102,6 +102,15 @@ class GatewayMetrics:
             ["kind"],
             registry=r,
         )
+        self.upstream_pool_starved = Counter(
+            PREFIX + "upstream_pool_starved_total",
+            "Upstream calls that waited over a second for a pooled connection, by pool "
+            "(api, tracker, download): the replica's upstream calls are starved.",
+            ["pool"],
+            registry=r,
+        )
+        for pool in ("api", "tracker", "download"):
+            self.upstream_pool_starved.labels(pool)
         self.lease_expiries = Counter(
             PREFIX + "lease_expiries_total",
             "Jobs released by quota.max_job_s because they were never seen to end.",

@@ -33,7 +33,14 @@ GRACEFUL_SHUTDOWN_S = 30
 KEEP_ALIVE_S = 75
 
 
-def serve(config_path: str, host: str, port: int, workers: int = 1) -> int:
+def serve(
+    config_path: str,
+    host: str,
+    port: int,
+    workers: int = 1,
+    loop: str = "auto",
+    http: str = "auto",
+) -> int:
     try:
         settings = load_settings(config_path)
     except ConfigError as exc:
@@ -44,7 +51,7 @@ def serve(config_path: str, host: str, port: int, workers: int = 1) -> int:
     # make that handler a clean exit, so the embedded store and temp dirs are cleaned up.
     signal.signal(signal.SIGTERM, _exit_cleanly)
     try:
-        return _run(settings, config_path, host, port, workers)
+        return _run(settings, config_path, host, port, workers, {"loop": loop, "http": http})
     except KeyboardInterrupt:
         return 0
 
@@ -53,13 +60,21 @@ def _exit_cleanly(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
-def _run(settings: Settings, config_path: str, host: str, port: int, workers: int) -> int:
+def _run(
+    settings: Settings,
+    config_path: str,
+    host: str,
+    port: int,
+    workers: int,
+    server: dict[str, str],
+) -> int:
     with ExitStack() as stack:
         url = settings.store.redis_url
         if settings.store.embedded:
             url = stack.enter_context(EmbeddedRedis(settings.store.data_dir)).url
         listener = stack.enter_context(listen(host, port, settings.limits.client_idle_timeout_s))
         options = {
+            **server,
             "log_config": None,
             "access_log": False,
             # The gateway uses no client address, so it trusts no X-Forwarded-* header;

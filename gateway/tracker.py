@@ -160,7 +160,11 @@ class Tracker:
             try:
                 reply = await asyncio.wait_for(
                     self.upstream.call(
-                        "GET", f"videos/{slot.video}", inbound=Headers(), request_id=_tracker_id()
+                        "GET",
+                        f"videos/{slot.video}",
+                        inbound=Headers(),
+                        request_id=_tracker_id(),
+                        pool="tracker",
                     ),
                     self.call_timeout_s,
                 )
@@ -222,6 +226,7 @@ class Tracker:
                     params={"limit": "100", "order": "desc"},
                     inbound=Headers(),
                     request_id=_tracker_id(),
+                    pool="tracker",
                 ),
                 self.call_timeout_s,
             )

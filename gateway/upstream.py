@@ -12,10 +12,12 @@ reached upstream (a create that may exist upstream must not invite a blind retry
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, Literal
 
 import aiohttp
 from starlette.datastructures import Headers
@@ -26,6 +28,18 @@ from .logs import note
 from .metrics import GatewayMetrics
 from .parse import loads_json
 from .scrub import Scrubber, url_secret
+
+log = logging.getLogger("gateway.upstream")
+
+# Each kind of call has a connection pool of its own, so long downloads (bounded by
+# limits.max_downloads) can never take the connections that retrieves, creates and the
+# tracker's polls need. The tracker polls at most 8 jobs at once (tracker.py).
+Pool = Literal["api", "tracker", "download"]
+API_CONNECTIONS = 128
+TRACKER_CONNECTIONS = 16
+# A call that has waited this long for a pooled connection means the pool is starved.
+STARVED_AFTER_S = 1.0
+DOWNLOAD_CHUNK_BYTES = 1 << 16
 
 # Request headers a client may pass to upstream; everything else is dropped.
 FORWARDED_REQUEST_HEADERS = ("accept", "range", "user-agent", "openai-beta", "if-range")
@@ -85,13 +99,19 @@ class Download:
         _take_over_read_timeout(response)
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """The raw bytes as they arrive (still content-encoded, if upstream encoded them)."""
+        """The raw bytes as they arrive (still content-encoded, if upstream encoded them).
+
+        At most 64 KiB each: aiohttp's own `iter_any` hands over all it has buffered
+        (often 256-384 KiB, one socket read past its high-water mark), and every chunk
+        in flight to a slow reader is held by the gateway until the client takes it.
+        Each read is timed here, not by aiohttp (see `_take_over_read_timeout`).
+        """
         content = self._response.content
         timeout_s = self._upstream.settings.timeout_s
         try:
             while True:
                 async with asyncio.timeout(timeout_s):
-                    chunk = await content.readany()
+                    chunk = await content.read(DOWNLOAD_CHUNK_BYTES)
                 if not chunk:
                     return
                 yield chunk
@@ -121,24 +141,80 @@ def _take_over_read_timeout(response: aiohttp.ClientResponse) -> None:
         connection.protocol.read_timeout = None
 
 
+@dataclass(eq=False)
+class _Wait:
+    """One call's wait for a pooled connection (aiohttp's trace context for it)."""
+
+    pool: Pool
+    since: float | None = None
+
+
 class Upstream:
-    def __init__(self, settings: UpstreamSettings, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self, settings: UpstreamSettings, metrics: GatewayMetrics, *, max_downloads: int = 128
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
         if settings.auth_header == "api-key":
             self._auth = ("api-key", settings.token)
         else:
             self._auth = ("authorization", f"Bearer {settings.token}")
-        self._session: aiohttp.ClientSession | None = None
         # What upstream might quote back: the token, and a credential in the base URL.
         self.scrub = Scrubber([settings.token, url_secret(settings.base_url)])
+        self._limits: dict[Pool, int] = {
+            "api": API_CONNECTIONS,
+            "tracker": TRACKER_CONNECTIONS,
+            "download": max_downloads,
+        }
+        self._sessions: dict[Pool, aiohttp.ClientSession] = {}
+        self._waiting: set[_Wait] = set()
+        self._trace = aiohttp.TraceConfig()
+        self._trace.on_connection_queued_start.append(self._queued)
+        self._trace.on_connection_queued_end.append(self._dequeued)
 
-    def _client(self) -> aiohttp.ClientSession:
+    @property
+    def starved(self) -> bool:
+        """Whether a retrieve, create or tracker poll has been waiting for a connection
+        longer than STARVED_AFTER_S: upstream calls of this replica cannot get out.
+        Cheap (no I/O), for readiness to use."""
+        now = time.monotonic()
+        return any(
+            w.pool != "download" and w.since is not None and now - w.since > STARVED_AFTER_S
+            for w in self._waiting
+        )
+
+    async def _queued(self, session: Any, context: SimpleNamespace, params: Any) -> None:
+        wait = context.trace_request_ctx
+        if isinstance(wait, _Wait):
+            wait.since = time.monotonic()
+            self._waiting.add(wait)
+
+    async def _dequeued(self, session: Any, context: SimpleNamespace, params: Any) -> None:
+        if isinstance(context.trace_request_ctx, _Wait):
+            self._done_waiting(context.trace_request_ctx)
+
+    def _done_waiting(self, wait: _Wait) -> None:
+        """A call got its connection, or gave up waiting: report a long wait."""
+        if wait.since is None:
+            return
+        waited = time.monotonic() - wait.since
+        wait.since = None
+        self._waiting.discard(wait)
+        if waited > STARVED_AFTER_S:
+            self.metrics.upstream_pool_starved.labels(wait.pool).inc()
+            log.warning(
+                "upstream call waited for a pooled connection: the pool is exhausted",
+                extra={"pool": wait.pool, "waited_ms": round(waited * 1000)},
+            )
+
+    def _client(self, pool: Pool) -> aiohttp.ClientSession:
         # Made on first use, inside the running loop, as aiohttp requires.
-        if self._session is None or self._session.closed:
+        session = self._sessions.get(pool)
+        if session is None or session.closed:
             timeout = self.settings.timeout_s
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=30),
+            session = self._sessions[pool] = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._limits[pool], keepalive_timeout=30),
+                trace_configs=[self._trace],
                 timeout=aiohttp.ClientTimeout(
                     total=None, connect=timeout, sock_connect=timeout, sock_read=timeout
                 ),
@@ -149,11 +225,11 @@ class Upstream:
                 # team's cookies on another team's requests.
                 cookie_jar=aiohttp.DummyCookieJar(),
             )
-        return self._session
+        return session
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        for session in self._sessions.values():
+            await session.close()
 
     def _headers(
         self,
@@ -192,8 +268,9 @@ class Upstream:
         content_type: str | None = None,
         content_length: int | None = None,
         pass_encoding: bool = False,
+        pool: Pool = "api",
     ) -> Download:
-        """Send a request; the answer's body is not read yet."""
+        """Send a request on `pool`'s connections; the answer's body is not read yet."""
         if isinstance(content, bytes):
             content_length = len(content)
         headers = self._headers(
@@ -206,12 +283,16 @@ class Upstream:
         route = route_template(path)
         url = f"{self.settings.base_url}/{path}"
         started = time.perf_counter()
+        wait = _Wait(pool)
         try:
-            response = await self._client().request(
-                method, url, params=params, data=content, headers=headers, allow_redirects=False
-            )
+            response = await self._client(pool).request(
+                method, url, params=params, data=content, headers=headers,
+                allow_redirects=False, trace_request_ctx=wait,
+            )  # fmt: skip
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise self.failed(exc) from None
+        finally:
+            self._done_waiting(wait)
         status = response.status
         elapsed = time.perf_counter() - started
         self.metrics.upstream_answered(route, status, elapsed)

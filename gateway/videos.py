@@ -10,7 +10,6 @@ for the tracker.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -18,13 +17,13 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Message, Send
 
 from .answers import ID_SYNTAX, NO_RETRY, json_object, video_object
 from .auth import Team
 from .body import RequestBody, read_body
+from .downloads import DownloadBudget
 from .errors import GatewayError, invalid_request, video_not_found
 from .logs import note
 from .matching import wanted
@@ -33,10 +32,10 @@ from .params import check_job_params
 from .parse import whole_number
 from .quota import JobSlots
 from .registry import TERMINAL_STATUSES, VideoRecord, VideoRegistry
+from .relay import Relay
 from .sources import NO_SOURCE, REMIX_BY_BODY_SOURCE, derived_source, refuse_other_sources
 from .store import STORE_FAILURES
 from .upstream import (
-    Download,
     Reply,
     Upstream,
     UpstreamError,
@@ -78,6 +77,7 @@ class VideoRoutes:
         registry: VideoRegistry,
         upstream: Upstream,
         slots: JobSlots,
+        downloads: DownloadBudget,
         max_body_bytes: int,
         body_timeout_s: float,
         client_idle_timeout_s: float,
@@ -87,6 +87,7 @@ class VideoRoutes:
         self.registry = registry
         self.upstream = upstream
         self.slots = slots
+        self.downloads = downloads
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
         self.client_idle_timeout_s = client_idle_timeout_s
@@ -321,27 +322,34 @@ class VideoRoutes:
                 f"variant must be one of {', '.join(CONTENT_VARIANTS)}.", "variant"
             )
         await self._owned(request, video_id)
-        download = await self.upstream.open(
-            "GET",
-            f"videos/{video_id}/content",
-            params={"variant": variant},
-            inbound=request.headers,
-            request_id=_request_id(request),
-            pass_encoding=True,
-        )
+        claim = self.downloads.claim(_team(request).name)
+        try:
+            download = await self.upstream.open(
+                "GET",
+                f"videos/{video_id}/content",
+                params={"variant": variant},
+                inbound=request.headers,
+                request_id=_request_id(request),
+                pass_encoding=True,
+                pool="download",
+            )
+        except BaseException:
+            claim.release()
+            raise
         if download.status >= 300:
             try:
                 body = await download.read()
             finally:
                 download.close()
+                claim.release()
             raise error_from_reply(
                 Reply(download.status, download.headers, body), self.upstream.scrub
             )
-        return _Relay(
-            _relay(download),
-            status_code=download.status,
+        return Relay(
+            download,
             headers=response_headers(download.headers, streaming=True),
             send_timeout_s=self.client_idle_timeout_s,
+            on_close=claim.release,
         )
 
     @operation("Your team's videos, newest first", query=LIST_QUERY)
@@ -580,48 +588,3 @@ def _upstream_rate_limited(reply: Reply) -> GatewayError:
         "The upstream API is at its concurrency limit; try again shortly.",
         headers=headers,
     )
-
-
-async def _relay(download: Download) -> AsyncIterator[bytes]:
-    """Upstream's bytes as they arrive; the connection is released however it ends.
-
-    A stream cut upstream (counted as an upstream error) aborts the client's
-    connection too, so the client cannot mistake a partial body for the whole one.
-    """
-    try:
-        async for chunk in download.chunks():
-            yield chunk
-    except UpstreamError as exc:
-        log.warning("upstream stream broke mid-download", extra={"code": exc.code})
-        raise
-    finally:
-        download.close()
-
-
-class _Relay(StreamingResponse):
-    """A streamed download that lets go of a client who stops reading.
-
-    A slow reader is served as long as bytes keep moving, but one that accepts nothing
-    for `send_timeout_s` (`limits.client_idle_timeout_s`) is cut off, so it cannot hold
-    a connection, a request and an upstream connection forever.
-    """
-
-    def __init__(self, *args: Any, send_timeout_s: float, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.send_timeout_s = send_timeout_s
-
-    async def stream_response(self, send: Send) -> None:
-        async def bounded(message: Message) -> None:
-            try:
-                async with asyncio.timeout(self.send_timeout_s):
-                    await send(message)
-            except TimeoutError:
-                log.warning("cut off a download whose client stopped reading")
-                raise
-
-        try:
-            await super().stream_response(bounded)
-        finally:
-            # However the stream ends (done, cut off, client gone), release upstream's
-            # connection now rather than whenever the generator is collected.
-            await self.body_iterator.aclose()  # type: ignore[attr-defined]

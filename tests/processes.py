@@ -107,10 +107,16 @@ def write_config(path: Path, config: dict[str, Any]) -> Path:
     return path
 
 
-def start_gateway(tmp: Path, config: dict[str, Any], env: dict[str, str] | None = None) -> Process:
+def start_gateway(
+    tmp: Path,
+    config: dict[str, Any],
+    env: dict[str, str] | None = None,
+    extra_args: tuple[str, ...] = (),
+) -> Process:
+    """A gateway replica; `extra_args` are more `serve` options (e.g. `--loop asyncio`)."""
     port = free_port()
     config_path = write_config(tmp / f"gateway-{port}.yaml", config)
-    args = ["serve", "--config", str(config_path), "--port", str(port)]
+    args = ["serve", "--config", str(config_path), "--port", str(port), *extra_args]
     return Process("gateway", args, port, tmp / f"gateway-{port}.log", env=env or {}).start(
         "/readyz"
     )

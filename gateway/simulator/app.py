@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
@@ -28,6 +29,7 @@ from .jobs import (
 )
 from .media import VARIANTS, ByteRange, Content, RangeNotSatisfiable, parse_range
 from .state import SimulatorState
+from .traffic import Traffic
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
@@ -286,10 +288,14 @@ async def download_content(request: Request) -> Response:
     if job.is_expired(now):
         raise SimError(400, "video_expired", f"Video '{job.id}' has expired.")
     content = sim.media.content(job.id, variant, sim.settings.content_bytes)
-    return _content_response(content, VARIANTS[variant][1], request.headers.get("range"))
+    return _content_response(
+        content, VARIANTS[variant][1], request.headers.get("range"), sim.traffic
+    )
 
 
-def _content_response(content: Content, media_type: str, range_header: str | None) -> Response:
+def _content_response(
+    content: Content, media_type: str, range_header: str | None, traffic: Traffic
+) -> Response:
     length = content.length
     try:
         wanted = parse_range(range_header, length)
@@ -311,14 +317,22 @@ def _content_response(content: Content, media_type: str, range_header: str | Non
         headers["content-range"] = wanted.content_range(length)
     headers["content-length"] = str(wanted.stop - wanted.start)
     return StreamingResponse(
-        _stream(content.chunks(wanted.start, wanted.stop)),
+        _stream(content.chunks(wanted.start, wanted.stop), traffic),
         status_code=status,
         media_type=media_type,
         headers=headers,
     )
 
 
-async def _stream(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
-    """Chunks are made one at a time as the client takes them: memory stays flat."""
+async def _stream(chunks: Iterator[bytes], traffic: Traffic) -> AsyncIterator[bytes]:
+    """Chunks are made one at a time as the client takes them: memory stays flat.
+
+    Each is counted once handed to the server, so a test can tell how much of a body
+    upstream sent before its reader went away. Making a chunk never waits, and the
+    server drops what is sent after a disconnect without waiting either: the pause
+    after each chunk lets Starlette's disconnect watcher run and end the stream.
+    """
     for chunk in chunks:
         yield chunk
+        traffic.content_bytes_sent += len(chunk)
+        await asyncio.sleep(0)

@@ -39,5 +39,6 @@ class SimulatorState:
             "jobs_created": self.jobs.jobs_created,
             "requests": self.traffic.requests,
             "auth_rejected": self.traffic.auth_rejected,
+            "content_bytes_sent": self.traffic.content_bytes_sent,
             "credentials_seen": self.traffic.credentials(),
         }

@@ -37,6 +37,7 @@ class Traffic:
     def __init__(self, capacity: int = LOG_CAPACITY) -> None:
         self.requests = 0
         self.auth_rejected = 0
+        self.content_bytes_sent = 0  # content bytes the server has taken to send
         self._log: deque[dict[str, Any]] = deque(maxlen=capacity)
         self._credentials: dict[str, None] = {}
 
@@ -66,5 +67,6 @@ class Traffic:
     def clear(self) -> None:
         self.requests = 0
         self.auth_rejected = 0
+        self.content_bytes_sent = 0
         self._log.clear()
         self._credentials.clear()

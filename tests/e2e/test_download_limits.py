@@ -1,0 +1,283 @@
+"""What downloads may take from a replica: connections, memory, and upstream's bytes.
+
+- Downloads claim from a budget per replica (`limits.max_downloads`) and per team on a
+  replica (`limits.max_team_downloads`), beyond which they are 429 with retry-after;
+  they use an upstream pool of their own, so stalled downloads never starve the JSON
+  routes or the tracker.
+- A stalled download holds at most the README's figure of memory in the gateway.
+- A download whose client has gone stops pulling from upstream, whatever the server's
+  event loop and HTTP parser.
+
+Raw sockets stand in for clients that stop reading; every wait polls with a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+import redis
+from conftest import gateway_config
+from processes import Process, start_gateway, start_simulator, wait_until
+
+from gateway.auth import new_key
+from gateway.store import EmbeddedRedis
+
+TEAMS = ("alpha", "beta", "gamma")
+MAX_DOWNLOADS = 104
+MAX_TEAM_DOWNLOADS = 100
+STALLED = 100
+CONTENT_BYTES = 1 << 30  # never read to the end by a stalled client
+CLIENT_RCVBUF = 64 * 1024  # fixed: no autotuning hides a stalled reader
+# The README's figure (Production notes): what one stalled download holds at most.
+PER_STALLED_DOWNLOAD_BYTES = 512 * 1024
+# Bytes a download may move after its client closed: what sits in the socket buffers
+# on the way (loopback's can be several MiB each), far less than the file.
+GONE_SLACK_BYTES = 32 * 1024 * 1024
+SETTLE_S = 15.0
+
+
+@dataclass
+class Rig:
+    workdir: Path
+    store: EmbeddedRedis
+    simulator: Process
+    gateway: Process
+    token: str
+    keys: dict[str, str]
+    redis: redis.Redis
+    config: dict[str, Any]
+
+    def client(self, team: str, gateway: Process | None = None) -> httpx.Client:
+        return httpx.Client(
+            base_url=(gateway or self.gateway).url,
+            headers={"authorization": f"Bearer {self.keys[team]}"},
+            timeout=20.0,
+        )
+
+    def sent(self) -> int:
+        """Content bytes the simulated upstream has sent so far."""
+        return httpx.get(self.simulator.url + "/_sim/stats").json()["content_bytes_sent"]
+
+    def rss(self) -> int:
+        return psutil.Process(self.gateway.pid()).memory_info().rss
+
+    def video(self, team: str) -> str:
+        """A completed video of `team`."""
+        with self.client(team) as client:
+            created = client.post("/v1/videos", json={"prompt": f"a video of {team}"})
+            assert created.status_code == 200, created.text
+            video_id = created.json()["id"]
+            wait_until(
+                lambda: client.get(f"/v1/videos/{video_id}").json()["status"] == "completed",
+                SETTLE_S,
+                "the video completed",
+            )
+        return video_id
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    workdir = tmp_path_factory.mktemp("download-limits")
+    token = "upstream-" + secrets.token_urlsafe(24)
+    keys = {team: new_key() for team in TEAMS}
+    with contextlib.ExitStack() as stack:
+        store = EmbeddedRedis(workdir / "store", persistent=False).start()
+        stack.callback(store.cleanup)
+        simulator = start_simulator(
+            workdir, token, queue_s=0.2, run_s=1.0, content_bytes=CONTENT_BYTES
+        )
+        stack.callback(simulator.stop)
+        config = gateway_config(simulator.url, store.url, token, keys, timeout_s=2.0)
+        config["tracker"] = {"poll_interval_s": 0.3, "lease_s": 2}
+        config["limits"] = {
+            "client_idle_timeout_s": 60,  # the stalled clients stay for the whole test
+            "max_downloads": MAX_DOWNLOADS,
+            "max_team_downloads": MAX_TEAM_DOWNLOADS,
+        }
+        gateway = start_gateway(workdir, config)
+        stack.callback(gateway.stop)
+        client = redis.Redis.from_url(store.url, decode_responses=True)
+        stack.callback(client.close)
+        yield Rig(workdir, store, simulator, gateway, token, keys, client, config)
+
+
+def holders(rig: Rig) -> int:
+    return rig.redis.zcard("{sgw}:holders")
+
+
+def open_download(rig: Rig, team: str, video_id: str, port: int | None = None) -> socket.socket:
+    """A download request on a raw socket with a small fixed receive buffer."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, CLIENT_RCVBUF)
+    sock.settimeout(20)
+    sock.connect(("127.0.0.1", port or rig.gateway.port))
+    sock.sendall(
+        f"GET /v1/videos/{video_id}/content HTTP/1.1\r\nhost: gateway\r\n"
+        f"authorization: Bearer {rig.keys[team]}\r\n\r\n".encode()
+    )
+    return sock
+
+
+def read_head(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    received = b""
+    while b"\r\n\r\n" not in received:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed before the headers: {received!r}"
+        received += chunk
+    raw, rest = received.split(b"\r\n\r\n", 1)
+    lines = raw.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(lines[0].split()[1]), headers, rest
+
+
+def stall(rig: Rig, team: str, video_id: str, count: int) -> list[socket.socket]:
+    """`count` downloads whose clients read their headers and then nothing more."""
+    held = []
+    for _ in range(count):
+        sock = open_download(rig, team, video_id)
+        held.append(sock)
+        status, _, _ = read_head(sock)
+        assert status == 200, status
+    return held
+
+
+def upstream_settled(rig: Rig) -> int:
+    """Upstream's content bytes sent, once they have stopped moving for half a second."""
+    last = [-1]
+
+    def still() -> bool:
+        now = rig.sent()
+        unchanged, last[0] = now == last[0], now
+        return unchanged
+
+    wait_until(still, SETTLE_S, "upstream's bytes stopped moving", interval=0.5)
+    return last[0]
+
+
+def assert_too_many(client: httpx.Client, video_id: str) -> None:
+    """The download is refused; streamed, so a download let through is not read whole."""
+    with client.stream("GET", f"/v1/videos/{video_id}/content") as reply:
+        assert reply.status_code == 429, reply.status_code
+        reply.read()
+    assert reply.headers["retry-after"].isdigit()
+    body = reply.json()
+    assert list(body) == ["error"] and set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["code"] == "too_many_downloads", body
+
+
+def test_stalled_downloads_of_one_team_take_nothing_the_others_need(rig: Rig) -> None:
+    alpha_video, beta_video = rig.video("alpha"), rig.video("beta")
+    gamma_video = rig.video("gamma")
+    wait_until(lambda: holders(rig) == 0, SETTLE_S, "no slot held before")
+    with contextlib.ExitStack() as stack:
+        for sock in stall(rig, "alpha", alpha_video, MAX_TEAM_DOWNLOADS):
+            stack.enter_context(sock)
+        with rig.client("alpha") as alpha:  # over the team's budget
+            assert_too_many(alpha, alpha_video)
+        # Another team's work goes on: creates, retrieves, the tracker, a download.
+        with rig.client("beta") as beta:
+            for n in range(3):
+                created = beta.post("/v1/videos", json={"prompt": f"beta goes on {n}"})
+                assert created.status_code == 200, created.text
+                video_id = created.json()["id"]
+                # Nobody retrieves it: the tracker must free the slot when the job ends.
+                wait_until(lambda: holders(rig) == 0, SETTLE_S, "the tracker freed the slot")
+                retrieved = beta.get(f"/v1/videos/{video_id}")
+                assert retrieved.status_code == 200, retrieved.text
+                assert retrieved.json()["status"] == "completed"
+            total = 0
+            with beta.stream("GET", f"/v1/videos/{beta_video}/content") as reply:
+                assert reply.status_code == 200
+                for chunk in reply.iter_raw():
+                    total += len(chunk)
+                    if total >= 8 << 20:
+                        break
+        # The replica's budget: what is left of it, then 429 for everyone.
+        for sock in stall(rig, "gamma", gamma_video, MAX_DOWNLOADS - MAX_TEAM_DOWNLOADS):
+            stack.enter_context(sock)
+        with rig.client("beta") as beta:
+            assert_too_many(beta, beta_video)
+            assert beta.get(f"/v1/videos/{beta_video}").status_code == 200
+    # Their clients gone, the budget is whole again.
+    with rig.client("alpha") as alpha:
+        wait_until(
+            lambda: (
+                alpha.get(
+                    f"/v1/videos/{alpha_video}/content", headers={"range": "bytes=0-1023"}
+                ).status_code
+                == 206
+            ),
+            SETTLE_S,
+            "a download admitted again",
+        )
+
+
+def test_a_stalled_download_holds_no_more_memory_than_the_readme_says(rig: Rig) -> None:
+    video_id = rig.video("alpha")
+    # Warm every path once, so the baseline is a replica that has served downloads.
+    with contextlib.ExitStack() as stack:
+        for sock in stall(rig, "alpha", video_id, 4):
+            stack.enter_context(sock)
+    with rig.client("alpha") as alpha:
+        wait_until(
+            lambda: (
+                alpha.get(
+                    f"/v1/videos/{video_id}/content", headers={"range": "bytes=0-1023"}
+                ).status_code
+                == 206
+            ),
+            SETTLE_S,
+            "the warm-up downloads ended",
+        )
+    before = rig.rss()
+    with contextlib.ExitStack() as stack:
+        for sock in stall(rig, "alpha", video_id, STALLED):
+            stack.enter_context(sock)
+        # Every download has filled what it can hold: upstream's bytes stop moving.
+        upstream_settled(rig)
+        grown = rig.rss() - before
+    assert grown <= STALLED * PER_STALLED_DOWNLOAD_BYTES, (
+        f"{STALLED} stalled downloads grew the replica by {grown / 2**20:.1f} MiB "
+        f"({grown / STALLED / 1024:.0f} KiB each)"
+    )
+
+
+@pytest.mark.parametrize(
+    "server", [("--loop", "asyncio", "--http", "h11"), ("--loop", "uvloop", "--http", "httptools")]
+)
+def test_a_download_whose_client_has_gone_stops_pulling_upstream(
+    rig: Rig, server: tuple[str, ...]
+) -> None:
+    gateway = start_gateway(rig.workdir, rig.config, extra_args=server)
+    try:
+        video_id = rig.video("beta")
+        before = rig.sent()
+        taken = 0
+        clients = 5
+        for _ in range(clients):
+            with open_download(rig, "beta", video_id, gateway.port) as sock:
+                status, _, first = read_head(sock)
+                assert status == 200
+                got = len(first)
+                while got < 4 << 20:
+                    got += len(sock.recv(1 << 20))
+                taken += got
+        # Once upstream's bytes stop moving, count what was sent past what was taken.
+        pulled = upstream_settled(rig) - before
+        assert pulled <= taken + clients * GONE_SLACK_BYTES, (
+            f"upstream sent {pulled / 2**20:.0f} MiB for {taken / 2**20:.0f} MiB taken"
+        )
+    finally:
+        gateway.stop()
