@@ -880,6 +880,7 @@ async def test_config_changes_apply_to_new_jobs_and_reset_restores_them(client, 
         "requests": 0,
         "auth_rejected": 0,
         "credentials_seen": [],
+        "content_bytes_sent": 0,
     }
     assert_error(
         await client.get(f"/v1/videos/{video['id']}", headers=AUTH), 404, "video_not_found"
