@@ -717,7 +717,6 @@ class Client:
                     "/v1/videos",
                     {"content": b"{not json", "headers": {"content-type": "application/json"}},
                 ),
-                ("GET", "/v1/videos", {"params": {"limit": "0"}}),
                 ("GET", "/v1/videos", {"params": {"limit": "101"}}),
                 ("GET", "/v1/videos", {"params": {"order": "sideways"}}),
                 ("GET", "/v1/videos", {"params": {"after": "video_unknown"}}),

@@ -165,7 +165,7 @@ def drive(gateway: Process, simulator: Process, keys: dict[str, str]) -> Driver:
         expect=400,
         headers={"content-type": "application/json"},
     )
-    d.send("GET", VIDEO, VIDEO, params={"limit": "0"}, expect=400)
+    d.send("GET", VIDEO, VIDEO, params={"limit": "101"}, expect=400)
     d.send("GET", f"{VIDEO}/{done}", ONE_VIDEO, team="beta", expect=404)
     d.send(
         "GET",
