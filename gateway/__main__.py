@@ -74,9 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "new-key":
         return _new_key(args.team)
     if args.command == "serve":
-        from .serve import serve
+        from .serve import serve as run_serve
 
-        return serve(args.config, args.host, args.port, args.workers, args.loop, args.http)
+        return run_serve(args.config, args.host, args.port, args.workers, args.loop, args.http)
     if args.command == "simulate":
         return _simulate(args)
     from .demo import run_demo

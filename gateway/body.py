@@ -14,7 +14,7 @@ import re
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -22,6 +22,9 @@ from starlette.requests import ClientDisconnect, Request
 
 from .errors import GatewayError, invalid_request
 from .parse import loads_json, whole_number
+
+if TYPE_CHECKING:  # python-multipart defines it for type checkers only
+    from python_multipart.multipart import MultipartCallbacks
 
 SPOOL_IN_MEMORY_BYTES = 1 << 20
 REPLAY_CHUNK_BYTES = 1 << 16
@@ -211,7 +214,7 @@ class _FormFields:
         self._name: str | None = None
         self._is_file = False
         self._data = bytearray()
-        callbacks = {
+        callbacks: MultipartCallbacks = {
             "on_part_begin": self._part_begin,
             "on_header_field": self._header_field,
             "on_header_value": self._header_value_data,

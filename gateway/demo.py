@@ -32,7 +32,7 @@ from . import logs
 from .app import create_app
 from .auth import key_digest, new_key
 from .config import ConfigError, load_settings
-from .serve import listen
+from .serve import UvicornOptions, listen
 from .simulator import SimulatorSettings, create_simulator_app
 from .store import EmbeddedRedis
 
@@ -97,7 +97,7 @@ def run_demo(config_path: str | None, port: int, sim_port: int) -> int:
             print(f"sora-gateway demo: {exc}", file=sys.stderr)
             return 1
         store = stack.enter_context(EmbeddedRedis())
-        options = {"log_config": None, "access_log": False, "log_level": "warning"}
+        options: UvicornOptions = {"log_config": None, "access_log": False, "log_level": "warning"}
         simulator = _Server(
             uvicorn.Config(
                 create_simulator_app(
@@ -109,7 +109,7 @@ def run_demo(config_path: str | None, port: int, sim_port: int) -> int:
         gateway = _Server(
             uvicorn.Config(
                 create_app(settings, redis_url=store.url, config_path=path),
-                **options,  # type: ignore[arg-type]
+                **options,
             )
         )
         base_url = f"http://127.0.0.1:{port}/v1"

@@ -119,7 +119,7 @@ def _text_value(value: Any) -> str:
     return value
 
 
-class LoopBatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class LoopBatchingHandler(logging.StreamHandler[TextIO]):
     """A stream handler that writes the access lines of one event-loop pass together.
 
     Under load many requests end in the same pass of the loop; one write for all their

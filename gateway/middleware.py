@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 import re
 import time
+from typing import Any
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -84,7 +85,7 @@ class GatewayMiddleware:
                 close_fields(token)
 
     def _refusal(
-        self, scope: Scope, headers: Headers, state: dict, oversized: bool
+        self, scope: Scope, headers: Headers, state: dict[str, Any], oversized: bool
     ) -> GatewayError | None:
         """Why this request is answered here and now, or None; sets the team on /v1."""
         if oversized:

@@ -24,7 +24,12 @@ class RequestRecorder:
         self.metrics = metrics
 
     def record(
-        self, scope: Scope, state: dict[str, Any], status: int, elapsed: float, fields: dict
+        self,
+        scope: Scope,
+        state: dict[str, Any],
+        status: int,
+        elapsed: float,
+        fields: dict[str, Any],
     ) -> None:
         route = getattr(scope.get("route"), "path", None)
         method = scope["method"] if scope["method"] in _METHODS else "OTHER"

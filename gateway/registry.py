@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast, overload
 
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
+from redis.typing import EncodableT
 
 from .batching import CommandBatcher
 from .errors import invalid_request
@@ -136,7 +137,12 @@ class VideoRegistry:
         `id` (see `answers.video_object`, which refuses an answer about another video).
         """
         key = _video_key(video_id)
-        args = [str(video.get("status") or ""), _expiry_arg(video), body, _ttl(video)]
+        args: list[EncodableT] = [
+            str(video.get("status") or ""),
+            _expiry_arg(video),
+            body,
+            _ttl(video),
+        ]
         try:
             updated = await self._batched.execute("EVALSHA", self._update.sha, 1, key, *args)
         except NoScriptError:  # the store restarted or was flushed: load it again
@@ -191,16 +197,15 @@ class VideoRegistry:
         while True:
             want = limit + 1 - len(bodies)
             if descending:
-                members = await self._redis.zrange(
+                reply = await self._redis.zrange(
                     index, bound, "-", desc=True, bylex=True, offset=0, num=want
                 )
             else:
-                members = await self._redis.zrange(
-                    index, bound, "+", bylex=True, offset=0, num=want
-                )
-            if not members:
+                reply = await self._redis.zrange(index, bound, "+", bylex=True, offset=0, num=want)
+            if not reply:
                 break
-            members = [_str(m) for m in members]
+            # Members only: redis-py's stubs do not narrow the reply on `withscores=False`.
+            members = [_str(m) for m in cast("list[bytes | str]", reply)]
             video_ids = [m.rsplit(":", 1)[1] for m in members]
             async with self._redis.pipeline(transaction=False) as pipe:
                 for video_id in video_ids:
@@ -265,5 +270,10 @@ def _int(value: Any) -> int | None:
     return None
 
 
-def _str(value: Any) -> Any:
+@overload
+def _str(value: bytes | str) -> str: ...
+@overload
+def _str(value: bytes | str | None) -> str | None: ...
+def _str(value: bytes | str | None) -> str | None:
+    """A reply as text: the client returns bytes (it does not decode responses)."""
     return value.decode() if isinstance(value, bytes) else value

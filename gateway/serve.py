@@ -16,6 +16,7 @@ import sys
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
+from typing import TypedDict
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -31,6 +32,20 @@ STORE_ENV = "SORA_GATEWAY_STORE_URL"
 # Long enough to finish a download in flight; the orchestrator's grace must be longer.
 GRACEFUL_SHUTDOWN_S = 30
 KEEP_ALIVE_S = 75
+
+
+class UvicornOptions(TypedDict, total=False):
+    """The `uvicorn.Config` keywords the gateway sets, typed so each is checked."""
+
+    loop: str
+    http: str
+    log_config: None
+    log_level: str
+    access_log: bool
+    proxy_headers: bool
+    server_header: bool
+    timeout_graceful_shutdown: int
+    timeout_keep_alive: int
 
 
 def serve(
@@ -66,14 +81,14 @@ def _run(
     host: str,
     port: int,
     workers: int,
-    server: dict[str, str],
+    server: UvicornOptions,
 ) -> int:
     with ExitStack() as stack:
         url = settings.store.redis_url
         if settings.store.embedded:
             url = stack.enter_context(EmbeddedRedis(settings.store.data_dir)).url
         listener = stack.enter_context(listen(host, port, settings.limits.client_idle_timeout_s))
-        options = {
+        options: UvicornOptions = {
             **server,
             "log_config": None,
             "access_log": False,

@@ -29,7 +29,7 @@ class SharedRead(Generic[T]):
         return await asyncio.shield(running)
 
 
-def _retrieve(future: asyncio.Future[object]) -> None:
+def _retrieve(future: asyncio.Future[T]) -> None:
     """Mark the outcome seen even when every caller went away before it arrived."""
     if not future.cancelled():
         future.exception()

@@ -67,6 +67,8 @@ _PATH_WORDS = frozenset({"videos", "remix", "edits", "extensions", "characters",
 class UpstreamError(GatewayError):
     """A failure reaching upstream; `maybe_sent` tells whether upstream may have acted on it."""
 
+    code: str  # always set: the metrics label is made from it
+
     def __init__(self, status: int, code: str, message: str, *, maybe_sent: bool) -> None:
         super().__init__(status, code, message, type="upstream_error")
         self.maybe_sent = maybe_sent

@@ -298,13 +298,14 @@ class JobBook:
         return ordered[:limit], len(ordered) > limit
 
     def add_character(self, name: str) -> dict[str, Any]:
+        character_id = f"char_{uuid.uuid4().hex}"
         character = {
-            "id": f"char_{uuid.uuid4().hex}",
+            "id": character_id,
             "object": "character",
             "name": name,
             "created_at": int(self.now()),
         }
-        self.characters[character["id"]] = character
+        self.characters[character_id] = character
         return character
 
     def get_character(self, character_id: str) -> dict[str, Any]:
