@@ -135,7 +135,7 @@ def test_upstream_4xx_on_a_multipart_create_is_passed_through(stack):
     with stack.client() as client:
         reply = client.post(
             "/v1/videos",
-            data={"prompt": "a kite", "size": "1x1"},
+            data={"prompt": "a kite", "size": "10x10"},
             files={"input_reference": ("ref.png", b"\x89PNG fake", "image/png")},
         )
     assert_error(reply, 400, "invalid_value", "size")
