@@ -80,9 +80,16 @@ class JobSlots:
     ) -> AsyncIterator[Ticket]:
         """A slot for one job; `want` (see `matching.wanted`) lets the tracker recognise
         the job if the create's answer is lost."""
-        slot_id = await self._acquire(team, kind, want, disconnected)
-        ticket = Ticket(self, slot_id, team, kind)
+        slot_id = f"slot_{uuid.uuid4().hex}"
+        # In flight before it can be admitted: a tracker tick that reads the ledger just
+        # after the admission must not take the slot for one whose request has ended.
         self.in_flight.add(slot_id)
+        try:
+            await self._acquire(slot_id, team, kind, want, disconnected)
+        except BaseException:
+            self.in_flight.discard(slot_id)
+            raise
+        ticket = Ticket(self, slot_id, team, kind)
         try:
             yield ticket
         except UpstreamError as exc:
@@ -101,12 +108,12 @@ class JobSlots:
 
     async def _acquire(
         self,
+        slot_id: str,
         team: Team,
         kind: str,
         want: Mapping[str, str],
         disconnected: Callable[[], Awaitable[bool]],
-    ) -> str:
-        slot_id = f"slot_{uuid.uuid4().hex}"
+    ) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
         deadline = started + self.wait_s
@@ -128,7 +135,7 @@ class JobSlots:
                     waited = loop.time() - started
                     self.metrics.slot_wait.labels(team.name).observe(waited)
                     note(wait_ms=round(waited * 1000, 2))
-                    return slot_id
+                    return
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     reason = admission.reason or "global_limit"
