@@ -22,9 +22,15 @@ class JsonTooDeep(ValueError):
         super().__init__(f"nested deeper than {MAX_JSON_DEPTH} levels")
 
 
+# More digits than any count, size or port needs; Python refuses over 4,300 (a ValueError).
+MAX_DIGITS = 18
+
+
 def whole_number(text: str) -> int | None:
-    """`text` as a non-negative integer if it is ASCII digits only, else None."""
-    return int(text) if text.isascii() and text.isdigit() else None
+    """`text` as a non-negative integer if it is at most MAX_DIGITS ASCII digits, else None."""
+    if len(text) > MAX_DIGITS or not (text.isascii() and text.isdigit()):
+        return None
+    return int(text)
 
 
 def loads_json(data: str | bytes, **options: Any) -> Any:
