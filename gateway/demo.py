@@ -86,6 +86,11 @@ def run_demo(config_path: str | None, port: int, sim_port: int) -> int:
             return 1
         logs.configure(settings.logging.level, settings.logging.format)
         upstream = urlsplit(settings.upstream.base_url)
+        if not _runs_on_the_simulator(upstream.scheme, upstream.hostname, settings.upstream.token):
+            # The simulator is started with the config's token: a real one must never
+            # reach it (its /_sim routes are open), nor a real base_url be bound here.
+            print(f"sora-gateway demo: {NOT_A_DEMO_CONFIG}", file=sys.stderr)
+            return 1
         idle_s = settings.limits.client_idle_timeout_s
         try:
             # Both ports are taken before anything starts, so a busy one is one line.
@@ -117,6 +122,19 @@ def run_demo(config_path: str | None, port: int, sim_port: int) -> int:
         with contextlib.suppress(KeyboardInterrupt):  # a Ctrl+C before the handlers are in
             return asyncio.run(_serve_all(servers, base_url, key))
     return 0
+
+
+NOT_A_DEMO_CONFIG = (
+    "the demo's upstream is its own simulator: its config needs "
+    "base_url: http://127.0.0.1:${SORA_DEMO_SIM_PORT}/v1 and token: ${SORA_UPSTREAM_TOKEN} "
+    "(use `sora-gateway serve` for a real upstream)"
+)
+
+
+def _runs_on_the_simulator(scheme: str, host: str | None, token: str) -> bool:
+    """Whether a config points at the demo's own simulator with the demo's own token."""
+    local = host in ("127.0.0.1", "localhost", "::1")
+    return scheme == "http" and local and token == os.environ["SORA_UPSTREAM_TOKEN"]
 
 
 @contextlib.contextmanager

@@ -232,6 +232,35 @@ def test_sighup_reloads_teams_and_the_demo_stays_up(start_demo, tmp_path):
     assert demo.interrupt() == 0
 
 
+@pytest.mark.parametrize(
+    "upstream",
+    [
+        "  base_url: https://api.example.com/v1\n  token: ${SORA_UPSTREAM_TOKEN}\n",
+        "  base_url: http://127.0.0.1:${SORA_DEMO_SIM_PORT}/v1\n  token: sk-a-real-one\n",
+    ],
+    ids=["real-base-url", "real-token"],
+)
+def test_a_config_for_a_real_upstream_is_refused_before_anything_starts(tmp_path, upstream):
+    """The demo starts its simulator with the config's token; a real token must never
+    reach it, nor a real upstream's address be bound locally."""
+    shipped = SHIPPED_CONFIG.read_text()
+    start = shipped.index("  base_url:")
+    end = shipped.index("quota:")
+    config = tmp_path / "real.yaml"
+    config.write_text(shipped[:start] + upstream + shipped[end:])
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "demo", "--config", str(config), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "its config needs" in done.stderr
+    assert "sk-a-real-one" not in done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+
+
 @pytest.mark.parametrize("which", ["--port", "--sim-port"])
 def test_a_port_in_use_is_one_line_naming_it_and_the_option(tmp_path, which):
     with socket.socket() as taken:
