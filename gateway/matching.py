@@ -34,8 +34,9 @@ _ECHOED = ("model", "size", "seconds")
 # a few hundred bytes (`ledger.MAX_WANT_BYTES`).
 MAX_VALUE_CHARS = 128
 # The job fields each kind's body takes (the route schemas in `videos`): a create its
-# model, size and seconds, an edit its seconds, an extension the seconds it adds.
-_TAKES = {"create": _ECHOED, "edit": ("seconds",), "extension": ("seconds",)}
+# model, size and seconds, an edit its seconds. (An extension's `seconds` is the length
+# it adds, never the job's.)
+_TAKES: dict[str, tuple[str, ...]] = {"create": _ECHOED, "edit": ("seconds",)}
 
 
 def fingerprint(prompt: str) -> str:
@@ -159,8 +160,9 @@ def _bounded(value: str) -> str:
 def _field(name: str, value: Any) -> str | None:
     """A field as text, `seconds` as a plain number: "08", "8" and 8 are the same."""
     text = _text(value)
+    # (Not int() of any length: Python refuses to convert more than 4300 digits.)
     if name == "seconds" and text is not None and text.isascii() and text.isdigit():
-        return str(int(text))
+        return text.lstrip("0") or "0"
     return text
 
 

@@ -165,6 +165,7 @@ def test_seconds_with_a_leading_zero_are_the_same_seconds():
     assert could_be(want, job("video_x", seconds=8))
     assert could_be(want, job("video_x", seconds="8"))
     assert not could_be(want, job("video_x", seconds="80"))
+    assert not could_be(want, job("video_x", seconds="9" * 5000))  # no int() of it
 
 
 def test_a_slot_that_does_not_know_its_prompt_is_never_handed_a_job():
