@@ -35,6 +35,9 @@ from redis.asyncio import Redis
 from .registry import PREFIX
 
 RELEASED_CHANNEL = PREFIX + "released"
+# Every acquire decodes the record of every holder, and every retry sends its `want`:
+# records must stay small whatever a client sent (`matching` bounds each value).
+MAX_WANT_BYTES = 2048
 # A team's FIFO of waiters is QUEUE_PREFIX + team name; the prefix is passed in KEYS.
 QUEUE_PREFIX = PREFIX + "queue:"
 KEYS = [
@@ -360,6 +363,9 @@ class SlotLedger:
         self, slot_id: str, team: str, kind: str, want: Mapping[str, str]
     ) -> Admission:
         """Admit or queue a waiter; `want` (what the request fixed) goes into its record."""
+        encoded = json.dumps(want, separators=(",", ":")) if want else "{}"
+        if len(encoded) > MAX_WANT_BYTES:
+            raise ValueError(f"a slot's want must stay under {MAX_WANT_BYTES} bytes")
         result = await self._acquire(
             keys=KEYS,
             args=[
@@ -370,7 +376,7 @@ class SlotLedger:
                 self.heartbeat_ms,
                 self.owner,
                 kind,
-                json.dumps(want, separators=(",", ":")) if want else "{}",
+                encoded,
                 self._caps,
             ],
         )

@@ -7,10 +7,11 @@ fixed with what each job object echoes (`prompt`, `model`, `size`, `seconds`,
 could be: two teams sending the same prompt with another model, size or length, or
 one a create and the other a remix, are told apart. A field the request left to
 upstream matches whatever upstream chose, and a field upstream does not echo cannot
-tell jobs apart, so it matches too.
+tell jobs apart, so it matches too; but a job is handed over only on evidence (see
+`pick`), since handing it gives the team its video.
 
-The slot record keeps this description (`Want`); the prompt itself is kept only as a
-short digest, never in the ledger.
+The slot record keeps this description (`Want`), every value bounded: the prompt is
+kept only as a short digest, and any other long value too, so a record stays small.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 Want = dict[str, str]
@@ -28,6 +29,14 @@ RUNNING = ("queued", "in_progress")
 # A dated snapshot of a model: upstream may echo `sora-2-2025-10-06` for `sora-2`.
 _SNAPSHOT = r"-\d{4}-\d{2}-\d{2}"
 _ECHOED = ("model", "size", "seconds")
+# The longest value kept as itself in a slot's `want`: a checked model is at most 128
+# characters, a video id too; a longer value is kept as a digest. So a `want` is at most
+# a few hundred bytes (`ledger.MAX_WANT_BYTES`).
+MAX_VALUE_CHARS = 128
+# The job fields each kind's body takes (the route schemas in `videos`): a create its
+# model, size and seconds, an edit its seconds. (An extension's `seconds` is the length
+# it adds, never the job's.)
+_TAKES: dict[str, tuple[str, ...]] = {"create": _ECHOED, "edit": ("seconds",)}
 
 
 def fingerprint(prompt: str) -> str:
@@ -38,22 +47,28 @@ def fingerprint(prompt: str) -> str:
 def wanted(kind: str, fields: Mapping[str, Any], source: str | None, source_body: str) -> Want:
     """What a job-creating request fixed, as the job object will echo it.
 
-    A create fixes the fields it sends, and has no source. A remix and an edit of a
-    video by id inherit the source's model, size and seconds; an extension its model
-    and size (its `seconds` is the stitched total). Only a remix's source is echoed
-    (`remixed_from_video_id`); an upload's job inherits nothing known.
+    A remix, edit or extension of a video by id inherits the source's model, size and
+    seconds. A field the route takes (`_TAKES`) is the request's own: upstream makes the
+    job that was asked for, so it overrides the inherited one. An extension's `seconds`
+    is the length added, not the stitched total the job echoes, so it fixes none. A field
+    the route does not take but the request sent anyway, unlike the source's, may be
+    used by upstream or not: neither value is fixed. A create fixes that it has no
+    source; only a remix's source is echoed (`remixed_from_video_id`). Every value is
+    bounded (`_bounded`): an inherited one comes from upstream's answer, unchecked.
     """
     want: Want = {"prompt": fingerprint(str(fields["prompt"]))}
+    origin = _object(source_body) if source is not None else {}
+    for name in _ECHOED if kind != "extension" else ("model", "size"):
+        own, inherited = _field(name, fields.get(name)), _field(name, origin.get(name))
+        if own is not None and name in _TAKES.get(kind, ()):
+            want[name] = own
+        elif inherited is not None and own in (None, inherited):
+            want[name] = inherited
     if kind == "create":
-        want.update({k: v for k in _ECHOED if (v := _text(fields.get(k))) is not None})
         want["source"] = ""
-    elif source is not None:
-        inherited = ("model", "size") if kind == "extension" else _ECHOED
-        origin = _object(source_body)
-        want.update({k: v for k in inherited if (v := _text(origin.get(k))) is not None})
-        if kind == "remix":
-            want["source"] = source
-    return want
+    elif kind == "remix" and source is not None:
+        want["source"] = source
+    return {name: _bounded(value) for name, value in want.items()}
 
 
 def could_be(want: Mapping[str, str], job: Mapping[str, Any]) -> bool:
@@ -62,24 +77,37 @@ def could_be(want: Mapping[str, str], job: Mapping[str, Any]) -> bool:
     if "prompt" in want and isinstance(prompt, str) and fingerprint(prompt) != want["prompt"]:
         return False
     for name in _ECHOED:
-        echoed = _text(job.get(name))
+        echoed = _field(name, job.get(name))
         if name in want and echoed is not None and not _same(name, want[name], echoed):
             return False
     if "source" in want and "remixed_from_video_id" in job:
-        return (_text(job["remixed_from_video_id"]) or "") == want["source"]
+        return _bounded(_text(job["remixed_from_video_id"]) or "") == want["source"]
     return True
 
 
 def pick(
-    want: Mapping[str, str], started_ms: int, candidates: list[dict[str, Any]]
+    want: Mapping[str, str],
+    started_ms: int,
+    candidates: list[dict[str, Any]],
+    rivals: Iterable[Mapping[str, str]] = (),
 ) -> dict[str, Any] | None:
-    """The candidate most likely to be this slot's job, or None.
+    """The candidate that is this slot's job, or None when that is not certain.
 
-    Among jobs created after the slot (with skew) that could be its request's: first
-    the oldest that echoes the prompt, else the oldest running one that does not (an
-    upstream that does not echo prompts: counting a running job nobody counts keeps
-    the account under its limit, and its other fields still had to agree).
+    Handing a job to a slot gives its team the video, so a wrong guess leaks another
+    team's video, while no guess only lets the slot be freed as `never_started` (the
+    count runs low for a while). So only evidence counts, among jobs created after the
+    slot (with skew) that no field contradicts:
+    - a job that echoes the prompt the request fixed: the oldest such job;
+    - else (upstream does not echo prompts) a running job that echoes every other field
+      the request fixed, equal, if it is the only one that fits and could not be the
+      job of another team's slot whose job is not known yet either (`rivals`: reserved
+      or unknown, on any replica).
+    A slot that does not know its request's prompt (a record re-created by `bind`, or
+    written before `want` existed without one) is never handed a job: an empty `want`
+    contradicts nothing, so any job would fit.
     """
+    if "prompt" not in want:
+        return None
     earliest = started_ms / 1000 - LIST_MATCH_SKEW_S
     fitting = sorted(
         (
@@ -93,18 +121,49 @@ def pick(
     for job in fitting:
         if isinstance(job.get("prompt"), str):
             return job
-    for job in fitting:
-        if "prompt" not in job and job.get("status") in RUNNING:
-            return job
-    return None
+    quiet = [
+        job
+        for job in fitting
+        if "prompt" not in job and job.get("status") in RUNNING and _echoes_all(want, job)
+    ]
+    if len(quiet) != 1 or any(could_be(rival, quiet[0]) for rival in rivals):
+        return None
+    return quiet[0]
+
+
+def _echoes_all(want: Mapping[str, str], job: Mapping[str, Any]) -> bool:
+    """Every model, size and seconds the request fixed is echoed by the job, and agrees."""
+    for name in _ECHOED:
+        if name in want:
+            echoed = _field(name, job.get(name))
+            if echoed is None or not _same(name, want[name], echoed):
+                return False
+    return True
 
 
 def _same(name: str, wanted_value: str, echoed: str) -> bool:
-    if name == "model":
-        return echoed == wanted_value or bool(
-            re.fullmatch(re.escape(wanted_value) + _SNAPSHOT, echoed)
-        )
-    return echoed == wanted_value
+    if _bounded(echoed) == wanted_value:
+        return True
+    # A dated snapshot of the model asked for (`sora-2-2025-10-06` for `sora-2`).
+    return name == "model" and _bounded(re.sub(_SNAPSHOT + "$", "", echoed)) == wanted_value
+
+
+def _bounded(value: str) -> str:
+    """The value itself if short printable ASCII, else a digest of it (marked with `#`,
+    which no model, size, seconds or id contains): what goes into the ledger stays small
+    whatever an upstream answer or a request held, and a long value matches only itself."""
+    if len(value) <= MAX_VALUE_CHARS and value.isascii() and value.isprintable():
+        return value
+    return "#" + hashlib.sha256(value.encode()).hexdigest()[:32]
+
+
+def _field(name: str, value: Any) -> str | None:
+    """A field as text, `seconds` as a plain number: "08", "8" and 8 are the same."""
+    text = _text(value)
+    # (Not int() of any length: Python refuses to convert more than 4300 digits.)
+    if name == "seconds" and text is not None and text.isascii() and text.isdigit():
+        return text.lstrip("0") or "0"
+    return text
 
 
 def _text(value: Any) -> str | None:

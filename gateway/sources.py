@@ -3,11 +3,12 @@
 The gateway checks one source (ownership, status, expiry) and then replays the body's
 own bytes, so the body must not name any other video an upstream might read instead:
 a remix takes its source from the path (or `video_id` in the reseller's form), an
-edit or extension from `video` (a file, or `{"id"}` / `video[id]`), and a create from
-nowhere. Any other field whose name says it is a video (`video_id` on a create,
-`source_video`, `remix_video_id`, `video[url]`...) is refused, so an upstream that
-reads more fields than the gateway checks still cannot be pointed at another team's
-video. The body itself already names each field once (see `body.RequestBody.paths`).
+edit or extension from `video` (a file, or `{"id"}` / `video[id]`), a character from
+its `video` file, and a create from nowhere. Any other field whose name says it is a
+video (`video_id` on a create, `source_video`, `remix_video_id`, `video[url]`...) is
+refused, so an upstream that reads more fields than the gateway checks still cannot
+be pointed at another team's video. The body itself already names each field once
+(see `body.RequestBody.paths`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ VIDEO_WORD = re.compile(r"(?:^|_)videos?(?:_ids?)?$")
 NO_SOURCE: frozenset[Path] = frozenset()
 REMIX_BY_BODY_SOURCE: frozenset[Path] = frozenset({("video_id",)})
 DERIVED_SOURCE: frozenset[Path] = frozenset({("video",), ("video", "id")})
+CHARACTER_SOURCE: frozenset[Path] = frozenset({("video",)})  # the uploaded file only
 
 
 def refuse_other_sources(body: RequestBody, allowed: Collection[Path]) -> None:

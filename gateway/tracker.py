@@ -239,7 +239,10 @@ class Tracker:
             return
         candidates = await self._unclaimed(listing.get("data") or [], snapshot)
         for slot in sorted(unknown, key=lambda s: s.started_ms):
-            match = pick(slot.want, slot.started_ms, candidates)
+            # Other teams' requests whose job is not known yet: a job that could be
+            # theirs is not evidence enough for this slot without its prompt.
+            rivals = [s.want for s in snapshot.slots if s.team != slot.team and not s.video]
+            match = pick(slot.want, slot.started_ms, candidates, rivals)
             if match is not None:
                 candidates.remove(match)
                 await self._adopt_job(slot, match)

@@ -33,7 +33,13 @@ from .parse import whole_number
 from .quota import JobSlots
 from .registry import TERMINAL_STATUSES, VideoRecord, VideoRegistry
 from .relay import Relay
-from .sources import NO_SOURCE, REMIX_BY_BODY_SOURCE, derived_source, refuse_other_sources
+from .sources import (
+    CHARACTER_SOURCE,
+    NO_SOURCE,
+    REMIX_BY_BODY_SOURCE,
+    derived_source,
+    refuse_other_sources,
+)
 from .store import STORE_FAILURES
 from .upstream import (
     Reply,
@@ -379,6 +385,9 @@ class VideoRoutes:
                 raise invalid_request("name is required.", "name")
             if "video" not in body.files:
                 raise invalid_request("video is required, as a file.", "video")
+            # The uploaded file is the only video a character is made from: no other
+            # part may name one that an upstream might read instead.
+            refuse_other_sources(body, CHARACTER_SOURCE)
             # Fail closed: a character made while its owner cannot be recorded would
             # exist upstream for nobody.
             await self.registry.ping()

@@ -225,6 +225,7 @@ def _video_source(sim: SimulatorState, body: Body) -> Job | None:
 
 
 async def edit_video(request: Request) -> Response:
+    """An edit keeps its source's model and size, and its length unless it asks another."""
     sim = _sim(request)
     body = await read_body(request)
     prompt = body.prompt()
@@ -232,7 +233,9 @@ async def edit_video(request: Request) -> Response:
     spec = JobSpec(
         prompt=prompt,
         model=source.spec.model if source else body.model(),
-        seconds=source.spec.seconds if source else DEFAULT_SECONDS,
+        seconds=body.choice(
+            "seconds", VIDEO_SECONDS, source.spec.seconds if source else DEFAULT_SECONDS
+        ),
         size=source.spec.size if source else DEFAULT_SIZE,
     )
     return await _start(sim, spec)

@@ -59,3 +59,26 @@ def test_a_malformed_size_or_seconds_is_refused_at_once_with_both_slots_busy(
     sent = [(r["method"], r["path"]) for r in watch.new_requests()]
     assert [s for s in sent if s[0] != "GET"] == [], sent
     assert both_slots_busy.sim_stats()["jobs_created"] == watch.jobs_before
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/videos", {"json": {"prompt": "big", "model": "m" * 500_000}}),
+        ("/v1/videos", multipart({"prompt": "big", "model": "m" * 200_000})),
+        ("/v1/videos", {"json": {"prompt": "odd", "model": "sora 2"}}),
+        ("/v1/videos", {"json": {"prompt": "odd", "model": 2}}),
+        ("/v1/videos/extensions", multipart({"prompt": "odd", "model": "sóra"}, {"video": CLIP})),
+    ],
+    ids=["json long", "form long", "space", "number", "extension non-ascii"],
+)
+def test_a_long_or_odd_model_is_refused_at_once_with_both_slots_busy(both_slots_busy, path, body):
+    """A model is kept in the slot ledger with what the request fixed, and re-sent on
+    every retry of a wait: a megabyte one must never get that far."""
+    watch = UpstreamWatch(both_slots_busy)
+    with both_slots_busy.client("beta", timeout=ANSWER_WITHIN_S) as client:
+        reply = client.post(path, **body)
+    assert_error(reply, 400, "invalid_request", "model")
+    sent = [(r["method"], r["path"]) for r in watch.new_requests()]
+    assert [s for s in sent if s[0] != "GET"] == [], sent
+    assert both_slots_busy.sim_stats()["jobs_created"] == watch.jobs_before

@@ -240,6 +240,24 @@ def test_a_source_in_the_body_of_a_route_that_takes_none_there_is_refused(stack,
     assert stack.sim_stats()["jobs_created"] == 2
 
 
+def test_a_character_takes_its_video_only_from_the_uploaded_file(stack, videos):
+    """Finding 8: no text part beside the `video` file may name a video upstream might
+    read instead (another team's, here)."""
+    _, other = videos
+    clip = {"video": ("v.mp4", b"\0" * 64, "video/mp4")}
+    cases = [
+        (
+            f"characters: {field}",
+            "/v1/videos/characters",
+            multipart({"name": "Captain", field: other}, clip),
+            field,
+        )
+        for field in ("video_id", "source_video_id", "remixed_from_video_id", "videos")
+    ]
+    assert_refused(stack, cases)
+    assert stack.sim_stats()["jobs_created"] == 2
+
+
 def test_fields_that_name_no_video_still_pass_through(stack, videos):
     """Control: nested and reseller-specific fields that name no video are not refused."""
     own, _ = videos

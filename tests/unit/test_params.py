@@ -1,4 +1,5 @@
-"""CONTRACT §9's syntax of `size` and `seconds`, as `check_job_params` enforces it."""
+"""CONTRACT §9's syntax of `size` and `seconds`, and a model name's, as `check_job_params`
+enforces them."""
 
 from __future__ import annotations
 
@@ -21,6 +22,10 @@ from gateway.params import check_job_params
         {"seconds": "600"},
         {"seconds": 12},
         {"size": "720x1280", "seconds": "8"},
+        {"model": "sora-2"},
+        {"model": "sora-2-pro-2025-10-06"},
+        {"model": "org/sora-2:latest"},
+        {"model": "m" * 128},
     ],
 )
 def test_well_formed_or_absent_fields_pass(fields):
@@ -55,6 +60,17 @@ def test_well_formed_or_absent_fields_pass(fields):
         ({"seconds": True}, "seconds"),
         ({"seconds": None}, "seconds"),
         ({"size": "1280x720", "seconds": "0"}, "seconds"),
+        ({"model": "m" * 129}, "model"),
+        ({"model": "m" * 1_000_000}, "model"),
+        ({"model": ""}, "model"),
+        ({"model": "-sora"}, "model"),
+        ({"model": "sora 2"}, "model"),
+        ({"model": "sora-2\n"}, "model"),
+        ({"model": "sóra-2"}, "model"),
+        ({"model": None}, "model"),
+        ({"model": 2}, "model"),
+        ({"model": ["sora-2"]}, "model"),
+        ({"model": "sora-2", "size": "1x1"}, "size"),
     ],
 )
 def test_malformed_fields_are_invalid_request_naming_the_param(fields, param):
