@@ -26,6 +26,7 @@ from starlette.types import ASGIApp
 
 from . import __version__
 from .auth import TeamDirectory, bearer_matches
+from .background import start as start_background
 from .config import Settings, TeamSettings
 from .downloads import DownloadBudget
 from .errors import GatewayError, store_busy, store_unavailable
@@ -158,15 +159,15 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await readiness.check()
         background = [
-            asyncio.create_task(tracker.run(), name="tracker"),
-            asyncio.create_task(slots.listen(stores.pubsub), name="release-listener"),
-            asyncio.create_task(readiness.run(), name="readiness"),
+            start_background(tracker.run(), "tracker"),
+            start_background(slots.listen(stores.pubsub), "release-listener"),
+            start_background(readiness.run(), "readiness"),
         ]
         with contextlib.suppress(*STORE_ERRORS, StoreBusy):
             await warn_if_volatile(stores.ops)
         if config_path is not None:
             reloader = TeamsReloader(config_path, settings, apply_teams)
-            background.append(asyncio.create_task(reloader.watch(), name="config-reloader"))
+            background.append(start_background(reloader.watch(), "config-reloader"))
         try:
             yield
         finally:

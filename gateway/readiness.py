@@ -43,6 +43,10 @@ class Readiness:
             ok = False
             if self._ok:
                 log.warning("not ready: the store does not answer (%s)", type(exc).__name__)
+        except Exception:
+            # Not a store failure but a bug: not ready, said loudly, and checked again.
+            ok = False
+            log.exception("readiness check failed unexpectedly; checking again")
         if ok and not self._ok and self._checked_at:
             log.info("ready again: the store answers")
         self._ok = ok
@@ -50,7 +54,11 @@ class Readiness:
         return ok
 
     async def run(self) -> None:
-        """Check forever, one check at a time."""
+        """Check forever, one check at a time; an unexpected failure is logged and the
+        next check runs as usual (a dead task would leave `/readyz` stale for good)."""
         while True:
             await asyncio.sleep(CHECK_EVERY_S)
-            await self.check()
+            try:
+                await self.check()
+            except Exception:  # `check` catches everything; this only keeps the loop
+                log.exception("readiness check failed unexpectedly; checking again")
