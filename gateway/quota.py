@@ -25,6 +25,7 @@ from .ledger import RELEASED_CHANNEL, SlotLedger
 from .logs import note
 from .metrics import GatewayMetrics
 from .store import STORE_ERRORS, STORE_FAILURES, StoreBusy
+from .store_failures import StoreFailures
 from .upstream import UpstreamError
 
 log = logging.getLogger("gateway.quota")
@@ -62,9 +63,17 @@ class Ticket:
 
 
 class JobSlots:
-    def __init__(self, ledger: SlotLedger, metrics: GatewayMetrics, *, wait_s: float) -> None:
+    def __init__(
+        self,
+        ledger: SlotLedger,
+        metrics: GatewayMetrics,
+        *,
+        wait_s: float,
+        failures: StoreFailures | None = None,
+    ) -> None:
         self.ledger = ledger
         self.metrics = metrics
+        self.failures = failures or StoreFailures(metrics)
         self.wait_s = wait_s
         self.in_flight: set[str] = set()  # slots whose create is still running here
         self.typical_job_s = DEFAULT_JOB_S
@@ -101,10 +110,10 @@ class JobSlots:
             if not ticket.settled:
                 try:
                     await _shielded(self.ledger.mark_unknown(slot_id))
-                except STORE_FAILURES:
+                except STORE_FAILURES as exc:
                     # Still `reserved` in the store: the tracker treats a reserved slot
                     # with no request behind it as unknown, so nothing is lost.
-                    log.warning("could not mark a slot unknown; the tracker will")
+                    self.failures.count(exc, "marking a slot unknown (the tracker will)")
 
     async def _acquire(
         self,
@@ -147,7 +156,12 @@ class JobSlots:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), min(remaining, RECHECK_S))
         except BaseException:
-            await _shielded(self.ledger.abandon(slot_id))
+            try:
+                await _shielded(self.ledger.abandon(slot_id))
+            except STORE_FAILURES as exc:
+                # The real outcome (a 429, a disconnect, a store error) stands: a waiter
+                # left in the queue drops out when its heartbeat runs out.
+                self.failures.count(exc, "leaving the queue (its heartbeat will)")
             raise
 
     def _full(self, reason: str, ahead: int) -> GatewayError:

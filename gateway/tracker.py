@@ -34,7 +34,7 @@ from .matching import pick
 from .parse import loads_json, whole_number
 from .quota import JobSlots
 from .registry import TERMINAL_STATUSES, VideoRegistry
-from .store import STORE_ERRORS, StoreBusy
+from .store import STORE_FAILURES
 from .upstream import Upstream, UpstreamError
 
 log = logging.getLogger("gateway.tracker")
@@ -80,12 +80,8 @@ class Tracker:
                 delay = await self.tick()
             except asyncio.CancelledError:
                 raise
-            except STORE_ERRORS:
-                self.slots.metrics.store_errors.inc()
-                log.warning("tracker tick failed: the store is unreachable")
-            except StoreBusy:
-                self.slots.metrics.store_busy.inc()
-                log.warning("tracker tick deferred: no free store connection in time")
+            except STORE_FAILURES as exc:
+                self.slots.failures.count(exc, "a tracker tick (deferred)")
             except Exception:
                 log.exception("tracker tick failed")
             await asyncio.sleep(delay)
