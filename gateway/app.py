@@ -77,7 +77,7 @@ def create_app(
     failures = StoreFailures(metrics)
     slots = JobSlots(ledger, metrics, wait_s=settings.quota.wait_s, failures=failures)
     tracker = Tracker(
-        ledger=ledger,
+        ledger=ledger.on(stores.tracker),
         slots=slots,
         registry=registry,
         upstream=upstream,
