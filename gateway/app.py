@@ -26,9 +26,10 @@ from starlette.types import ASGIApp
 
 from . import __version__
 from .auth import TeamDirectory, bearer_matches
+from .background import start as start_background
 from .config import Settings, TeamSettings
 from .downloads import DownloadBudget
-from .errors import GatewayError, store_busy, store_unavailable
+from .errors import GatewayError
 from .ledger import SlotLedger, Usage, read_usage
 from .metrics import GatewayMetrics, QuotaGauges
 from .middleware import GatewayMiddleware
@@ -39,8 +40,9 @@ from .readiness import Readiness
 from .registry import VideoRegistry
 from .reload import TeamsReloader
 from .shared_read import SharedRead
-from .store import STORE_ERRORS, StoreBusy, warn_if_volatile
+from .store import STORE_FAILURES, StoreBusy, warn_if_volatile
 from .store_clients import StoreClients
+from .store_failures import StoreFailures
 from .tracker import Tracker
 from .upstream import Upstream
 from .videos import VideoRoutes
@@ -72,9 +74,10 @@ def create_app(
         owner=replica_id(),
         lease_s=settings.tracker.lease_s,
     )
-    slots = JobSlots(ledger, metrics, wait_s=settings.quota.wait_s)
+    failures = StoreFailures(metrics)
+    slots = JobSlots(ledger, metrics, wait_s=settings.quota.wait_s, failures=failures)
     tracker = Tracker(
-        ledger=ledger,
+        ledger=ledger.on(stores.tracker),
         slots=slots,
         registry=registry,
         upstream=upstream,
@@ -98,7 +101,7 @@ def create_app(
 
     # The operational routes read the store only on `stores.ops`, never on admission's
     # connections: readiness from the background check, the quota one read per scrape.
-    readiness = Readiness(stores.ops)
+    readiness = Readiness(stores.ops, failures)
 
     async def read_quota_once() -> Usage:
         return await read_usage(stores.ops)
@@ -118,24 +121,15 @@ def create_app(
             ).response()
         try:
             usage = await read_quota()
-        except StoreBusy:
-            gauges = None
-        except STORE_ERRORS:
-            metrics.store_errors.inc()
+        except STORE_FAILURES as exc:
+            failures.count(exc, "the metrics page's quota read")
             gauges = None
         else:
             gauges = QuotaGauges(usage.in_use, ledger.limit, usage.waiting)
         return Response(metrics.exposition(gauges), media_type=CONTENT_TYPE_LATEST)
 
-    async def busy_error(request: Request, exc: Exception) -> Response:
-        metrics.store_busy.inc()
-        log.warning("no free store connection in time: answered store_busy")
-        return store_busy().response()
-
     async def store_error(request: Request, exc: Exception) -> Response:
-        metrics.store_errors.inc()
-        log.warning("store unreachable: %s", type(exc).__name__)
-        return store_unavailable().response()
+        return failures.error(exc).response()
 
     @operation("Ready: config loaded, the store answering, upstream calls not starved")
     async def readyz(request: Request) -> Response:
@@ -144,7 +138,7 @@ def create_app(
                 503, "upstream_starved", "Upstream calls are waiting for connections."
             ).response()
         if not readiness.ready():
-            return store_unavailable().response()
+            return readiness.error().response()
         return JSONResponse({"status": "ready"})
 
     teams = TeamDirectory(settings.teams)
@@ -158,15 +152,15 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await readiness.check()
         background = [
-            asyncio.create_task(tracker.run(), name="tracker"),
-            asyncio.create_task(slots.listen(stores.pubsub), name="release-listener"),
-            asyncio.create_task(readiness.run(), name="readiness"),
+            start_background(tracker.run(), "tracker"),
+            start_background(slots.listen(stores.pubsub), "release-listener"),
+            start_background(readiness.run(), "readiness"),
         ]
-        with contextlib.suppress(*STORE_ERRORS, StoreBusy):
+        with contextlib.suppress(*STORE_FAILURES):
             await warn_if_volatile(stores.ops)
         if config_path is not None:
             reloader = TeamsReloader(config_path, settings, apply_teams)
-            background.append(asyncio.create_task(reloader.watch(), name="config-reloader"))
+            background.append(start_background(reloader.watch(), "config-reloader"))
         try:
             yield
         finally:
@@ -194,7 +188,7 @@ def create_app(
             HTTPException: _http_error,
             redis.exceptions.ConnectionError: store_error,
             redis.exceptions.TimeoutError: store_error,
-            StoreBusy: busy_error,
+            StoreBusy: store_error,
             Exception: _internal_error,
         },
         lifespan=lifespan,

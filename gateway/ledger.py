@@ -25,6 +25,7 @@ counted. Expiry never frees a slot by itself.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -82,8 +83,11 @@ end
 # and of slots held (at most about the limit).
 # ARGV: slot id, team, limit, lease ms, heartbeat ms, owner replica, kind,
 #       want (JSON object: what the request fixed, see `matching`), caps (JSON object
-#       team -> cap; absent teams have no cap).
-# Returns {1, 'admitted'} or {0, 'global_limit' | 'team_limit', waiters ahead, holders}.
+#       team -> cap; absent teams have no cap), the arrival number an earlier call
+#       returned or '' (a live waiter whose heartbeat ran out while it could not reach
+#       the store, say waiting for a pooled connection, rejoins at its own place).
+# Returns {1, 'admitted'} or {0, 'global_limit' | 'team_limit', waiters ahead, holders,
+#          arrival number}.
 ACQUIRE_SCRIPT = (
     _PRELUDE
     + """
@@ -94,7 +98,7 @@ for _, w in ipairs(redis.call('ZRANGEBYSCORE', beats, '-inf', now)) do leave_que
 local mine = queue_of(team)
 local arrival = redis.call('ZSCORE', mine, slot)
 if not arrival then
-  arrival = redis.call('INCR', queue_seq)
+  arrival = tonumber(ARGV[10]) or redis.call('INCR', queue_seq)
   redis.call('ZADD', mine, arrival, slot)
   redis.call('SADD', queued_teams, team)
   redis.call('HSET', waiter_team, slot, team)
@@ -154,7 +158,7 @@ for _, t in ipairs(teams) do
     ahead = ahead + redis.call('ZCOUNT', queue_of(t), '-inf', '(' .. arrival)
   end
 end
-return {0, room(team) > 0 and 'global_limit' or 'team_limit', ahead, total}
+return {0, room(team) > 0 and 'global_limit' or 'team_limit', ahead, total, arrival}
 """
 )
 
@@ -291,6 +295,7 @@ class Admission:
     reason: str | None = None  # 'global_limit' | 'team_limit' when not admitted
     ahead: int = 0  # earlier waiters whose team may run
     holders: int = 0
+    arrival: int | None = None  # the waiter's place, to pass back on its next try
 
 
 @dataclass(frozen=True)
@@ -347,6 +352,18 @@ class SlotLedger:
         self.lease_ms = int(lease_s * 1000)
         self.heartbeat_ms = int(heartbeat_s * 1000)
         self.set_caps(team_caps)
+        self._register(redis)
+
+    def on(self, redis: Redis) -> SlotLedger:
+        """The same ledger with its scripts sent on another client: the tracker's, so
+        that waiting creates can never take the connections that renew, adopt and
+        release need (a slot freed late is a slot nobody can use)."""
+        other = copy.copy(self)
+        other.redis = redis
+        other._register(redis)
+        return other
+
+    def _register(self, redis: Redis) -> None:
         self._acquire = redis.register_script(ACQUIRE_SCRIPT)
         self._abandon = redis.register_script(ABANDON_SCRIPT)
         self._bind = redis.register_script(BIND_SCRIPT)
@@ -360,9 +377,15 @@ class SlotLedger:
         self._caps = json.dumps(team_caps) if team_caps else "{}"
 
     async def try_acquire(
-        self, slot_id: str, team: str, kind: str, want: Mapping[str, str]
+        self,
+        slot_id: str,
+        team: str,
+        kind: str,
+        want: Mapping[str, str],
+        arrival: int | None = None,
     ) -> Admission:
-        """Admit or queue a waiter; `want` (what the request fixed) goes into its record."""
+        """Admit or queue a waiter; `want` (what the request fixed) goes into its record.
+        `arrival` is the place the previous try returned, kept if the waiter dropped out."""
         encoded = json.dumps(want, separators=(",", ":")) if want else "{}"
         if len(encoded) > MAX_WANT_BYTES:
             raise ValueError(f"a slot's want must stay under {MAX_WANT_BYTES} bytes")
@@ -378,11 +401,12 @@ class SlotLedger:
                 kind,
                 encoded,
                 self._caps,
+                "" if arrival is None else arrival,
             ],
         )
         if int(result[0]) == 1:
             return Admission(True)
-        return Admission(False, _text(result[1]), int(result[2]), int(result[3]))
+        return Admission(False, _text(result[1]), int(result[2]), int(result[3]), int(result[4]))
 
     async def abandon(self, slot_id: str) -> None:
         await self._abandon(keys=KEYS, args=[slot_id])

@@ -25,7 +25,9 @@ from .ledger import RELEASED_CHANNEL, SlotLedger
 from .logs import note
 from .metrics import GatewayMetrics
 from .store import STORE_ERRORS, STORE_FAILURES, StoreBusy
+from .store_failures import StoreFailures
 from .upstream import UpstreamError
+from .wakeups import Wakeups
 
 log = logging.getLogger("gateway.quota")
 
@@ -62,13 +64,21 @@ class Ticket:
 
 
 class JobSlots:
-    def __init__(self, ledger: SlotLedger, metrics: GatewayMetrics, *, wait_s: float) -> None:
+    def __init__(
+        self,
+        ledger: SlotLedger,
+        metrics: GatewayMetrics,
+        *,
+        wait_s: float,
+        failures: StoreFailures | None = None,
+    ) -> None:
         self.ledger = ledger
         self.metrics = metrics
+        self.failures = failures or StoreFailures(metrics)
         self.wait_s = wait_s
         self.in_flight: set[str] = set()  # slots whose create is still running here
         self.typical_job_s = DEFAULT_JOB_S
-        self._released = asyncio.Event()
+        self._wakeups = Wakeups()
 
     @contextlib.asynccontextmanager
     async def hold(
@@ -101,10 +111,10 @@ class JobSlots:
             if not ticket.settled:
                 try:
                     await _shielded(self.ledger.mark_unknown(slot_id))
-                except STORE_FAILURES:
+                except STORE_FAILURES as exc:
                     # Still `reserved` in the store: the tracker treats a reserved slot
                     # with no request behind it as unknown, so nothing is lost.
-                    log.warning("could not mark a slot unknown; the tracker will")
+                    self.failures.count(exc, "marking a slot unknown (the tracker will)")
 
     async def _acquire(
         self,
@@ -117,11 +127,15 @@ class JobSlots:
         loop = asyncio.get_running_loop()
         started = loop.time()
         deadline = started + self.wait_s
+        wake = self._wakeups.join(team.name, slot_id)
+        arrival: int | None = None  # its place in the queue, once it has one
         try:
             while True:
-                wake = self._released
+                wake.clear()  # a release from here on wakes the wait below at once
                 try:
-                    admission = await self.ledger.try_acquire(slot_id, team.name, kind, want)
+                    admission = await self.ledger.try_acquire(
+                        slot_id, team.name, kind, want, arrival
+                    )
                 except STORE_ERRORS:
                     self.metrics.quota_rejections.labels(team.name, "store_unavailable").inc()
                     raise
@@ -131,6 +145,7 @@ class JobSlots:
                     if loop.time() >= deadline:
                         raise
                     continue
+                arrival = admission.arrival
                 if admission.admitted:
                     waited = loop.time() - started
                     self.metrics.slot_wait.labels(team.name).observe(waited)
@@ -147,8 +162,15 @@ class JobSlots:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), min(remaining, RECHECK_S))
         except BaseException:
-            await _shielded(self.ledger.abandon(slot_id))
+            try:
+                await _shielded(self.ledger.abandon(slot_id))
+            except STORE_FAILURES as exc:
+                # The real outcome (a 429, a disconnect, a store error) stands: a waiter
+                # left in the queue drops out when its heartbeat runs out.
+                self.failures.count(exc, "leaving the queue (its heartbeat will)")
             raise
+        finally:
+            self._wakeups.leave(team.name, slot_id)
 
     def _full(self, reason: str, ahead: int) -> GatewayError:
         """429 with an honest guess of when a slot may be free for this caller."""
@@ -172,13 +194,22 @@ class JobSlots:
             headers=headers,
         )
 
-    async def finish(self, *, slot_id: str = "", video_id: str = "", outcome: str) -> bool:
+    async def finish(
+        self,
+        *,
+        slot_id: str = "",
+        video_id: str = "",
+        outcome: str,
+        ledger: SlotLedger | None = None,
+    ) -> bool:
         """A job was seen to end: free its slot. True for the one caller that freed it.
 
         Every replica's tracker and every client's retrieve may see the same end; the
         ledger lets exactly one of them through, and only that one counts the job.
+        The tracker passes its own `ledger` (its own store client).
         """
-        released = await _shielded_result(self.ledger.release(slot_id, video_id=video_id))
+        ledger = ledger or self.ledger
+        released = await _shielded_result(ledger.release(slot_id, video_id=video_id))
         if released is None:
             return False
         log.info(
@@ -197,9 +228,8 @@ class JobSlots:
         return True
 
     def notice_release(self) -> None:
-        """Wake every local waiter: a slot somewhere was freed."""
-        wake, self._released = self._released, asyncio.Event()
-        wake.set()
+        """A slot somewhere was freed: wake the local waiters that could take it."""
+        self._wakeups.wake(self.ledger.limit)
 
     def notice_job_duration(self, seconds: float) -> None:
         self.typical_job_s = 0.8 * self.typical_job_s + 0.2 * max(1.0, seconds)

@@ -15,6 +15,9 @@ import logging
 import redis.exceptions
 from redis.asyncio import Redis
 
+from .errors import GatewayError, store_unavailable
+from .store_failures import StoreFailures, error_for
+
 log = logging.getLogger("gateway.readiness")
 
 CHECK_EVERY_S = 1.0
@@ -23,9 +26,11 @@ STALE_AFTER_S = 3 * CHECK_EVERY_S  # no check for this long (a stuck task): not 
 
 
 class Readiness:
-    def __init__(self, store: Redis) -> None:
+    def __init__(self, store: Redis, failures: StoreFailures | None = None) -> None:
         self._store = store
+        self._failures = failures
         self._ok = False
+        self._failure: BaseException | None = None  # why the last check failed
         self._checked_at = 0.0  # event loop time of the last finished check
 
     def ready(self) -> bool:
@@ -33,16 +38,31 @@ class Readiness:
         fresh = asyncio.get_running_loop().time() - self._checked_at <= STALE_AFTER_S
         return self._ok and fresh
 
+    def error(self) -> GatewayError:
+        """The answer while not ready: the last failure's (`store_busy` when this
+        replica had no free connection, else `store_unavailable`)."""
+        if self._failure is None:  # stale, or a check that failed unexpectedly
+            return store_unavailable()
+        return error_for(self._failure)
+
     async def check(self) -> bool:
         """Ping the store once and remember the answer."""
+        self._failure = None
         try:
             async with asyncio.timeout(CHECK_TIMEOUT_S):
                 await self._store.ping()
             ok = True
         except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
             ok = False
+            self._failure = exc
+            if self._failures is not None:
+                self._failures.count(exc, "the readiness check")
             if self._ok:
                 log.warning("not ready: the store does not answer (%s)", type(exc).__name__)
+        except Exception:
+            # Not a store failure but a bug: not ready, said loudly, and checked again.
+            ok = False
+            log.exception("readiness check failed unexpectedly; checking again")
         if ok and not self._ok and self._checked_at:
             log.info("ready again: the store answers")
         self._ok = ok
@@ -50,7 +70,11 @@ class Readiness:
         return ok
 
     async def run(self) -> None:
-        """Check forever, one check at a time."""
+        """Check forever, one check at a time; an unexpected failure is logged and the
+        next check runs as usual (a dead task would leave `/readyz` stale for good)."""
         while True:
             await asyncio.sleep(CHECK_EVERY_S)
-            await self.check()
+            try:
+                await self.check()
+            except Exception:  # `check` catches everything; this only keeps the loop
+                log.exception("readiness check failed unexpectedly; checking again")

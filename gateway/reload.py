@@ -78,7 +78,10 @@ class TeamsReloader:
         try:
             while True:
                 await asyncio.sleep(WATCH_INTERVAL_S)
-                self.check()
+                try:
+                    self.check()
+                except Exception:  # a bug must not end the watch: log it, poll again
+                    log.exception("config reload check failed unexpectedly")
         finally:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.remove_signal_handler(signal.SIGHUP)

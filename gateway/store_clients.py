@@ -4,7 +4,9 @@ Sharing one pool let any route starve the others: ~300 keep-alive clients on `/r
 held every connection and every create failed. Here admission never shares a
 connection with what an unauthenticated caller can trigger:
 
-- `ledger`: the slot scripts (admission, the tracker's renew/adopt/release);
+- `ledger`: admission's slot scripts (acquire, bind, a refused create's release);
+- `tracker`: the tracker's slot scripts (renew, adopt, bind, release): however many
+  creates wait, the slots their waiting is for are still freed on time;
 - `registry`: video and character records (every command safe to send twice);
 - `ops`: the readiness check and `/metrics`' quota read, both at most one at a time;
 - `pubsub`: the one connection the release listener keeps subscribed.
@@ -22,8 +24,11 @@ from redis.asyncio import Redis
 from .config import SentinelSettings
 from .store import connect, connect_sentinel
 
-# Admission and the tracker run short scripts; many waiters re-check at one release.
+# Admission runs short scripts; each team's first waiters re-check at one release.
 LEDGER_POOL = 64
+# One tick at a time, its parallel polls bounded (tracker.MAX_PARALLEL_POLLS) and each
+# followed by a renew or a release.
+TRACKER_POOL = 16
 # Retrieves and lists batch their reads (batching.py), so fewer connections carry them.
 REGISTRY_POOL = 64
 # One readiness check and one shared metrics read, never more.
@@ -33,6 +38,7 @@ OPS_POOL = 2
 @dataclass(frozen=True)
 class StoreClients:
     ledger: Redis
+    tracker: Redis
     registry: Redis
     ops: Redis
     pubsub: Redis
@@ -50,6 +56,7 @@ class StoreClients:
         return cls(
             # A repeated slot acquire could take two slots: never retried.
             ledger=client(LEDGER_POOL),
+            tracker=client(TRACKER_POOL),
             # Every registry command is a read or an idempotent write: it may be sent twice.
             registry=client(REGISTRY_POOL, retry_once=True),
             # PING and reads: a restart's first failed command is simply sent again.
@@ -59,5 +66,9 @@ class StoreClients:
 
     async def aclose(self) -> None:
         await asyncio.gather(
-            self.ledger.aclose(), self.registry.aclose(), self.ops.aclose(), self.pubsub.aclose()
+            self.ledger.aclose(),
+            self.tracker.aclose(),
+            self.registry.aclose(),
+            self.ops.aclose(),
+            self.pubsub.aclose(),
         )

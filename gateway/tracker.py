@@ -34,7 +34,7 @@ from .matching import pick
 from .parse import loads_json, whole_number
 from .quota import JobSlots
 from .registry import TERMINAL_STATUSES, VideoRegistry
-from .store import STORE_ERRORS, StoreBusy
+from .store import STORE_FAILURES
 from .upstream import Upstream, UpstreamError
 
 log = logging.getLogger("gateway.tracker")
@@ -80,12 +80,8 @@ class Tracker:
                 delay = await self.tick()
             except asyncio.CancelledError:
                 raise
-            except STORE_ERRORS:
-                self.slots.metrics.store_errors.inc()
-                log.warning("tracker tick failed: the store is unreachable")
-            except StoreBusy:
-                self.slots.metrics.store_busy.inc()
-                log.warning("tracker tick deferred: no free store connection in time")
+            except STORE_FAILURES as exc:
+                self.slots.failures.count(exc, "a tracker tick (deferred)")
             except Exception:
                 log.exception("tracker tick failed")
             await asyncio.sleep(delay)
@@ -149,7 +145,7 @@ class Tracker:
         return replace(slot, owner=self.ledger.owner, state=state)
 
     async def _expire(self, slot: Slot) -> None:
-        if await self.slots.finish(slot_id=slot.id, outcome="lease_expired"):
+        if await self.slots.finish(slot_id=slot.id, outcome="lease_expired", ledger=self.ledger):
             log.warning(
                 "released a job never seen to end after quota.max_job_s",
                 extra={"team": slot.team, "video_id": slot.video},
@@ -173,7 +169,7 @@ class Tracker:
                 return
         if reply.status == 404:
             await self.registry.forget(slot.video)
-            await self.slots.finish(slot_id=slot.id, outcome="vanished")
+            await self.slots.finish(slot_id=slot.id, outcome="vanished", ledger=self.ledger)
             return
         try:
             video = video_object(reply, asked=slot.video) if reply.status < 300 else None
@@ -188,7 +184,9 @@ class Tracker:
             # the job is the slot's team's, so record it now rather than lose it.
             await self.registry.record(slot.team, slot.kind, video, reply.body)
         if video.get("status") in TERMINAL_STATUSES:
-            await self.slots.finish(slot_id=slot.id, outcome=str(video["status"]))
+            await self.slots.finish(
+                slot_id=slot.id, outcome=str(video["status"]), ledger=self.ledger
+            )
             return
         if not await self.ledger.renew(slot.id):
             return  # another replica adopted it while we were stalled
@@ -248,7 +246,9 @@ class Tracker:
                 await self._adopt_job(slot, match)
             elif snapshot.now_ms - slot.started_ms > self.settle_after_ms:
                 log.info("released a lost create that never appeared upstream")
-                await self.slots.finish(slot_id=slot.id, outcome="never_started")
+                await self.slots.finish(
+                    slot_id=slot.id, outcome="never_started", ledger=self.ledger
+                )
             else:
                 await self.ledger.renew(slot.id)
 
@@ -270,7 +270,7 @@ class Tracker:
         await self.registry.record(slot.team, slot.kind, job, json.dumps(job).encode())
         log.info("found the job of a create whose answer was lost", extra={"video_id": job["id"]})
         if job.get("status") in TERMINAL_STATUSES:
-            await self.slots.finish(slot_id=slot.id, outcome=str(job["status"]))
+            await self.slots.finish(slot_id=slot.id, outcome=str(job["status"]), ledger=self.ledger)
 
 
 def _object(body: bytes) -> dict[str, Any] | None:

@@ -276,14 +276,14 @@ class VideoRoutes:
             try:
                 await ticket.bind(video["id"])
                 await self.registry.record(team.name, kind, video, reply.body)
-            except STORE_FAILURES:
+            except STORE_FAILURES as exc:
                 # The job runs upstream; the tracker will find and record it once the
                 # store is back. The client must not create it a second time.
                 log.error("could not record a created job", extra={"video_id": video["id"]})
-                raise GatewayError(
-                    503,
-                    "store_unavailable",
-                    f"Job {video['id']} was started but not yet recorded; do not retry it.",
+                raise self.slots.failures.error(
+                    exc,
+                    "recording a created job",
+                    message=f"Job {video['id']} was started but not yet recorded; do not retry it.",
                     headers=NO_RETRY,
                 ) from None
         return _passthrough(reply)
@@ -410,12 +410,12 @@ class VideoRoutes:
             raise GatewayError(502, "upstream_error", "Upstream answered without a character id.")
         try:
             await self.registry.record_character(_team(request).name, character_id)
-        except STORE_FAILURES:
+        except STORE_FAILURES as exc:
             log.error("could not record a created character", extra={"character": character_id})
-            raise GatewayError(
-                503,
-                "store_unavailable",
-                f"Character {character_id} was created but not recorded; do not retry it.",
+            raise self.slots.failures.error(
+                exc,
+                "recording a created character",
+                message=f"Character {character_id} was created but not recorded; do not retry it.",
                 headers=NO_RETRY,
             ) from None
         return _passthrough(reply)

@@ -6,6 +6,7 @@ captured to a file so tests can read every log line a process wrote.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -33,6 +34,20 @@ def wait_until(predicate: Any, timeout: float, message: str, interval: float = 0
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s: {message}")
         time.sleep(interval)
+
+
+async def wait_until_async(
+    predicate: Any, timeout: float, message: str, interval: float = 0.02
+) -> Any:
+    """`wait_until` for tests whose subject runs on the test's own event loop."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s: {message}")
+        await asyncio.sleep(interval)
 
 
 @dataclass
