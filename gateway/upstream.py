@@ -186,10 +186,6 @@ class Upstream:
         busy api pool this is the replica's own fault. Cheap, for readiness."""
         return self._gates["tracker"].starved
 
-    def oldest_wait_s(self, pool: Pool) -> float:
-        """How long the longest-waiting call on `pool` has waited so far."""
-        return self._gates[pool].oldest_wait_s()
-
     def _client(self, pool: Pool) -> aiohttp.ClientSession:
         # Made on first use, inside the running loop, as aiohttp requires.
         session = self._sessions.get(pool)
