@@ -65,7 +65,12 @@ def create_app(
 
     stores = StoreClients.open(url, sentinel)
     metrics = GatewayMetrics(team.name for team in settings.teams)
-    upstream = Upstream(settings.upstream, metrics, max_downloads=settings.limits.max_downloads)
+    upstream = Upstream(
+        settings.upstream,
+        metrics,
+        max_downloads=settings.limits.max_downloads,
+        max_team_calls=settings.limits.max_team_upstream_calls,
+    )
     registry = VideoRegistry(stores.registry)
     ledger = SlotLedger(
         stores.ledger,
@@ -131,11 +136,13 @@ def create_app(
     async def store_error(request: Request, exc: Exception) -> Response:
         return failures.error(exc).response()
 
-    @operation("Ready: config loaded, the store answering, upstream calls not starved")
+    @operation("Ready: config loaded, the store answering, the tracker's calls not starved")
     async def readyz(request: Request) -> Response:
-        if upstream.starved:
+        # Only what no client can cause: slow or many clients (a full api pool) would
+        # fail every replica at once. That is logged, counted and alerted instead.
+        if upstream.tracker_starved:
             return GatewayError(
-                503, "upstream_starved", "Upstream calls are waiting for connections."
+                503, "upstream_starved", "The tracker's upstream calls are waiting for connections."
             ).response()
         if not readiness.ready():
             return readiness.error().response()

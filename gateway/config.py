@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from .parse import whole_number
+from .pools import API_CONNECTIONS
 from .scrub import redact_url, url_secret
 
 log = logging.getLogger("gateway.config")
@@ -97,6 +98,10 @@ class LimitsSettings:
     # its client is slower than upstream; beyond either bound a download is 429.
     max_downloads: int = 128
     max_team_downloads: int = 32
+    # Calls one team may have on this replica's api upstream pool at once (retrieves,
+    # deletes, creates, characters), waiting or not; beyond it: 429. Less than the
+    # pool's 128 connections, so one team's slow calls leave the others room.
+    max_team_upstream_calls: int = 112
 
 
 @dataclass(frozen=True)
@@ -304,6 +309,7 @@ class _Checker:
                 "client_idle_timeout_s",
                 "max_downloads",
                 "max_team_downloads",
+                "max_team_upstream_calls",
             },
         )
         limits = LimitsSettings(
@@ -312,9 +318,17 @@ class _Checker:
             client_idle_timeout_s=self.number(limits_sec, "limits", "client_idle_timeout_s", 120.0),
             max_downloads=self.integer(limits_sec, "limits", "max_downloads", 128),
             max_team_downloads=self.integer(limits_sec, "limits", "max_team_downloads", 32),
+            max_team_upstream_calls=self.integer(
+                limits_sec, "limits", "max_team_upstream_calls", 112
+            ),
         )
         if limits.max_team_downloads > limits.max_downloads:
             self.fail("limits.max_team_downloads", "must be at most limits.max_downloads")
+        if limits.max_team_upstream_calls >= API_CONNECTIONS:
+            self.fail(
+                "limits.max_team_upstream_calls",
+                f"must be less than the api pool's {API_CONNECTIONS} connections",
+            )
         logging_sec = self.section(raw, "logging", {"level", "format"})
         logging = LoggingSettings(
             level=self.choice(

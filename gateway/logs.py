@@ -170,6 +170,16 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
+# uvicorn's error line for an answer that ended unfinished. ASGI's only way to abort a
+# started answer is to return without finishing it (the server then closes the
+# connection); the gateway does so on purpose, in `Relay` only, after logging why.
+UNFINISHED_ANSWER = "ASGI callable returned without completing response."
+
+
+def _not_an_abort(record: logging.LogRecord) -> bool:
+    return record.msg != UNFINISHED_ANSWER
+
+
 def configure(level: str = "info", fmt: str = "json") -> None:
     """Route every logger (ours, uvicorn's, httpx's) through one handler and format."""
     # The logging HOWTO's "Optimization": no formatter here prints the caller, thread
@@ -187,5 +197,8 @@ def configure(level: str = "info", fmt: str = "json") -> None:
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").disabled = True  # the gateway logs its own access
+    uvicorn_errors = logging.getLogger("uvicorn.error")
+    uvicorn_errors.removeFilter(_not_an_abort)  # configure may run twice in one process
+    uvicorn_errors.addFilter(_not_an_abort)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)

@@ -5,12 +5,15 @@ ASGI spec 2.4 on it does not listen for `http.disconnect` at all, and below it t
 listener is a separate task that only runs when the stream waits. uvicorn drops a
 send to a closed connection without waiting, and a fast upstream keeps the read
 buffer full, so the loop can go on pulling a whole file into nowhere. Here the stream
-itself asks, once per chunk, whether the client is still there.
+runs in a task of its own that a disconnect cancels at once, even while it waits on a
+stalled upstream, and the stream also asks, once per chunk, whether the client is
+still there.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Mapping
 
@@ -20,6 +23,10 @@ from starlette.types import Message, Receive, Scope, Send
 from .upstream import Download, UpstreamError
 
 log = logging.getLogger("gateway.videos")
+
+
+class _CutOff(Exception):
+    """The client accepted nothing for `send_timeout_s`."""
 
 
 class Relay(Response):
@@ -50,41 +57,57 @@ class Relay(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gone = asyncio.Event()
+        stream = asyncio.create_task(self._stream(send, gone))
         watcher = asyncio.create_task(_until_disconnect(receive, gone))
         try:
-            await self._stream(send, gone)
+            await asyncio.wait((stream, watcher), return_when=asyncio.FIRST_COMPLETED)
         finally:
-            watcher.cancel()
-            self.download.close()
-            self.on_close()
+            try:
+                stream.cancel()
+                watcher.cancel()
+                # Both awaited: an exception in either is retrieved, never left behind.
+                await asyncio.gather(stream, watcher, return_exceptions=True)
+            finally:
+                self.download.close()
+                self.on_close()
+        error = None if stream.cancelled() else stream.exception()
+        if error is not None:
+            raise error  # none of the endings `_stream` expects
 
     async def _stream(self, send: Send, gone: asyncio.Event) -> None:
-        await self._send(
-            send, {"type": "http.response.start", "status": self.status_code,
-                   "headers": self.raw_headers}
-        )  # fmt: skip
+        """Relay to the end, or end quietly after one log line.
+
+        A cut-off reader or an upstream break ends the answer unfinished: the server
+        then closes the connection, so the client sees a cut, never a short file as
+        whole. Raising instead would log a traceback per cut-off reader.
+        """
         try:
-            async for chunk in self.download.chunks():
-                await self._send(
-                    send, {"type": "http.response.body", "body": chunk, "more_body": True}
-                )
-                # Neither the send nor a full read buffer need wait: give the watcher
-                # its turn, then stop pulling upstream if the client has gone.
-                await asyncio.sleep(0)
-                if gone.is_set():
-                    return
+            await self._send(
+                send, {"type": "http.response.start", "status": self.status_code,
+                       "headers": self.raw_headers}
+            )  # fmt: skip
+            async with contextlib.aclosing(self.download.chunks()) as chunks:
+                async for chunk in chunks:
+                    await self._send(
+                        send, {"type": "http.response.body", "body": chunk, "more_body": True}
+                    )
+                    # Neither the send nor a full read buffer need wait: give the watcher
+                    # its turn, then stop pulling upstream if the client has gone.
+                    await asyncio.sleep(0)
+                    if gone.is_set():
+                        return
+            await self._send(send, {"type": "http.response.body", "body": b"", "more_body": False})
         except UpstreamError as exc:
             log.warning("upstream stream broke mid-download", extra={"code": exc.code})
-            raise
-        await self._send(send, {"type": "http.response.body", "body": b"", "more_body": False})
+        except _CutOff:
+            log.warning("cut off a download whose client stopped reading")
 
     async def _send(self, send: Send, message: Message) -> None:
         try:
             async with asyncio.timeout(self.send_timeout_s):
                 await send(message)
         except TimeoutError:
-            log.warning("cut off a download whose client stopped reading")
-            raise
+            raise _CutOff from None
 
 
 async def _until_disconnect(receive: Receive, gone: asyncio.Event) -> None:

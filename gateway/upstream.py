@@ -14,9 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Mapping
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any, Literal
 
 import aiohttp
@@ -27,18 +26,18 @@ from .errors import GatewayError
 from .logs import note
 from .metrics import GatewayMetrics
 from .parse import loads_json
+from .pools import API_CONNECTIONS, PoolClaim, PoolGate
 from .scrub import Scrubber, url_secret
 
 log = logging.getLogger("gateway.upstream")
 
 # Each kind of call has a connection pool of its own, so long downloads (bounded by
 # limits.max_downloads) can never take the connections that retrieves, creates and the
-# tracker's polls need. The tracker polls at most 8 jobs at once (tracker.py).
+# tracker's polls need. The tracker polls at most 8 jobs at once (tracker.py), so no
+# client can fill its pool; a team can fill at most limits.max_team_upstream_calls of
+# the api pool.
 Pool = Literal["api", "tracker", "download"]
-API_CONNECTIONS = 128
 TRACKER_CONNECTIONS = 16
-# A call that has waited this long for a pooled connection means the pool is starved.
-STARVED_AFTER_S = 1.0
 DOWNLOAD_CHUNK_BYTES = 1 << 16
 
 # Request headers a client may pass to upstream; everything else is dropped.
@@ -93,14 +92,17 @@ class Download:
     gateway's own client is not reading does not count, so a slow reader is never cut.
     """
 
-    def __init__(self, upstream: Upstream, response: aiohttp.ClientResponse) -> None:
+    def __init__(
+        self, upstream: Upstream, response: aiohttp.ClientResponse, claim: PoolClaim
+    ) -> None:
         self._upstream = upstream
         self._response = response
+        self._claim = claim
         self.status = response.status
         self.headers = _lowercase(response.headers)
         _take_over_read_timeout(response)
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
         """The raw bytes as they arrive (still content-encoded, if upstream encoded them).
 
         At most 64 KiB each: aiohttp's own `iter_any` hands over all it has buffered
@@ -121,10 +123,17 @@ class Download:
             raise self._upstream.failed(exc) from None
 
     async def read(self) -> bytes:
-        return b"".join([chunk async for chunk in self.chunks()])
+        """The whole body, for the small JSON answers: aiohttp's own read, one timeout."""
+        try:
+            async with asyncio.timeout(self._upstream.settings.timeout_s):
+                return await self._response.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise self._upstream.failed(exc) from None
 
     def close(self) -> None:
+        """Give the connection back (closed, if its body was not read to the end)."""
         self._response.release()
+        self._claim.release()
 
 
 def _take_over_read_timeout(response: aiohttp.ClientResponse) -> None:
@@ -143,17 +152,14 @@ def _take_over_read_timeout(response: aiohttp.ClientResponse) -> None:
         connection.protocol.read_timeout = None
 
 
-@dataclass(eq=False)
-class _Wait:
-    """One call's wait for a pooled connection (aiohttp's trace context for it)."""
-
-    pool: Pool
-    since: float | None = None
-
-
 class Upstream:
     def __init__(
-        self, settings: UpstreamSettings, metrics: GatewayMetrics, *, max_downloads: int = 128
+        self,
+        settings: UpstreamSettings,
+        metrics: GatewayMetrics,
+        *,
+        max_downloads: int = 128,
+        max_team_calls: int = API_CONNECTIONS,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -163,51 +169,22 @@ class Upstream:
             self._auth = ("authorization", f"Bearer {settings.token}")
         # What upstream might quote back: the token, and a credential in the base URL.
         self.scrub = Scrubber([settings.token, url_secret(settings.base_url)])
-        self._limits: dict[Pool, int] = {
-            "api": API_CONNECTIONS,
-            "tracker": TRACKER_CONNECTIONS,
-            "download": max_downloads,
+        starved = metrics.upstream_pool_starved
+        self._gates: dict[Pool, PoolGate] = {
+            "api": PoolGate(
+                "api", API_CONNECTIONS, starved=starved.labels("api"), per_team=max_team_calls
+            ),
+            "tracker": PoolGate("tracker", TRACKER_CONNECTIONS, starved=starved.labels("tracker")),
+            "download": PoolGate("download", max_downloads, starved=starved.labels("download")),
         }
         self._sessions: dict[Pool, aiohttp.ClientSession] = {}
-        self._waiting: set[_Wait] = set()
-        self._trace = aiohttp.TraceConfig()
-        self._trace.on_connection_queued_start.append(self._queued)
-        self._trace.on_connection_queued_end.append(self._dequeued)
 
     @property
-    def starved(self) -> bool:
-        """Whether a retrieve, create or tracker poll has been waiting for a connection
-        longer than STARVED_AFTER_S: upstream calls of this replica cannot get out.
-        Cheap (no I/O), for readiness to use."""
-        now = time.monotonic()
-        return any(
-            w.pool != "download" and w.since is not None and now - w.since > STARVED_AFTER_S
-            for w in self._waiting
-        )
-
-    async def _queued(self, session: Any, context: SimpleNamespace, params: Any) -> None:
-        wait = context.trace_request_ctx
-        if isinstance(wait, _Wait):
-            wait.since = time.monotonic()
-            self._waiting.add(wait)
-
-    async def _dequeued(self, session: Any, context: SimpleNamespace, params: Any) -> None:
-        if isinstance(context.trace_request_ctx, _Wait):
-            self._done_waiting(context.trace_request_ctx)
-
-    def _done_waiting(self, wait: _Wait) -> None:
-        """A call got its connection, or gave up waiting: report a long wait."""
-        if wait.since is None:
-            return
-        waited = time.monotonic() - wait.since
-        wait.since = None
-        self._waiting.discard(wait)
-        if waited > STARVED_AFTER_S:
-            self.metrics.upstream_pool_starved.labels(wait.pool).inc()
-            log.warning(
-                "upstream call waited for a pooled connection: the pool is exhausted",
-                extra={"pool": wait.pool, "waited_ms": round(waited * 1000)},
-            )
+    def tracker_starved(self) -> bool:
+        """Whether a tracker poll has waited for a connection over a second: this
+        replica cannot see its jobs end. No client can fill that pool, so unlike a
+        busy api pool this is the replica's own fault. Cheap, for readiness."""
+        return self._gates["tracker"].starved
 
     def _client(self, pool: Pool) -> aiohttp.ClientSession:
         # Made on first use, inside the running loop, as aiohttp requires.
@@ -215,8 +192,8 @@ class Upstream:
         if session is None or session.closed:
             timeout = self.settings.timeout_s
             session = self._sessions[pool] = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._limits[pool], keepalive_timeout=30),
-                trace_configs=[self._trace],
+                # The gate admits no more calls than this: aiohttp never queues.
+                connector=aiohttp.TCPConnector(limit=self._gates[pool].limit, keepalive_timeout=30),
                 timeout=aiohttp.ClientTimeout(
                     total=None, connect=timeout, sock_connect=timeout, sock_read=timeout
                 ),
@@ -271,8 +248,12 @@ class Upstream:
         content_length: int | None = None,
         pass_encoding: bool = False,
         pool: Pool = "api",
+        team: str | None = None,
     ) -> Download:
-        """Send a request on `pool`'s connections; the answer's body is not read yet."""
+        """Send a request on `pool`'s connections; the answer's body is not read yet.
+
+        A `team` call counts against that team's share of the pool (429 beyond it).
+        """
         if isinstance(content, bytes):
             content_length = len(content)
         headers = self._headers(
@@ -284,17 +265,18 @@ class Upstream:
         )
         route = route_template(path)
         url = f"{self.settings.base_url}/{path}"
+        claim = await self._gates[pool].claim(team)
         started = time.perf_counter()
-        wait = _Wait(pool)
         try:
             response = await self._client(pool).request(
                 method, url, params=params, data=content, headers=headers,
-                allow_redirects=False, trace_request_ctx=wait,
+                allow_redirects=False,
             )  # fmt: skip
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise self.failed(exc) from None
-        finally:
-            self._done_waiting(wait)
+        except BaseException as exc:
+            claim.release()
+            if isinstance(exc, aiohttp.ClientError | TimeoutError):
+                raise self.failed(exc) from None
+            raise
         status = response.status
         elapsed = time.perf_counter() - started
         self.metrics.upstream_answered(route, status, elapsed)
@@ -303,7 +285,7 @@ class Upstream:
             self.metrics.upstream_errors.labels("error").inc()
         elif status == 429:
             self.metrics.upstream_errors.labels("rate_limited").inc()
-        return Download(self, response)
+        return Download(self, response, claim)
 
     async def call(self, method: str, path: str, **kwargs: Any) -> Reply:
         """Send a request and read the whole answer."""

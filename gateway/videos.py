@@ -242,11 +242,10 @@ class VideoRoutes:
         want = wanted(kind, body.fields, source_id, source_body)
         async with self.slots.hold(team, kind, want, request.is_disconnected) as ticket:
             try:
-                reply = await self.upstream.call(
+                reply = await self._call(
+                    request,
                     "POST",
                     path,
-                    inbound=request.headers,
-                    request_id=_request_id(request),
                     content=content,
                     content_type=content_type,
                     content_length=length,
@@ -303,9 +302,7 @@ class VideoRoutes:
     async def delete(self, request: Request) -> Response:
         video_id = _path_id(request, "video_id")
         await self._owned(request, video_id)
-        reply = await self.upstream.call(
-            "DELETE", f"videos/{video_id}", inbound=request.headers, request_id=_request_id(request)
-        )
+        reply = await self._call(request, "DELETE", f"videos/{video_id}")
         if reply.status == 404:
             await self._gone(video_id)
             raise video_not_found()
@@ -351,9 +348,16 @@ class VideoRoutes:
             raise error_from_reply(
                 Reply(download.status, download.headers, body), self.upstream.scrub
             )
+        headers = response_headers(download.headers, streaming=True)
+        if request.method == "HEAD":
+            # Upstream's head is the whole answer. The server drops a HEAD answer's body
+            # unsent, so relaying it would pull the whole file from upstream into nowhere.
+            download.close()
+            claim.release()
+            return Response(status_code=download.status, headers=headers)
         return Relay(
             download,
-            headers=response_headers(download.headers, streaming=True),
+            headers=headers,
             send_timeout_s=self.client_idle_timeout_s,
             on_close=claim.release,
         )
@@ -391,11 +395,10 @@ class VideoRoutes:
             # Fail closed: a character made while its owner cannot be recorded would
             # exist upstream for nobody.
             await self.registry.ping()
-            reply = await self.upstream.call(
+            reply = await self._call(
+                request,
                 "POST",
                 "videos/characters",
-                inbound=request.headers,
-                request_id=_request_id(request),
                 content=body.raw(),
                 content_type=body.content_type,
                 content_length=body.size,
@@ -425,17 +428,23 @@ class VideoRoutes:
         character_id = _path_id(request, "character_id")
         if await self.registry.character_owner(character_id) != _team(request).name:
             raise GatewayError(404, "character_not_found", "No character with that id was found.")
-        reply = await self.upstream.call(
-            "GET",
-            f"videos/characters/{character_id}",
-            inbound=request.headers,
-            request_id=_request_id(request),
-        )
+        reply = await self._call(request, "GET", f"videos/characters/{character_id}")
         if reply.status >= 300:
             raise error_from_reply(reply, self.upstream.scrub)
         return _passthrough(reply)
 
     # -- shared steps -------------------------------------------------------------------
+
+    async def _call(self, request: Request, method: str, path: str, **kwargs: Any) -> Reply:
+        """A JSON call upstream for the request's team, counted in its share of the pool."""
+        return await self.upstream.call(
+            method,
+            path,
+            inbound=request.headers,
+            request_id=_request_id(request),
+            team=_team(request).name,
+            **kwargs,
+        )
 
     async def _body(self, request: Request) -> RequestBody:
         return await read_body(request, self.max_body_bytes, self.body_timeout_s)
@@ -458,9 +467,7 @@ class VideoRoutes:
         costs one store read.
         """
         video_id = record.id
-        reply = await self.upstream.call(
-            "GET", f"videos/{video_id}", inbound=request.headers, request_id=_request_id(request)
-        )
+        reply = await self._call(request, "GET", f"videos/{video_id}")
         if reply.status == 404:
             await self._gone(video_id)
             return None

@@ -38,7 +38,7 @@ STALLED = 100
 CONTENT_BYTES = 1 << 30  # never read to the end by a stalled client
 CLIENT_RCVBUF = 64 * 1024  # fixed: no autotuning hides a stalled reader
 # The README's figure (Production notes): what one stalled download holds at most.
-PER_STALLED_DOWNLOAD_BYTES = 512 * 1024
+PER_STALLED_DOWNLOAD_BYTES = 576 * 1024
 # Bytes a download may move after its client closed: what sits in the socket buffers
 # on the way (loopback's can be several MiB each), far less than the file.
 GONE_SLACK_BYTES = 32 * 1024 * 1024
@@ -281,3 +281,18 @@ def test_a_download_whose_client_has_gone_stops_pulling_upstream(
         )
     finally:
         gateway.stop()
+
+
+def test_a_head_of_the_content_pulls_nothing_from_upstream(rig: Rig) -> None:
+    """uvicorn drops a HEAD answer's body unsent, and a keep-alive client never leaves:
+    relaying it would read the whole file from upstream into nowhere."""
+    video_id = rig.video("alpha")
+    before = upstream_settled(rig)
+    with rig.client("alpha") as alpha:  # keep-alive: the connection stays open throughout
+        for _ in range(3):
+            head = alpha.head(f"/v1/videos/{video_id}/content")
+            assert head.status_code == 200, head.text
+            assert head.headers["content-length"] == str(CONTENT_BYTES)
+            assert head.content == b""
+        pulled = upstream_settled(rig) - before
+        assert pulled <= 3 * GONE_SLACK_BYTES, f"upstream sent {pulled / 2**20:.0f} MiB"

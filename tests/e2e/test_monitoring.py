@@ -620,6 +620,7 @@ def test_each_alert_fires_in_its_situation(tmp_path: Path) -> None:
     errors = f'sora_gateway_upstream_errors_total{{{g1}, kind="error"}}'
     limited = f'sora_gateway_upstream_errors_total{{{g1}, kind="rate_limited"}}'
     rejected = f'sora_gateway_quota_rejections_total{{{g1}, team="a", reason="upstream_429"}}'
+    starved = f'sora_gateway_upstream_pool_starved_total{{{g1}, pool="api"}}'
     tests = [
         alert_case(
             "SoraGatewayDown",
@@ -681,6 +682,19 @@ def test_each_alert_fires_in_its_situation(tmp_path: Path) -> None:
             "15m",
             None,
         ),
+        # Calls wait for api connections for ten minutes; a single wait does not page.
+        alert_case(
+            "SoraGatewayUpstreamPoolStarved",
+            {
+                starved: "0 0+3x15",
+                f'sora_gateway_upstream_pool_starved_total{{{g1}, pool="tracker"}}': "0x16",
+            },
+            "12m",
+            {**one, "job": JOB, "pool": "api"},
+            instance="gateway-1:8080",
+            pool="api",
+        ),
+        alert_case("SoraGatewayUpstreamPoolStarved", {starved: "0 1 1x14"}, "12m", None),
         alert_case(
             "SoraGatewayQuotaSaturated",
             {

@@ -463,3 +463,71 @@ def test_a_download_stalled_upstream_is_cut_after_the_read_timeout(rig: Rig) -> 
     rig.sim("POST", "/_sim/reset")  # frees the stalled upstream answer (and forgets jobs)
     assert rig.healthy()
     check_ledger_and_health(rig, [created])
+
+
+def new_log(rig: Rig, since: int) -> str:
+    return rig.gateway.log()[since:]
+
+
+@pytest.mark.parametrize("knob", ["truncate_next", "stall_next"])
+def test_a_download_broken_upstream_is_one_log_line_and_no_traceback(rig: Rig, knob: str) -> None:
+    created = completed_video(rig)
+    since = len(rig.gateway.log())
+    rig.faults(**{knob: 1})
+    length, got, _ = raw_download(rig, created.video_id, timeout=TIMEOUT_S + 10)
+    assert got < length
+    wait_until(
+        lambda: "upstream stream broke mid-download" in new_log(rig, since), SETTLE_S, "its line"
+    )
+    rig.sim("POST", "/_sim/reset")  # frees a stalled upstream answer (and forgets jobs)
+    assert rig.healthy()  # more requests after it: anything it logged is written by now
+    lines = [
+        line
+        for line in new_log(rig, since).splitlines()
+        if '"logger": "gateway.access"' not in line
+    ]
+    text = "\n".join(lines)
+    assert text.count("upstream stream broke mid-download") == 1, text
+    for noise in ("Traceback", "unhandled error", "Exception in ASGI", "without completing"):
+        assert noise not in text, text
+
+
+def test_a_client_gone_while_upstream_stalls_frees_its_download_at_once(rig: Rig) -> None:
+    """A gateway that would wait a minute on the stalled upstream: the client's leaving
+    must end the download (its budget claim, its upstream connection) now, not then."""
+    created = completed_video(rig)
+    config = gateway_config(rig.simulator.url, rig.store.url, rig.token, rig.keys, timeout_s=60.0)
+    config["tracker"] = dict(TRACKER)
+    config["limits"] = {"max_downloads": 1, "max_team_downloads": 1}
+    gateway = start_gateway(rig.workdir, config)
+    try:
+        rig.faults(stall_next=1)
+        request = (
+            f"GET /v1/videos/{created.video_id}/content HTTP/1.1\r\nhost: gateway\r\n"
+            f"authorization: Bearer {rig.keys['alpha']}\r\n\r\n"
+        ).encode()
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=20) as conn:
+            conn.sendall(request)
+            received = b""
+            while b"\r\n\r\n" not in received:
+                received += conn.recv(65536)
+            got = len(received.split(b"\r\n\r\n", 1)[1])
+            while got < CONTENT_BYTES // 2:  # all upstream sends before it stalls
+                got += len(conn.recv(1 << 20))
+        # Gone. The one download the replica allows is free again long before 60 s.
+        with httpx.Client(
+            base_url=gateway.url, headers={"authorization": f"Bearer {rig.keys['alpha']}"}
+        ) as client:
+            wait_until(
+                lambda: (
+                    client.get(
+                        f"/v1/videos/{created.video_id}/content", headers={"range": "bytes=0-9"}
+                    ).status_code
+                    == 206
+                ),
+                SETTLE_S,
+                "the stalled download's claim released",
+            )
+    finally:
+        gateway.stop()
+        rig.sim("POST", "/_sim/reset")

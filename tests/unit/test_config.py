@@ -107,6 +107,7 @@ def test_every_section_4_default():
     assert settings.tracker.poll_interval_s == 5
     assert settings.tracker.lease_s == 30
     assert settings.limits.max_body_bytes == 52428800
+    assert settings.limits.max_team_upstream_calls == 112
     assert settings.teams[0].max_in_flight is None
 
 
@@ -218,6 +219,11 @@ def with_team(index: int, **team: Any) -> dict[str, Any]:
         (minimal(tracker={"lease_s": -5}), "tracker.lease_s: must be positive"),
         (minimal(limits={"max_body_bytes": 0}), "limits.max_body_bytes: must be at least 1"),
         (minimal(limits={"max_body_bytes": "50MB"}), "limits.max_body_bytes: expected a whole"),
+        (
+            minimal(limits={"max_team_upstream_calls": 128}),
+            "limits.max_team_upstream_calls: must be less than the api pool's 128",
+        ),
+        (minimal(limits={"max_team_upstream_calls": 0}), "limits.max_team_upstream_calls: must be"),
         (minimal(store={"redis_url": "http://redis:6379"}), "store.redis_url: expected a redis"),
         (minimal(store={"data_dir": ""}), "store.data_dir: expected a directory path"),
         (minimal(quota=[1, 2]), "quota: expected a mapping"),
