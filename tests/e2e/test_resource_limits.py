@@ -56,6 +56,7 @@ CLIENT_RCVBUF = 64 * 1024  # a fixed receive buffer: no autotuning hides a stall
 SETTLE_S = 15.0
 CLOSE_S = 10.0  # a closed client's sockets are gone from the gateway by then
 STALL_BOUND_S = 2 * TIMEOUT_S + 2.0
+GATEWAY_HOLDS = 1 << 20  # a held-back download's bytes in the gateway's own buffers, at most
 
 
 # -- the rig ---------------------------------------------------------------------------------
@@ -122,6 +123,15 @@ class Rig:
 
     def footprint(self) -> Footprint:
         return Footprint.of(self)
+
+    def upstream_ports(self) -> set[int]:
+        """The local ports of the gateway's connections to upstream, in any state."""
+        process = psutil.Process(self.gateway.pid())
+        return {
+            c.laddr.port
+            for c in process.net_connections(kind="tcp")
+            if c.raddr and c.raddr.port == self.simulator.port
+        }
 
 
 @dataclass(frozen=True)
@@ -236,15 +246,36 @@ def fresh(rig: Rig, baseline: Footprint) -> Iterator[Rig]:
 
 
 def upstream_backlog(rig: Rig) -> int:
-    """Bytes upstream sent that the gateway has not read yet (its receive queues, from
-    /proc/net/tcp): above 0 while a download is held back by its reader."""
-    backlog = 0
+    """Bytes upstream sent that the gateway has not read yet: above 0 while a download
+    is held back by its reader."""
+    return sum(unread_from(rig.simulator.port).values())
+
+
+def unread_from(port: int) -> dict[int, int]:
+    """Unread bytes in the receive queue of each local TCP socket whose peer is `port`
+    (from /proc/net/tcp), by local port.
+
+    Counted in every state, not only ESTABLISHED: the simulator (uvicorn) closes a
+    connection 5 s after it has handed over a whole answer, read or not, so a download
+    held back that long sits in CLOSE_WAIT with its unread bytes still queued.
+    """
+    unread: dict[int, int] = {}
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
-        remote_port = int(fields[2].split(":")[1], 16)
-        if remote_port == rig.simulator.port and fields[3] == "01":  # ESTABLISHED
-            backlog += int(fields[4].split(":")[1], 16)
-    return backlog
+        if int(fields[2].split(":")[1], 16) == port:
+            local_port = int(fields[1].split(":")[1], 16)
+            unread[local_port] = unread.get(local_port, 0) + int(fields[4].split(":")[1], 16)
+    return unread
+
+
+def downstream_room() -> int:
+    """The most of a download that can wait beyond the gateway's upstream socket, so
+    that upstream is not held back yet: the client's receive buffer, the gateway's send
+    buffer to it (uvicorn sets none, so the kernel grows it up to tcp_wmem's maximum,
+    4 MiB here) and what the gateway holds in between (0.8 MiB measured; 1 MiB allowed).
+    """
+    send_buffer_max = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+    return 2 * CLIENT_RCVBUF + send_buffer_max + GATEWAY_HOLDS  # the kernel doubles SO_RCVBUF
 
 
 def assert_no_leak(rig: Rig, baseline: Footprint) -> None:
@@ -257,6 +288,30 @@ def assert_no_leak(rig: Rig, baseline: Footprint) -> None:
     wait_until(back, CLOSE_S, f"back to the baseline {baseline} (last {seen[-1:]})", 0.1)
     # No upstream connection kept with a download's unread bytes in it (nor pooled so).
     wait_until(lambda: upstream_backlog(rig) == 0, CLOSE_S, "no unread upstream bytes")
+
+
+def test_unread_bytes_still_count_once_their_sender_has_closed() -> None:
+    """The measure behind "held back": a peer that sent bytes and then closed (as the
+    simulator does 5 s after handing over a whole answer) leaves them unread in the
+    reader's socket, now in CLOSE_WAIT, and they still count."""
+    sent = 100_000
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as reader:
+            peer, _ = server.accept()
+            with peer:
+                peer.sendall(b"x" * sent)
+            here = reader.getsockname()
+
+            def closed_by_peer() -> bool:
+                return any(
+                    c.laddr == here and c.status == "CLOSE_WAIT"
+                    for c in psutil.Process().net_connections(kind="tcp")
+                )
+
+            wait_until(closed_by_peer, CLOSE_S, "the sender's close reached the reader")
+            # (In CLOSE_WAIT the kernel's count includes the FIN's sequence number.)
+            assert unread_from(port).get(here[1], 0) >= sent
 
 
 # -- raw HTTP on a socket --------------------------------------------------------------------
@@ -432,7 +487,11 @@ def test_a_slow_reader_is_served_to_the_end_past_the_upstream_timeout(
     """The reader pauses longer than `upstream.timeout_s` with every buffer full: the
     gateway stops reading upstream meanwhile, and the timeout does not count that wait."""
     rig = fresh
-    wanted = 12 * 1024 * 1024
+    # Past each pause more is left than can wait beyond the gateway's upstream socket,
+    # or upstream is never held back: a fixed 12 MiB left 6 MiB after the second pause,
+    # against 5 MiB of room here and more wherever tcp_wmem allows a larger send buffer.
+    wanted = 4 * downstream_room()
+    assert wanted <= CONTENT_BYTES, (wanted, CONTENT_BYTES)
     sock, length, got = download_socket(rig, completed, range=f"bytes=0-{wanted - 1}")
     with sock:
         assert length == wanted
@@ -443,6 +502,7 @@ def test_a_slow_reader_is_served_to_the_end_past_the_upstream_timeout(
             got += len(chunk)
             if pauses < 2 and got >= (pauses + 1) * length // 4:
                 pauses += 1
+                assert length - got > downstream_room()
                 # The reader stops until the gateway has stopped reading upstream, then
                 # stays away longer than the upstream timeout: the slow reader itself.
                 wait_until(lambda: upstream_backlog(rig) > 0, CLOSE_S, "the download held back")
@@ -458,24 +518,35 @@ def test_a_reader_that_stops_reading_is_let_go_within_a_bound(
     request ends, the upstream connection is released, and the client connection is
     closed (the listening socket's TCP_USER_TIMEOUT aborts it despite the unsent bytes)."""
     rig = fresh
-    sock, length, got = download_socket(rig, completed)
-    with sock:
-        assert length == CONTENT_BYTES
-        got += len(sock.recv(1 << 16))
-        # The reader stops: the gateway stops reading upstream (bytes wait in its socket).
-        wait_until(lambda: upstream_backlog(rig) > 0, CLOSE_S, "the download held back")
-        let_go = False
-        deadline = time.monotonic() + STALL_BOUND_S
-        while time.monotonic() < deadline:  # the client reads nothing from here on
-            footprint = rig.footprint()
-            if footprint.clients == 0 and footprint.to_upstream == 0:
-                let_go = True
-                break
-            time.sleep(0.1)  # polling the gateway's sockets
-        stalled = (rig.footprint(), upstream_backlog(rig))
-    assert_no_leak(rig, baseline)  # closing the client frees everything at once
-    assert let_go, f"still held {STALL_BOUND_S}s after the reader stopped: {stalled}"
-    assert "cut off a download whose client stopped reading" in rig.gateway.log()
+    # Meanwhile the replica has other upstream work: the tracker polls a running job.
+    rig.sim("POST", "/_sim/config", json={"run_s": 30})
+    with rig.client("beta") as client:
+        running = client.post("/v1/videos", json={"prompt": "a job polled meanwhile"})
+    assert running.status_code == 200, running.text
+    try:
+        sock, length, got = download_socket(rig, completed)
+        with sock:
+            assert length == CONTENT_BYTES
+            got += len(sock.recv(1 << 16))
+            # The reader stops: the gateway stops reading upstream (bytes wait in its socket).
+            wait_until(lambda: upstream_backlog(rig) > 0, CLOSE_S, "the download held back")
+            # Released means its own upstream connection, the one with the unread bytes,
+            # is closed; the tracker's stays in use.
+            held = {port for port, unread in unread_from(rig.simulator.port).items() if unread}
+            let_go = False
+            deadline = time.monotonic() + STALL_BOUND_S
+            while time.monotonic() < deadline:  # the client reads nothing from here on
+                if rig.footprint().clients == 0 and not held & rig.upstream_ports():
+                    let_go = True
+                    break
+                time.sleep(0.1)  # polling the gateway's sockets
+            stalled = (rig.footprint(), upstream_backlog(rig))
+        assert_no_leak(rig, baseline)  # closing the client frees everything at once
+        assert let_go, f"still held {STALL_BOUND_S}s after the reader stopped: {stalled}"
+        assert "cut off a download whose client stopped reading" in rig.gateway.log()
+    finally:
+        with rig.client("beta") as client:  # a delete ends the job at once
+            assert client.delete(f"/v1/videos/{running.json()['id']}").status_code == 200
 
 
 # -- clients that go away --------------------------------------------------------------------
@@ -485,6 +556,7 @@ def test_a_client_gone_while_waiting_for_a_slot_leaves_the_queue(
     fresh: Rig, baseline: Footprint
 ) -> None:
     rig = fresh
+    jobs_before = rig.stats()["jobs_created"]
     rig.sim("POST", "/_sim/config", json={"run_s": 30})
     held: list[tuple[str, str]] = []
     for team in ("alpha", "beta"):
@@ -515,7 +587,7 @@ def test_a_client_gone_while_waiting_for_a_slot_leaves_the_queue(
         with rig.client(team) as client:
             assert client.delete(f"/v1/videos/{video_id}").status_code == 200
     assert rig.ledger()["holders"] == 0
-    assert rig.stats()["jobs_created"] == 1 + LIMIT  # the module's video, and these two
+    assert rig.stats()["jobs_created"] == jobs_before + LIMIT  # these two, not the third
     assert_no_leak(rig, baseline)
 
 
