@@ -100,7 +100,12 @@ class Download:
         self._claim = claim
         self.status = response.status
         self.headers = _lowercase(response.headers)
-        _take_over_read_timeout(response)
+        # A body smaller than aiohttp's low-water mark can never pause its reader, so
+        # aiohttp's own timer is safe for it (and costs nothing more); any other body's
+        # reads are timed here instead (see `_take_over_read_timeout`).
+        self._timed_here = not _cannot_pause(response)
+        if self._timed_here:
+            _take_over_read_timeout(response)
 
     async def chunks(self) -> AsyncGenerator[bytes, None]:
         """The raw bytes as they arrive (still content-encoded, if upstream encoded them).
@@ -125,6 +130,8 @@ class Download:
     async def read(self) -> bytes:
         """The whole body, for the small JSON answers: aiohttp's own read, one timeout."""
         try:
+            if not self._timed_here:
+                return await self._response.read()
             async with asyncio.timeout(self._upstream.settings.timeout_s):
                 return await self._response.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -134,6 +141,13 @@ class Download:
         """Give the connection back (closed, if its body was not read to the end)."""
         self._response.release()
         self._claim.release()
+
+
+def _cannot_pause(response: aiohttp.ClientResponse) -> bool:
+    """Whether the whole body fits under aiohttp's low-water mark (a known length)."""
+    length = response.content_length
+    low_water, _ = response.content.get_read_buffer_limits()
+    return length is not None and length <= low_water
 
 
 def _take_over_read_timeout(response: aiohttp.ClientResponse) -> None:
