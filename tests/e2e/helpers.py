@@ -8,6 +8,7 @@ from __future__ import annotations
 import atexit
 import functools
 import secrets
+import socket
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -180,3 +181,19 @@ class UpstreamWatch:
         sent = [(r["method"], r["path"]) for r in self.new_requests()]
         assert [s for s in sent if s not in allowed] == [], sent
         assert sim_stats(self.stack)["jobs_created"] == self.jobs_before
+
+
+def read_head(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """A raw HTTP answer's status, headers and whatever body bytes came with them."""
+    received = b""
+    while b"\r\n\r\n" not in received:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed before the headers: {received!r}"
+        received += chunk
+    raw, rest = received.split(b"\r\n\r\n", 1)
+    lines = raw.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(lines[0].split()[1]), headers, rest

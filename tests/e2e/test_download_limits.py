@@ -26,6 +26,7 @@ import psutil
 import pytest
 import redis
 from conftest import gateway_config
+from helpers import read_head
 from processes import Process, start_gateway, start_simulator, wait_until
 
 from gateway.auth import new_key
@@ -125,21 +126,6 @@ def open_download(rig: Rig, team: str, video_id: str, port: int | None = None) -
         f"authorization: Bearer {rig.keys[team]}\r\n\r\n".encode()
     )
     return sock
-
-
-def read_head(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    received = b""
-    while b"\r\n\r\n" not in received:
-        chunk = sock.recv(65536)
-        assert chunk, f"closed before the headers: {received!r}"
-        received += chunk
-    raw, rest = received.split(b"\r\n\r\n", 1)
-    lines = raw.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return int(lines[0].split()[1]), headers, rest
 
 
 def stall(rig: Rig, team: str, video_id: str, count: int) -> list[socket.socket]:

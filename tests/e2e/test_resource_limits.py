@@ -40,6 +40,7 @@ import psutil
 import pytest
 import redis
 from conftest import gateway_config
+from helpers import read_head
 from processes import Process, start_gateway, start_simulator, wait_until
 
 from gateway.auth import new_key
@@ -334,22 +335,6 @@ def head(rig: Rig, method: str, path: str, team: str = "alpha", **headers: str) 
         *(f"{name.replace('_', '-')}: {value}" for name, value in headers.items()),
     ]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
-def read_head(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    """Status, headers and whatever body bytes came with them."""
-    received = b""
-    while b"\r\n\r\n" not in received:
-        chunk = sock.recv(65536)
-        assert chunk, f"closed before the headers: {received!r}"
-        received += chunk
-    raw, rest = received.split(b"\r\n\r\n", 1)
-    lines = raw.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return int(lines[0].split()[1]), headers, rest
 
 
 def read_answer(sock: socket.socket) -> tuple[int, dict[str, str], dict[str, Any]]:
