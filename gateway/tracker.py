@@ -17,6 +17,7 @@ happens to poll. Each tick the tracker reads the ledger once and, for the slots 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -27,11 +28,11 @@ from typing import Any
 
 from starlette.datastructures import Headers
 
-from .answers import video_object
+from .answers import json_object, video_object
 from .errors import GatewayError
 from .ledger import Slot, SlotLedger, Snapshot
 from .matching import pick
-from .parse import loads_json, whole_number
+from .parse import whole_number
 from .quota import JobSlots
 from .registry import TERMINAL_STATUSES, VideoRegistry
 from .store import STORE_FAILURES
@@ -230,7 +231,10 @@ class Tracker:
             )
         except (UpstreamError, TimeoutError):
             reply = None
-        listing = _object(reply.body) if reply is not None and reply.status < 300 else None
+        listing = None
+        if reply is not None and reply.status < 300:
+            with contextlib.suppress(GatewayError):  # not a JSON object: nothing learnt
+                listing = json_object(reply)
         if listing is None:
             for slot in unknown:
                 await self.ledger.renew(slot.id)
@@ -271,14 +275,6 @@ class Tracker:
         log.info("found the job of a create whose answer was lost", extra={"video_id": job["id"]})
         if job.get("status") in TERMINAL_STATUSES:
             await self.slots.finish(slot_id=slot.id, outcome=str(job["status"]), ledger=self.ledger)
-
-
-def _object(body: bytes) -> dict[str, Any] | None:
-    try:
-        value = loads_json(body)
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def _tracker_id() -> str:
