@@ -28,11 +28,9 @@ from urllib.parse import urlsplit
 
 import uvicorn
 
-from . import logs
 from .app import create_app
 from .auth import key_digest, new_key
-from .config import ConfigError, load_settings
-from .serve import UvicornOptions, listen
+from .serve import UvicornOptions, listen, settings_for_startup
 from .simulator import SimulatorSettings, create_simulator_app
 from .store import EmbeddedRedis
 
@@ -79,12 +77,9 @@ def run_demo(config_path: str | None, port: int, sim_port: int) -> int:
     os.environ[SIM_PORT_ENV] = str(sim_port)
     with ExitStack() as stack:
         path = config_path or str(stack.enter_context(as_file(files("gateway") / "demo.yaml")))
-        try:
-            settings = load_settings(path)
-        except ConfigError as exc:
-            print(exc.report(), file=sys.stderr)
+        settings = settings_for_startup(path)
+        if settings is None:
             return 1
-        logs.configure(settings.logging.level, settings.logging.format)
         upstream = urlsplit(settings.upstream.base_url)
         if not _runs_on_the_simulator(upstream.scheme, upstream.hostname, settings.upstream.token):
             # The simulator is started with the config's token: a real one must never

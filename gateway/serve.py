@@ -56,12 +56,9 @@ def serve(
     loop: str = "auto",
     http: str = "auto",
 ) -> int:
-    try:
-        settings = load_settings(config_path)
-    except ConfigError as exc:
-        print(exc.report(), file=sys.stderr)
+    settings = settings_for_startup(config_path)
+    if settings is None:
         return 1
-    logs.configure(settings.logging.level, settings.logging.format)
     # uvicorn drains on SIGTERM, then re-raises it with the previous handler in place:
     # make that handler a clean exit, so the embedded store and temp dirs are cleaned up.
     signal.signal(signal.SIGTERM, _exit_cleanly)
@@ -69,6 +66,21 @@ def serve(
         return _run(settings, config_path, host, port, workers, {"loop": loop, "http": http})
     except KeyboardInterrupt:
         return 0
+
+
+def settings_for_startup(config_path: str) -> Settings | None:
+    """The config, with logging set up from it; None once a bad config is reported.
+
+    What `serve` and `demo` both do first: an operator sees the config's problems as
+    the checker's report on stderr, not as a traceback.
+    """
+    try:
+        settings = load_settings(config_path)
+    except ConfigError as exc:
+        print(exc.report(), file=sys.stderr)
+        return None
+    logs.configure(settings.logging.level, settings.logging.format)
+    return settings
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:
