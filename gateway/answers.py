@@ -11,11 +11,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .errors import GatewayError
+from .errors import upstream_error
 from .upstream import Reply
 
 ID_SYNTAX = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
-NO_RETRY = {"x-should-retry": "false"}
 
 
 def json_object(reply: Reply) -> dict[str, Any]:
@@ -25,7 +24,7 @@ def json_object(reply: Reply) -> dict[str, Any]:
     except ValueError:
         value = None
     if not isinstance(value, dict):
-        raise GatewayError(502, "upstream_error", "Upstream answered with something not JSON.")
+        raise upstream_error("Upstream answered with something not JSON.")
     return value
 
 
@@ -38,11 +37,7 @@ def video_object(reply: Reply, asked: str | None = None) -> dict[str, Any]:
     video = json_object(reply)
     video_id = video.get("id")
     if not isinstance(video_id, str) or not ID_SYNTAX.fullmatch(video_id):
-        raise GatewayError(
-            502, "upstream_error", "Upstream answered without a video id.", headers=NO_RETRY
-        )
+        raise upstream_error("Upstream answered without a video id.", no_retry=True)
     if asked is not None and video_id != asked:
-        raise GatewayError(
-            502, "upstream_error", "Upstream answered about another video than the one asked."
-        )
+        raise upstream_error("Upstream answered about another video than the one asked.")
     return video

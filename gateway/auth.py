@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from starlette.datastructures import Headers
 
 from .config import TeamSettings
-from .errors import GatewayError
+from .errors import invalid_api_key
 
 KEY_PREFIX = "sgw-"
 
@@ -75,9 +75,7 @@ class TeamDirectory:
         key = presented_key(headers)
         team = self._by_digest.get(key_digest(key)) if key else None
         if team is None:
-            raise GatewayError(
-                401,
-                "invalid_api_key",
-                "Missing or unknown API key. Send your team key as 'Authorization: Bearer <key>'.",
+            raise invalid_api_key(
+                "Missing or unknown API key. Send your team key as 'Authorization: Bearer <key>'."
             )
         return team

@@ -20,7 +20,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from .errors import GatewayError, invalid_request
+from .errors import invalid_request, request_timeout, request_too_large
 from .parse import loads_json, whole_number
 
 if TYPE_CHECKING:  # python-multipart defines it for type checkers only
@@ -39,12 +39,6 @@ FORM_NAME = re.compile(r"([A-Za-z0-9_]+)((?:\[[A-Za-z0-9_]+\])*)")
 FORM_SEGMENT = re.compile(r"\[([A-Za-z0-9_]+)\]")
 
 Path = tuple[str, ...]
-
-
-def body_too_large(limit: int) -> GatewayError:
-    return GatewayError(
-        413, "request_too_large", f"The request body is larger than {limit} bytes.", param=None
-    )
 
 
 @dataclass
@@ -97,7 +91,7 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float = 60.0) -
     """
     declared = whole_number(request.headers.get("content-length", ""))
     if declared is not None and declared > max_bytes:
-        raise body_too_large(max_bytes)
+        raise request_too_large(max_bytes)
     content_type = request.headers.get("content-type", "")
     mime = content_type.split(";", 1)[0].strip().lower()
     form = _FormFields(content_type) if mime == "multipart/form-data" else None
@@ -110,23 +104,21 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float = 60.0) -
                 async for chunk in request.stream():
                     size += len(chunk)
                     if size > max_bytes:
-                        raise body_too_large(max_bytes)
+                        raise request_too_large(max_bytes)
                     spool.write(chunk)
                     if form is not None:
                         form.feed(chunk)
         except ClientDisconnect as exc:
             raise invalid_request("The client closed the connection mid-body.") from exc
         except TimeoutError as exc:
-            raise GatewayError(
-                408, "request_timeout", f"The request body did not arrive within {timeout_s:g} s."
-            ) from exc
+            raise request_timeout(timeout_s) from exc
         body = RequestBody(content_type=content_type, size=size, _spool=spool)
         if form is not None:
             body.fields, body.files = form.finish()
             body.paths = form.paths
         elif size > MAX_JSON_BYTES:
             # Uploads come as multipart; a JSON body is a few fields and is parsed whole.
-            raise body_too_large(MAX_JSON_BYTES)
+            raise request_too_large(MAX_JSON_BYTES)
         elif size:
             body.fields = _json_object(spool, mime)
             body.paths = dict(_json_paths(body.fields))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .errors import GatewayError
+from .errors import GatewayError, too_many_downloads
 
 RETRY_AFTER_S = 1
 
@@ -58,9 +58,4 @@ class DownloadClaim:
 
 
 def _refusal(message: str) -> GatewayError:
-    return GatewayError(
-        429,
-        "too_many_downloads",
-        f"{message} Try again when one has finished.",
-        headers={"retry-after": str(RETRY_AFTER_S)},
-    )
+    return too_many_downloads(message, RETRY_AFTER_S)

@@ -20,7 +20,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .auth import TeamDirectory
-from .errors import GatewayError
+from .errors import GatewayError, request_header_fields_too_large, route_not_found
 from .logs import close_fields, open_fields
 from .observe import RequestRecorder
 
@@ -89,9 +89,7 @@ class GatewayMiddleware:
     ) -> GatewayError | None:
         """Why this request is answered here and now, or None; sets the team on /v1."""
         if oversized:
-            return GatewayError(
-                431, "request_header_fields_too_large", "The request headers are too large."
-            )
+            return request_header_fields_too_large()
         path = scope["path"]
         if path == "/v1" or path.startswith("/v1/"):
             try:
@@ -99,5 +97,5 @@ class GatewayMiddleware:
             except GatewayError as exc:
                 return exc
             if b"%2f" in scope.get("raw_path", b"").lower():
-                return GatewayError(404, "not_found", "No such route.")
+                return route_not_found("No such route.")
         return None

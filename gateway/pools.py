@@ -18,7 +18,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Protocol
 
-from .errors import GatewayError
+from .errors import too_many_requests
 
 log = logging.getLogger("gateway.upstream")
 
@@ -82,13 +82,7 @@ class PoolGate:
         """One connection's worth of this pool; waits while every one is in use."""
         if team is not None:
             if self._by_team[team] >= self.per_team:
-                raise GatewayError(
-                    429,
-                    "too_many_requests",
-                    "Your team has too many upstream calls in progress on this replica; "
-                    "try again when one has finished.",
-                    headers={"retry-after": str(RETRY_AFTER_S)},
-                )
+                raise too_many_requests(RETRY_AFTER_S)
             self._by_team[team] += 1
         try:
             if self._free and not self._waiters:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
 
 from .errors import GatewayError, store_busy, store_unavailable
 from .metrics import GatewayMetrics
@@ -30,13 +29,13 @@ def is_busy(exc: BaseException) -> bool:
 
 
 def error_for(
-    exc: BaseException, *, message: str | None = None, headers: Mapping[str, str] | None = None
+    exc: BaseException, *, message: str | None = None, no_retry: bool = False
 ) -> GatewayError:
     """The client's answer to a store failure; `message` replaces the generic one."""
     error = store_busy() if is_busy(exc) else store_unavailable()
     if message is not None:
         error.message = message
-    error.headers.update(headers or {})
+    error.no_retry = no_retry
     return error
 
 
@@ -59,10 +58,10 @@ class StoreFailures:
         what: str = "a request",
         *,
         message: str | None = None,
-        headers: Mapping[str, str] | None = None,
+        no_retry: bool = False,
     ) -> GatewayError:
         self.count(exc, what)
-        return error_for(exc, message=message, headers=headers)
+        return error_for(exc, message=message, no_retry=no_retry)
 
     def _warn(self, busy: bool, what: str, name: str) -> None:
         now = time.monotonic()

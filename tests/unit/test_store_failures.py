@@ -42,7 +42,7 @@ def test_a_failure_is_answered_and_counted_by_its_cause(
     error = StoreFailures(metrics).error(
         failure,
         message="Job video_1 was started but not yet recorded; do not retry it.",
-        headers={"x-should-retry": "false"},
+        no_retry=True,
     )
     envelope = error.envelope()["error"]
     assert (error.status, envelope["code"], envelope["type"]) == (503, code, "server_error")
