@@ -140,6 +140,21 @@ class GatewayMetrics:
         """Observe how long upstream took to answer a request's headers."""
         self._child(self.upstream_duration, route, str(status)).observe(elapsed)
 
+    def upstream_failed(self, kind: str) -> None:
+        """An upstream failure: timeout, unavailable, error (reset or 5xx), rate_limited."""
+        self._child(self.upstream_errors, kind).inc()
+
+    def quota_rejected(self, team: str, reason: str) -> None:
+        """A job-creating request refused for lack of a slot (or of the store)."""
+        self._child(self.quota_rejections, self.team(team), reason).inc()
+
+    def slot_waited(self, team: str, seconds: float) -> None:
+        self._child(self.slot_wait, self.team(team)).observe(seconds)
+
+    def source_refused(self, code: str) -> None:
+        """A remix, edit or extension source refused before anything was spent."""
+        self._child(self.remix_rejections, code).inc()
+
     def set_teams(self, team_names: Iterable[str]) -> None:
         """The teams label values may take; their series exist from the start at zero,
         so the first event is an increase Prometheus can see, not a new series."""

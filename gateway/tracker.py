@@ -21,12 +21,9 @@ import contextlib
 import json
 import logging
 import random
-import uuid
 from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
-
-from starlette.datastructures import Headers
 
 from .answers import json_object, video_object
 from .errors import GatewayError
@@ -62,6 +59,7 @@ class Tracker:
         self.slots = slots
         self.registry = registry
         self.upstream = upstream
+        self.calls = upstream.for_tracker()
         self.poll_interval_s = poll_interval_s
         self.lease_ms = int(lease_s * 1000)
         # One slow upstream answer must not hold a tick past the leases it should renew.
@@ -156,14 +154,7 @@ class Tracker:
         async with self._polls:
             try:
                 reply = await asyncio.wait_for(
-                    self.upstream.call(
-                        "GET",
-                        f"videos/{slot.video}",
-                        inbound=Headers(),
-                        request_id=_tracker_id(),
-                        pool="tracker",
-                    ),
-                    self.call_timeout_s,
+                    self.calls.call("GET", f"videos/{slot.video}"), self.call_timeout_s
                 )
             except (UpstreamError, TimeoutError):
                 await self.ledger.renew(slot.id)  # upstream is unwell, the job is not over
@@ -219,14 +210,7 @@ class Tracker:
         """Find each lost create's job among upstream's recent jobs, or give up on it."""
         try:
             reply = await asyncio.wait_for(
-                self.upstream.call(
-                    "GET",
-                    "videos",
-                    params={"limit": "100", "order": "desc"},
-                    inbound=Headers(),
-                    request_id=_tracker_id(),
-                    pool="tracker",
-                ),
+                self.calls.call("GET", "videos", params={"limit": "100", "order": "desc"}),
                 self.call_timeout_s,
             )
         except (UpstreamError, TimeoutError):
@@ -275,7 +259,3 @@ class Tracker:
         log.info("found the job of a create whose answer was lost", extra={"video_id": job["id"]})
         if job.get("status") in TERMINAL_STATUSES:
             await self.slots.finish(slot_id=slot.id, outcome=str(job["status"]), ledger=self.ledger)
-
-
-def _tracker_id() -> str:
-    return f"req_tracker_{uuid.uuid4().hex[:16]}"

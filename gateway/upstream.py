@@ -14,15 +14,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import aiohttp
 from starlette.datastructures import Headers
+from starlette.requests import Request
 
 from .config import UpstreamSettings
-from .errors import GatewayError
+from .errors import UPSTREAM_TYPE, GatewayError, from_upstream, upstream_error
 from .logs import note
 from .metrics import GatewayMetrics
 from .parse import loads_json
@@ -43,7 +45,6 @@ DOWNLOAD_CHUNK_BYTES = 1 << 16
 # Request headers a client may pass to upstream; everything else is dropped.
 FORWARDED_REQUEST_HEADERS = ("accept", "range", "user-agent", "openai-beta", "if-range")
 _FORWARDED = frozenset(name.encode() for name in FORWARDED_REQUEST_HEADERS)
-_FORWARDED_WITH_ENCODING = _FORWARDED | {b"accept-encoding"}
 # Response headers upstream may pass to the client; set-cookie and hop-by-hop never do.
 FORWARDED_RESPONSE_HEADERS = (
     "content-type",
@@ -69,8 +70,12 @@ class UpstreamError(GatewayError):
     code: str  # always set: the metrics label is made from it
 
     def __init__(self, status: int, code: str, message: str, *, maybe_sent: bool) -> None:
-        super().__init__(status, code, message, type="upstream_error")
+        super().__init__(status, code, message, type=UPSTREAM_TYPE)
         self.maybe_sent = maybe_sent
+
+
+def _unchanged(text: str) -> str:
+    return text
 
 
 @dataclass
@@ -80,9 +85,18 @@ class Reply:
     status: int
     headers: Mapping[str, str]  # lower-case names
     body: bytes
+    # What upstream might quote back (the token) is taken out of any error made of it.
+    scrub: Callable[[str], str] = field(default=_unchanged, repr=False, compare=False)
 
     def json(self) -> Any:
         return loads_json(self.body)
+
+    def raise_for_status(self) -> Reply:
+        """This reply if it is a 2xx, else raise the client's error for it (as httpx's
+        `Response.raise_for_status()`; see `error_from_reply`)."""
+        if self.status >= 300:
+            raise error_from_reply(self, self.scrub)
+        return self
 
 
 class Download:
@@ -224,59 +238,61 @@ class Upstream:
         for session in self._sessions.values():
             await session.close()
 
-    def _headers(
-        self,
-        inbound: Headers,
-        request_id: str,
-        *,
-        content_type: str | None,
-        content_length: int | None,
-        pass_encoding: bool,
-    ) -> dict[str, str]:
-        wanted = _FORWARDED_WITH_ENCODING if pass_encoding else _FORWARDED
-        headers: dict[str, str] = {}
-        for raw_name, raw_value in inbound.raw:  # one pass; the first value of each wins
-            if raw_name in wanted:
-                headers.setdefault(raw_name.decode("latin-1"), raw_value.decode("latin-1"))
-        # Bodies the gateway reads must arrive as plain bytes it can parse.
-        headers.setdefault("accept-encoding", "identity")
-        if content_type is not None:
-            headers["content-type"] = content_type
-        if content_length is not None:
-            headers["content-length"] = str(content_length)
-        headers["x-request-id"] = request_id
-        name, value = self._auth
-        headers[name] = value
-        return headers
+    def for_request(self, request: Request) -> UpstreamCalls:
+        """The calls made on behalf of one client request: its allowed headers and its
+        request id are read once, and every call counts in its team's share."""
+        return self.calls(
+            headers=request.headers,
+            request_id=request.state.request_id,
+            team=request.state.team.name,
+        )
 
-    async def open(
+    def for_tracker(self) -> UpstreamCalls:
+        """The tracker's own calls: no client headers, on the pool no client can fill."""
+        return self.calls(pool="tracker", request_id_prefix="req_tracker_")
+
+    def calls(
+        self,
+        *,
+        headers: Headers | None = None,
+        request_id: str | None = None,
+        team: str | None = None,
+        pool: Pool = "api",
+        request_id_prefix: str = "req_gateway_",
+    ) -> UpstreamCalls:
+        """Calls with these client `headers` (filtered by the allow-list) and this
+        `request_id` (when None, a fresh one per call with `request_id_prefix`: the
+        tracker's calls are told apart upstream by theirs), on `pool`."""
+        forwarded: dict[str, str] = {}
+        encoding: str | None = None
+        for raw_name, raw_value in headers.raw if headers is not None else ():
+            # One pass; the first value of each header wins.
+            if raw_name in _FORWARDED:
+                forwarded.setdefault(raw_name.decode("latin-1"), raw_value.decode("latin-1"))
+            elif raw_name == b"accept-encoding" and encoding is None:
+                encoding = raw_value.decode("latin-1")
+        fresh_ids = request_id is None
+        return UpstreamCalls(
+            self, forwarded, encoding, request_id or request_id_prefix, fresh_ids, team, pool
+        )
+
+    async def _send(
         self,
         method: str,
         path: str,
+        headers: dict[str, str],
         *,
-        inbound: Headers,
-        request_id: str,
-        params: Mapping[str, str] | None = None,
-        content: bytes | AsyncIterable[bytes] | None = None,
-        content_type: str | None = None,
-        content_length: int | None = None,
-        pass_encoding: bool = False,
-        pool: Pool = "api",
-        team: str | None = None,
+        params: Mapping[str, str] | None,
+        content: bytes | AsyncIterable[bytes] | None,
+        pool: Pool,
+        team: str | None,
     ) -> Download:
         """Send a request on `pool`'s connections; the answer's body is not read yet.
 
         A `team` call counts against that team's share of the pool (429 beyond it).
         """
-        if isinstance(content, bytes):
-            content_length = len(content)
-        headers = self._headers(
-            inbound,
-            request_id,
-            content_type=content_type,
-            content_length=content_length,
-            pass_encoding=pass_encoding,
-        )
+        name, value = self._auth
+        headers[name] = value
         route = route_template(path)
         url = f"{self.settings.base_url}/{path}"
         claim = await self._gates[pool].claim(team)
@@ -296,25 +312,106 @@ class Upstream:
         self.metrics.upstream_answered(route, status, elapsed)
         note(upstream_status=status, upstream_ms=round(elapsed * 1000, 2))
         if status >= 500:
-            self.metrics.upstream_errors.labels("error").inc()
+            self.metrics.upstream_failed("error")
         elif status == 429:
-            self.metrics.upstream_errors.labels("rate_limited").inc()
+            self.metrics.upstream_failed("rate_limited")
         return Download(self, response, claim)
-
-    async def call(self, method: str, path: str, **kwargs: Any) -> Reply:
-        """Send a request and read the whole answer."""
-        download = await self.open(method, path, **kwargs)
-        try:
-            body = await download.read()
-        finally:
-            download.close()
-        return Reply(download.status, download.headers, body)
 
     def failed(self, exc: BaseException) -> UpstreamError:
         """The contract's error for a transport failure, counted by kind."""
         error = _transport_error(exc)
-        self.metrics.upstream_errors.labels(error.code.removeprefix("upstream_")).inc()
+        self.metrics.upstream_failed(error.code.removeprefix("upstream_"))
         return error
+
+
+class UpstreamCalls:
+    """Calls upstream for one caller: a client request, or the tracker.
+
+    Made by `Upstream.for_request` / `for_tracker`; holds what every call of the caller
+    shares (the allowed client headers, the request id, the team whose share a call
+    counts in, the pool), so no handler repeats it.
+    """
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        forwarded: dict[str, str],
+        accept_encoding: str | None,
+        request_id: str,
+        fresh_ids: bool,
+        team: str | None,
+        pool: Pool,
+    ) -> None:
+        self.upstream = upstream
+        self._forwarded = forwarded
+        self._accept_encoding = accept_encoding
+        self._request_id = request_id  # the id, or with `fresh_ids` the prefix of one
+        self._fresh_ids = fresh_ids
+        self._team = team
+        self._pool = pool
+
+    async def open(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        content: bytes | AsyncIterable[bytes] | None = None,
+        content_type: str | None = None,
+        content_length: int | None = None,
+        pass_encoding: bool = False,
+        pool: Pool | None = None,
+    ) -> Download:
+        """Send a request; its answer's body is streamed (`Download`). With
+        `pass_encoding` the client's accept-encoding goes upstream too (content passes
+        through as encoded); otherwise answers arrive as plain bytes the gateway reads."""
+        headers = dict(self._forwarded)
+        headers["accept-encoding"] = (
+            self._accept_encoding if pass_encoding and self._accept_encoding else "identity"
+        )
+        if isinstance(content, bytes):
+            content_length = len(content)
+        if content_type is not None:
+            headers["content-type"] = content_type
+        if content_length is not None:
+            headers["content-length"] = str(content_length)
+        headers["x-request-id"] = (
+            f"{self._request_id}{uuid.uuid4().hex[:16]}" if self._fresh_ids else self._request_id
+        )
+        return await self.upstream._send(
+            method,
+            path,
+            headers,
+            params=params,
+            content=content,
+            pool=pool or self._pool,
+            team=self._team,
+        )
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        content: bytes | AsyncIterable[bytes] | None = None,
+        content_type: str | None = None,
+        content_length: int | None = None,
+    ) -> Reply:
+        """Send a request and read the whole (small, JSON) answer."""
+        download = await self.open(
+            method,
+            path,
+            params=params,
+            content=content,
+            content_type=content_type,
+            content_length=content_length,
+        )
+        try:
+            body = await download.read()
+        finally:
+            download.close()
+        return Reply(download.status, download.headers, body, self.upstream.scrub)
 
 
 def route_template(path: str) -> str:
@@ -368,19 +465,11 @@ def error_from_reply(reply: Reply, scrub: Callable[[str], str]) -> GatewayError:
     """
     status = reply.status
     if status in (401, 403):
-        return GatewayError(
-            502,
-            "upstream_error",
-            "The upstream API refused the gateway's credentials; tell the gateway's operator.",
-            type="upstream_error",
+        return upstream_error(
+            "The upstream API refused the gateway's credentials; tell the gateway's operator."
         )
     if status >= 500 or status < 400:
-        return GatewayError(
-            502,
-            "upstream_error",
-            f"The upstream API failed with HTTP {status}.",
-            type="upstream_error",
-        )
+        return upstream_error(f"The upstream API failed with HTTP {status}.")
     error: dict[str, Any] = {}
     try:
         parsed = reply.json()
@@ -401,7 +490,7 @@ def error_from_reply(reply: Reply, scrub: Callable[[str], str]) -> GatewayError:
         value = error.get(name)
         return scrub(value) if isinstance(value, str) else None
 
-    return GatewayError(
+    return from_upstream(
         status,
         text("code"),
         text("message") or f"The upstream API answered HTTP {status}.",

@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
-from starlette.datastructures import Headers
 
 from gateway.config import UpstreamSettings
 from gateway.metrics import GatewayMetrics
@@ -46,9 +45,7 @@ async def test_upstream_cookies_are_never_sent_back(cookie_setting_upstream):
     upstream = Upstream(UpstreamSettings(base_url, "tok"), GatewayMetrics([]))
     try:
         for request_id in ("req_alpha", "req_beta"):
-            reply = await upstream.call(
-                "GET", "videos/video_1", inbound=Headers(), request_id=request_id
-            )
+            reply = await upstream.calls(request_id=request_id).call("GET", "videos/video_1")
             assert reply.status == 200
     finally:
         await upstream.aclose()
@@ -82,12 +79,8 @@ async def content_upstream() -> AsyncIterator[str]:
 
 async def _download(upstream: Upstream, size: int) -> tuple[bytes, int]:
     """The whole body, and the unread bytes past which aiohttp stopped reading it."""
-    download = await upstream.open(
-        "GET",
-        "videos/video_1/content",
-        params={"size": str(size)},
-        inbound=Headers(),
-        request_id="req_download",
+    download = await upstream.calls(request_id="req_download").open(
+        "GET", "videos/video_1/content", params={"size": str(size)}
     )
     try:
         content = download._response.content
@@ -122,9 +115,7 @@ async def test_a_pooled_connection_is_not_failed_by_the_download_it_served(conte
         # the loop runs timers in deadline order, so any timer the download left armed
         # has fired by the time this one wakes.
         await asyncio.sleep(2 * timeout_s)
-        reply = await upstream.call(
-            "GET", "videos/video_1", inbound=Headers(), request_id="req_after"
-        )
+        reply = await upstream.calls(request_id="req_after").call("GET", "videos/video_1")
         assert reply.status == 200
         assert reply.json()["id"] == "video_1"
     finally:
