@@ -1,32 +1,42 @@
 """Admission of job-creating requests: a fair wait for a slot, then the create's outcome.
 
 `JobSlots.hold` is the only way a request spends a slot. It waits (in arrival order,
-across replicas) up to `quota.wait_s`, then yields a ticket; the handler binds the
-ticket to the job id upstream returned, or releases it when upstream refused the job.
-Any other way out of the block (a timeout, a 5xx, a cancelled request) leaves the slot
-counted as `unknown` for the tracker to settle: when in doubt, the job is running.
+across replicas) up to `quota.wait_s`, then yields a ticket; `Ticket.forward` sends the
+create and settles the slot by its outcome, by the rules of `fate_of`: bound to the job
+upstream started, released when upstream refused or never got the request, and kept
+`unknown` for the tracker when the job may exist upstream (a timeout, a reset, a 5xx).
+Any other way out of the block (a cancelled request) also leaves the slot `unknown`:
+when in doubt, the job is running.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
-import math
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 
+from .answers import video_object
 from .auth import Team
-from .errors import GatewayError
+from .errors import (
+    GatewayError,
+    client_disconnected,
+    concurrency_limit_exceeded,
+    team_concurrency_limit_exceeded,
+    upstream_rate_limited,
+)
 from .ledger import RELEASED_CHANNEL, SlotLedger
 from .logs import note
 from .metrics import GatewayMetrics
 from .store import STORE_ERRORS, STORE_FAILURES, StoreBusy
 from .store_failures import StoreFailures
-from .upstream import UpstreamError
+from .upstream import Reply, UpstreamError, error_from_reply
 from .wakeups import Wakeups
 
 log = logging.getLogger("gateway.quota")
@@ -35,6 +45,39 @@ T = TypeVar("T")
 
 RECHECK_S = 0.25  # a waiter re-checks at least this often, even without a wake-up
 DEFAULT_JOB_S = 30.0  # the retry estimate's guess until a job has been seen to end
+
+
+class SlotFate(enum.Enum):
+    """What a create's outcome means for the slot it took."""
+
+    BIND = "bind"  # upstream started the job: the slot counts it
+    RELEASE = "release"  # upstream refused it, or never got it: the slot is free at once
+    KEEP = "keep"  # the job may exist upstream: `unknown`, for the tracker to settle
+
+
+def fate_of(outcome: Reply | UpstreamError) -> SlotFate:
+    """The slot rule for a create's outcome: an answer that leaves it unknown whether the
+    job exists upstream keeps the slot (and its error says "do not retry")."""
+    if isinstance(outcome, UpstreamError):
+        return SlotFate.KEEP if outcome.maybe_sent else SlotFate.RELEASE
+    if outcome.status < 300:
+        return SlotFate.BIND
+    return SlotFate.RELEASE if outcome.status < 500 else SlotFate.KEEP
+
+
+def retry_after_s(ahead: int, limit: int, typical_job_s: float) -> float:
+    """An honest guess of when a slot may be free for a caller with `ahead` waiters
+    before it: half a typical job per round of `limit` jobs, at least a second."""
+    rounds = ahead // max(1, limit) + 1
+    return max(1.0, rounds * typical_job_s / 2)
+
+
+@dataclass(frozen=True)
+class Started:
+    """A create upstream accepted: its answer, and the video object it holds."""
+
+    reply: Reply
+    video: dict[str, Any]
 
 
 class Ticket:
@@ -61,6 +104,46 @@ class Ticket:
         """Upstream refused the job: nothing runs, the slot is free at once."""
         await _shielded(self._slots.ledger.release(self.slot_id))
         self.settled = True
+
+    async def forward(self, create: Awaitable[Reply]) -> Started:
+        """Send the create (`create` is its call upstream) and settle the slot by its outcome."""
+        try:
+            outcome: Reply | UpstreamError = await create
+        except UpstreamError as exc:
+            outcome = exc
+        return await self.settle(outcome)
+
+    async def settle(self, outcome: Reply | UpstreamError) -> Started:
+        """Apply `fate_of` to the slot; the started job, or raise the client's error.
+
+        An error after which the job may exist upstream is marked `no_retry`: the SDKs
+        would otherwise retry the create blindly and pay for a duplicate job.
+        """
+        fate = fate_of(outcome)
+        if fate is SlotFate.RELEASE:
+            await self.release()
+        if isinstance(outcome, UpstreamError):
+            outcome.no_retry = fate is SlotFate.KEEP
+            raise outcome
+        if fate is SlotFate.RELEASE and outcome.status == 429:
+            # Upstream's own limit: our count is wrong somewhere. Worth an alert.
+            self._slots.metrics.quota_rejected(self.team.name, "upstream_429")
+            raise upstream_rate_limited(outcome.headers)
+        if fate is not SlotFate.BIND:
+            error = error_from_reply(outcome, outcome.scrub)
+            error.no_retry = fate is SlotFate.KEEP
+            raise error
+        try:
+            video = video_object(outcome)
+        except GatewayError as exc:
+            exc.no_retry = True  # a 2xx: the job may well exist upstream
+            raise
+        note(video_id=video["id"])
+        try:
+            await self.bind(video["id"])
+        except STORE_FAILURES as exc:
+            raise self._slots.not_recorded(exc, video["id"]) from None
+        return Started(outcome, video)
 
 
 class JobSlots:
@@ -102,10 +185,6 @@ class JobSlots:
         ticket = Ticket(self, slot_id, team, kind)
         try:
             yield ticket
-        except UpstreamError as exc:
-            if not ticket.settled and not exc.maybe_sent:
-                await ticket.release()  # nothing reached upstream
-            raise
         finally:
             self.in_flight.discard(slot_id)
             if not ticket.settled:
@@ -137,7 +216,7 @@ class JobSlots:
                         slot_id, team.name, kind, want, arrival
                     )
                 except STORE_ERRORS:
-                    self.metrics.quota_rejections.labels(team.name, "store_unavailable").inc()
+                    self.metrics.quota_rejected(team.name, "store_unavailable")
                     raise
                 except StoreBusy:
                     # No connection was free, so nothing reached the store: this is one
@@ -148,17 +227,16 @@ class JobSlots:
                 arrival = admission.arrival
                 if admission.admitted:
                     waited = loop.time() - started
-                    self.metrics.slot_wait.labels(team.name).observe(waited)
+                    self.metrics.slot_waited(team.name, waited)
                     note(wait_ms=round(waited * 1000, 2))
                     return
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     reason = admission.reason or "global_limit"
-                    self.metrics.quota_rejections.labels(team.name, reason).inc()
+                    self.metrics.quota_rejected(team.name, reason)
                     raise self._full(reason, admission.ahead)
                 if await disconnected():
-                    # Nobody will read this answer; it only ends the request quietly.
-                    raise GatewayError(499, "client_disconnected", "The client went away.")
+                    raise client_disconnected()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), min(remaining, RECHECK_S))
         except BaseException:
@@ -174,24 +252,21 @@ class JobSlots:
 
     def _full(self, reason: str, ahead: int) -> GatewayError:
         """429 with an honest guess of when a slot may be free for this caller."""
-        rounds = ahead // max(1, self.ledger.limit) + 1
-        retry_s = max(1.0, rounds * self.typical_job_s / 2)
-        headers = {
-            "retry-after": str(math.ceil(retry_s)),
-            "retry-after-ms": str(int(retry_s * 1000)),
-        }
+        retry_s = retry_after_s(ahead, self.ledger.limit, self.typical_job_s)
         if reason == "team_limit":
-            return GatewayError(
-                429,
-                "team_concurrency_limit_exceeded",
-                "Your team already runs as many video jobs as it may; try again later.",
-                headers=headers,
-            )
-        return GatewayError(
-            429,
-            "concurrency_limit_exceeded",
-            "All shared video job slots are busy; try again later.",
-            headers=headers,
+            return team_concurrency_limit_exceeded(retry_s)
+        return concurrency_limit_exceeded(retry_s)
+
+    def not_recorded(self, exc: BaseException, video_id: str) -> GatewayError:
+        """The answer when a started job could not be written down: it runs upstream,
+        and the tracker finds and records it once the store is back, so the client must
+        not create it a second time."""
+        log.error("could not record a created job", extra={"video_id": video_id})
+        return self.failures.error(
+            exc,
+            "recording a created job",
+            message=f"Job {video_id} was started but not yet recorded; do not retry it.",
+            no_retry=True,
         )
 
     async def finish(

@@ -18,7 +18,14 @@ from collections.abc import Collection
 from typing import Any
 
 from .body import Path, RequestBody
-from .errors import invalid_request
+from .errors import (
+    GatewayError,
+    invalid_request,
+    source_expired,
+    source_not_completed,
+    source_unknown,
+)
+from .registry import VideoRecord
 
 # A path segment that names a video: video, videos, source_video, video_id, video_ids...
 VIDEO_WORD = re.compile(r"(?:^|_)videos?(?:_ids?)?$")
@@ -59,3 +66,18 @@ def derived_source(body: RequestBody) -> Any:
     if reference is None:
         raise invalid_request('video is required: a file or {"id": ...}.', "video")
     return reference
+
+
+def source_refusal(record: VideoRecord | None, param: str, *, now: float) -> GatewayError | None:
+    """Why this record cannot be a remix/edit/extension source at `now`, or None.
+
+    `record` is the caller's own record of the video (None when it has none: unknown
+    and another team's video are refused alike).
+    """
+    if record is None:
+        return source_unknown(param)
+    if record.status != "completed":
+        return source_not_completed(record.status, param)
+    if record.expires_at is not None and record.expires_at <= now:
+        return source_expired(param)
+    return None

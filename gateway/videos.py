@@ -20,11 +20,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .answers import ID_SYNTAX, NO_RETRY, json_object, video_object
+from .answers import ID_SYNTAX, json_object, video_object
 from .auth import Team
 from .body import RequestBody, read_body
 from .downloads import DownloadBudget
-from .errors import GatewayError, invalid_request, video_not_found
+from .errors import character_not_found, invalid_request, upstream_error, video_not_found
 from .logs import note
 from .matching import wanted
 from .openapi import FILE, VIDEO_ID, obj, operation, text
@@ -39,15 +39,10 @@ from .sources import (
     REMIX_BY_BODY_SOURCE,
     derived_source,
     refuse_other_sources,
+    source_refusal,
 )
 from .store import STORE_FAILURES
-from .upstream import (
-    Reply,
-    Upstream,
-    UpstreamError,
-    error_from_reply,
-    response_headers,
-)
+from .upstream import Reply, Upstream, UpstreamCalls, response_headers
 
 log = logging.getLogger("gateway.videos")
 
@@ -222,70 +217,20 @@ class VideoRoutes:
         `rewritten` is what to send instead of the client's own bytes, when the remix
         form has to be translated for upstream. `source` is the checked source video's
         record, whose fields the job inherits (so a lost answer's job can be recognised).
-
-        Upstream's refusal (4xx, 429) frees the slot at once. An answer that leaves it
-        unknown whether the job exists upstream (a timeout, a reset, a 5xx) keeps the
-        slot for the tracker to settle, and is marked `x-should-retry: false`: the SDKs
-        would otherwise retry the create blindly and pay for a duplicate job.
+        What the create's outcome does to the slot is `quota.fate_of`'s to say.
         """
-        # The last check before the wait: every slot-taking route passes here.
-        check_job_params(body.fields)
+        check_job_params(body.fields)  # the last check before the wait, on every route
         team = _team(request)
+        want = wanted(kind, body.fields, *((source.id, source.body) if source else (None, "{}")))
+        calls = self.upstream.for_request(request)
         outgoing = body if rewritten is None else rewritten
-        if isinstance(outgoing, bytes):
-            content: Any = outgoing
-            content_type, length = "application/json", len(outgoing)
-        else:
-            content, content_type, length = outgoing.raw(), outgoing.content_type, outgoing.size
-        # The prompt was checked by _require_prompt before any slot.
-        source_id, source_body = (source.id, source.body) if source else (None, "{}")
-        want = wanted(kind, body.fields, source_id, source_body)
         async with self.slots.hold(team, kind, want, request.is_disconnected) as ticket:
+            started = await ticket.forward(_send(calls, path, outgoing))
             try:
-                reply = await self._call(
-                    request,
-                    "POST",
-                    path,
-                    content=content,
-                    content_type=content_type,
-                    content_length=length,
-                )
-            except UpstreamError as exc:
-                if exc.maybe_sent:
-                    exc.headers.update(NO_RETRY)
-                raise
-            if reply.status == 429:
-                # Upstream's own limit: our count is wrong somewhere. Worth an alert.
-                self.slots.metrics.quota_rejections.labels(team.name, "upstream_429").inc()
-                await ticket.release()
-                raise _upstream_rate_limited(reply)
-            if reply.status >= 300:
-                error = error_from_reply(reply, self.upstream.scrub)
-                if reply.status < 500:
-                    await ticket.release()
-                else:
-                    error.headers.update(NO_RETRY)
-                raise error
-            try:
-                video = video_object(reply)
-            except GatewayError as exc:
-                exc.headers.update(NO_RETRY)  # a 2xx: the job may well exist upstream
-                raise
-            note(video_id=video["id"])
-            try:
-                await ticket.bind(video["id"])
-                await self.registry.record(team.name, kind, video, reply.body)
+                await self.registry.record(team.name, kind, started.video, started.reply.body)
             except STORE_FAILURES as exc:
-                # The job runs upstream; the tracker will find and record it once the
-                # store is back. The client must not create it a second time.
-                log.error("could not record a created job", extra={"video_id": video["id"]})
-                raise self.slots.failures.error(
-                    exc,
-                    "recording a created job",
-                    message=f"Job {video['id']} was started but not yet recorded; do not retry it.",
-                    headers=NO_RETRY,
-                ) from None
-        return _passthrough(reply)
+                raise self.slots.not_recorded(exc, started.video["id"]) from None
+        return _passthrough(started.reply)
 
     # -- reads and deletes --------------------------------------------------------------
 
@@ -293,7 +238,7 @@ class VideoRoutes:
     async def retrieve(self, request: Request) -> Response:
         video_id = _path_id(request, "video_id")
         record = await self._owned(request, video_id)
-        refreshed = await self._refresh(request, record)
+        refreshed = await self._refresh(self.upstream.for_request(request), record)
         if refreshed is None:
             raise video_not_found()
         return _passthrough(refreshed[0])
@@ -302,12 +247,11 @@ class VideoRoutes:
     async def delete(self, request: Request) -> Response:
         video_id = _path_id(request, "video_id")
         await self._owned(request, video_id)
-        reply = await self._call(request, "DELETE", f"videos/{video_id}")
+        reply = await self.upstream.for_request(request).call("DELETE", f"videos/{video_id}")
         if reply.status == 404:
             await self._gone(video_id)
             raise video_not_found()
-        if reply.status >= 300:
-            raise error_from_reply(reply, self.upstream.scrub)
+        reply.raise_for_status()
         await self.registry.forget(video_id)
         await self.slots.finish(video_id=video_id, outcome="deleted")
         return _passthrough(reply)
@@ -327,12 +271,10 @@ class VideoRoutes:
         await self._owned(request, video_id)
         claim = self.downloads.claim(_team(request).name)
         try:
-            download = await self.upstream.open(
+            download = await self.upstream.for_request(request).open(
                 "GET",
                 f"videos/{video_id}/content",
                 params={"variant": variant},
-                inbound=request.headers,
-                request_id=_request_id(request),
                 pass_encoding=True,
                 pool="download",
             )
@@ -345,9 +287,7 @@ class VideoRoutes:
             finally:
                 download.close()
                 claim.release()
-            raise error_from_reply(
-                Reply(download.status, download.headers, body), self.upstream.scrub
-            )
+            Reply(download.status, download.headers, body, self.upstream.scrub).raise_for_status()
         headers = response_headers(download.headers, streaming=True)
         if request.method == "HEAD":
             # Upstream's head is the whole answer. The server drops a HEAD answer's body
@@ -395,22 +335,13 @@ class VideoRoutes:
             # Fail closed: a character made while its owner cannot be recorded would
             # exist upstream for nobody.
             await self.registry.ping()
-            reply = await self._call(
-                request,
-                "POST",
-                "videos/characters",
-                content=body.raw(),
-                content_type=body.content_type,
-                content_length=body.size,
-            )
+            reply = await _send(self.upstream.for_request(request), "videos/characters", body)
         finally:
             body.close()
-        if reply.status >= 300:
-            raise error_from_reply(reply, self.upstream.scrub)
-        character = json_object(reply)
+        character = json_object(reply.raise_for_status())
         character_id = character.get("id")
         if not isinstance(character_id, str) or not ID_SYNTAX.fullmatch(character_id):
-            raise GatewayError(502, "upstream_error", "Upstream answered without a character id.")
+            raise upstream_error("Upstream answered without a character id.")
         try:
             await self.registry.record_character(_team(request).name, character_id)
         except STORE_FAILURES as exc:
@@ -419,7 +350,7 @@ class VideoRoutes:
                 exc,
                 "recording a created character",
                 message=f"Character {character_id} was created but not recorded; do not retry it.",
-                headers=NO_RETRY,
+                no_retry=True,
             ) from None
         return _passthrough(reply)
 
@@ -427,24 +358,12 @@ class VideoRoutes:
     async def get_character(self, request: Request) -> Response:
         character_id = _path_id(request, "character_id")
         if await self.registry.character_owner(character_id) != _team(request).name:
-            raise GatewayError(404, "character_not_found", "No character with that id was found.")
-        reply = await self._call(request, "GET", f"videos/characters/{character_id}")
-        if reply.status >= 300:
-            raise error_from_reply(reply, self.upstream.scrub)
-        return _passthrough(reply)
+            raise character_not_found()
+        calls = self.upstream.for_request(request)
+        reply = await calls.call("GET", f"videos/characters/{character_id}")
+        return _passthrough(reply.raise_for_status())
 
     # -- shared steps -------------------------------------------------------------------
-
-    async def _call(self, request: Request, method: str, path: str, **kwargs: Any) -> Reply:
-        """A JSON call upstream for the request's team, counted in its share of the pool."""
-        return await self.upstream.call(
-            method,
-            path,
-            inbound=request.headers,
-            request_id=_request_id(request),
-            team=_team(request).name,
-            **kwargs,
-        )
 
     async def _body(self, request: Request) -> RequestBody:
         return await read_body(request, self.max_body_bytes, self.body_timeout_s)
@@ -456,7 +375,7 @@ class VideoRoutes:
         return record
 
     async def _refresh(
-        self, request: Request, record: VideoRecord
+        self, calls: UpstreamCalls, record: VideoRecord
     ) -> tuple[Reply, VideoRecord] | None:
         """Ask upstream for a video's state and store it; None when upstream forgot it.
 
@@ -467,12 +386,11 @@ class VideoRoutes:
         costs one store read.
         """
         video_id = record.id
-        reply = await self._call(request, "GET", f"videos/{video_id}")
+        reply = await calls.call("GET", f"videos/{video_id}")
         if reply.status == 404:
             await self._gone(video_id)
             return None
-        if reply.status >= 300:
-            raise error_from_reply(reply, self.upstream.scrub)
+        reply.raise_for_status()
         if reply.body == record.body.encode():
             return reply, record
         video = video_object(reply, asked=video_id)
@@ -491,31 +409,14 @@ class VideoRoutes:
         accepted source's record."""
         record = await self.registry.owned(_team(request).name, video_id)
         if record is not None and not record.terminal:
-            refreshed = await self._refresh(request, record)
+            refreshed = await self._refresh(self.upstream.for_request(request), record)
             record = None if refreshed is None else refreshed[1]
-        refusal = self._refusal(record, param)
+        refusal = source_refusal(record, param, now=self.clock())
         if refusal is not None:
-            self.slots.metrics.remix_rejections.labels(refusal.code).inc()
+            self.slots.metrics.source_refused(str(refusal.code))
             raise refusal
         assert record is not None  # a missing record is refused above
         return record
-
-    def _refusal(self, record: VideoRecord | None, param: str) -> GatewayError | None:
-        if record is None:
-            return GatewayError(
-                400, "invalid_video_id", "The source video is unknown to this team.", param=param
-            )
-        if record.status != "completed":
-            return GatewayError(
-                400,
-                "video_not_completed",
-                f"The source video is {record.status or 'not completed'}; "
-                "only a completed video can be used.",
-                param=param,
-            )
-        if record.expires_at is not None and record.expires_at <= self.clock():
-            return GatewayError(400, "video_expired", "The source video has expired.", param=param)
-        return None
 
 
 # -- request parsing ------------------------------------------------------------------------
@@ -583,24 +484,22 @@ class _PrefixedBody(RequestBody):
             yield chunk
 
 
-# -- upstream answers -----------------------------------------------------------------------
+# -- upstream calls and answers -------------------------------------------------------------
+
+
+async def _send(calls: UpstreamCalls, path: str, outgoing: RequestBody | bytes) -> Reply:
+    """POST a body upstream: the client's own bytes replayed, or a translated JSON body."""
+    if isinstance(outgoing, bytes):
+        return await calls.call("POST", path, content=outgoing, content_type="application/json")
+    return await calls.call(
+        "POST",
+        path,
+        content=outgoing.raw(),
+        content_type=outgoing.content_type,
+        content_length=outgoing.size,
+    )
 
 
 def _passthrough(reply: Reply) -> Response:
     """Upstream's own bytes, unchanged, with only the headers a client may see."""
     return Response(reply.body, status_code=reply.status, headers=response_headers(reply.headers))
-
-
-def _upstream_rate_limited(reply: Reply) -> GatewayError:
-    headers = {
-        name: reply.headers[name]
-        for name in ("retry-after", "retry-after-ms")
-        if name in reply.headers
-    }
-    headers.setdefault("retry-after", "1")
-    return GatewayError(
-        429,
-        "upstream_rate_limited",
-        "The upstream API is at its concurrency limit; try again shortly.",
-        headers=headers,
-    )
