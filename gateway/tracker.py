@@ -33,13 +33,13 @@ from .parse import whole_number
 from .quota import JobSlots
 from .registry import TERMINAL_STATUSES, VideoRegistry
 from .store import STORE_FAILURES
+from .tracker_plan import Limits, Step, needs_adopting, next_poll_in_ms, plan_slot, predicted_end_s
 from .upstream import Upstream, UpstreamError
 
 log = logging.getLogger("gateway.tracker")
 
 MAX_PARALLEL_POLLS = 8
 MIN_TICK_S = 0.005
-END_MARGIN_MS = 5  # poll just after the predicted end, not just before it
 
 
 class Tracker:
@@ -62,9 +62,9 @@ class Tracker:
         self.calls = upstream.for_tracker()
         self.poll_interval_s = poll_interval_s
         self.lease_ms = int(lease_s * 1000)
+        self.limits = Limits(lease_ms=self.lease_ms, max_job_ms=int(max_job_s * 1000))
         # One slow upstream answer must not hold a tick past the leases it should renew.
         self.call_timeout_s = lease_s / 3
-        self.max_job_ms = int(max_job_s * 1000)
         self.settle_after_ms = int(settle_after_s * 1000)
         self._next_poll_ms: dict[str, int] = {}  # slot -> when to poll its job (store ms)
         self._progress: dict[str, tuple[float, float]] = {}  # slot -> (monotonic s, %)
@@ -94,20 +94,22 @@ class Tracker:
             mine = await self._claim(slot, snapshot.now_ms)
             if mine is None:
                 continue
-            in_flight = mine.id in self.slots.in_flight
-            if not in_flight and snapshot.now_ms - mine.started_ms > self.max_job_ms:
+            step = plan_slot(
+                mine,
+                now_ms=snapshot.now_ms,
+                in_flight=mine.id in self.slots.in_flight,
+                due_ms=self._next_poll_ms.get(mine.id, 0),
+                limits=self.limits,
+            )
+            if step is Step.EXPIRE:
                 await self._expire(mine)
-            elif mine.state == "reserved":
-                if not in_flight:  # its request ended without settling it
-                    await self.ledger.mark_unknown(mine.id)
-                elif self._lease_half_gone(mine, snapshot.now_ms):
-                    await self.ledger.renew(mine.id)
-            elif mine.state == "bound":
-                if self._next_poll_ms.get(mine.id, 0) <= snapshot.now_ms:
-                    polls.append(mine)
-                elif self._lease_half_gone(mine, snapshot.now_ms):
-                    await self.ledger.renew(mine.id)
-            elif mine.state == "unknown" and not in_flight:
+            elif step is Step.MARK_UNKNOWN:
+                await self.ledger.mark_unknown(mine.id)
+            elif step is Step.RENEW:
+                await self.ledger.renew(mine.id)
+            elif step is Step.POLL:
+                polls.append(mine)
+            elif step is Step.SETTLE:
                 unknown.append(mine)
         live = {slot.id for slot in snapshot.slots}
         for gone in self._next_poll_ms.keys() - live:
@@ -121,9 +123,6 @@ class Tracker:
             await self._settle(unknown, snapshot)
         return self._next_tick_s(snapshot.now_ms)
 
-    def _lease_half_gone(self, slot: Slot, now_ms: int) -> bool:
-        return slot.deadline_ms - now_ms < self.lease_ms / 2
-
     def _next_tick_s(self, now_ms: int) -> float:
         """At the earliest due poll, and at most one interval away (with jitter, so
         replicas do not poll upstream in lockstep)."""
@@ -135,9 +134,10 @@ class Tracker:
 
     async def _claim(self, slot: Slot, now_ms: int) -> Slot | None:
         """The slot if this replica should look after it, adopting it from a dead owner."""
-        if slot.owner == self.ledger.owner:
+        adopt = needs_adopting(slot, owner=self.ledger.owner, now_ms=now_ms)
+        if adopt is False:
             return slot
-        if slot.deadline_ms > now_ms or not await self.ledger.adopt(slot.id):
+        if adopt is None or not await self.ledger.adopt(slot.id):
             return None
         log.info("adopted a slot whose replica stopped renewing", extra={"team": slot.team})
         state = "unknown" if slot.state == "reserved" else slot.state
@@ -182,17 +182,10 @@ class Tracker:
             return
         if not await self.ledger.renew(slot.id):
             return  # another replica adopted it while we were stalled
-        interval_ms = self.poll_interval_s * 1000
-        due_ms = interval_ms
-        predicted_s = self._predict_end_s(slot.id, video.get("progress"))
-        if predicted_s is not None:
-            due_ms = min(due_ms, predicted_s * 1000 + END_MARGIN_MS)
         after_ms = whole_number(reply.headers.get("openai-poll-after-ms", ""))
-        if after_ms is not None:
-            # Upstream asked not to be polled sooner; honoured up to one interval, since
-            # the contract promises a slot free within two intervals of its job's end.
-            due_ms = max(due_ms, min(after_ms, interval_ms))
-        self._next_poll_ms[slot.id] = now_ms + int(due_ms)
+        predicted_s = self._predict_end_s(slot.id, video.get("progress"))
+        due_in_ms = next_poll_in_ms(self.poll_interval_s * 1000, predicted_s, after_ms)
+        self._next_poll_ms[slot.id] = now_ms + due_in_ms
 
     def _predict_end_s(self, slot_id: str, progress: Any) -> float | None:
         """Seconds until the job should end, from how fast its progress moved lately."""
@@ -201,10 +194,7 @@ class Tracker:
         now = asyncio.get_running_loop().time()
         previous = self._progress.get(slot_id)
         self._progress[slot_id] = (now, float(progress))
-        if previous is None or progress <= previous[1] or now <= previous[0]:
-            return None
-        rate = (progress - previous[1]) / (now - previous[0])
-        return max(0.0, (100 - progress) / rate)
+        return predicted_end_s(previous, now, float(progress))
 
     async def _settle(self, unknown: list[Slot], snapshot: Snapshot) -> None:
         """Find each lost create's job among upstream's recent jobs, or give up on it."""
