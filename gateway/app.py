@@ -103,6 +103,8 @@ class Gateway:
             upstream=self.upstream,
             slots=self.slots,
             downloads=DownloadBudget(limits.max_downloads, limits.max_team_downloads),
+            metrics=self.metrics,
+            failures=self.failures,
             max_body_bytes=limits.max_body_bytes,
             body_timeout_s=limits.body_timeout_s,
             client_idle_timeout_s=limits.client_idle_timeout_s,

@@ -27,6 +27,7 @@ from .downloads import DownloadBudget
 from .errors import character_not_found, invalid_request, upstream_error, video_not_found
 from .logs import note
 from .matching import wanted
+from .metrics import GatewayMetrics
 from .openapi import FILE, VIDEO_ID, obj, operation, text
 from .params import check_job_params
 from .parse import whole_number
@@ -42,6 +43,7 @@ from .sources import (
     source_refusal,
 )
 from .store import STORE_FAILURES
+from .store_failures import StoreFailures
 from .upstream import Reply, Upstream, UpstreamCalls, response_headers
 
 log = logging.getLogger("gateway.videos")
@@ -79,6 +81,8 @@ class VideoRoutes:
         upstream: Upstream,
         slots: JobSlots,
         downloads: DownloadBudget,
+        metrics: GatewayMetrics,
+        failures: StoreFailures,
         max_body_bytes: int,
         body_timeout_s: float,
         client_idle_timeout_s: float,
@@ -89,6 +93,8 @@ class VideoRoutes:
         self.upstream = upstream
         self.slots = slots
         self.downloads = downloads
+        self.metrics = metrics
+        self.failures = failures
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
         self.client_idle_timeout_s = client_idle_timeout_s
@@ -346,7 +352,7 @@ class VideoRoutes:
             await self.registry.record_character(_team(request).name, character_id)
         except STORE_FAILURES as exc:
             log.error("could not record a created character", extra={"character": character_id})
-            raise self.slots.failures.error(
+            raise self.failures.error(
                 exc,
                 "recording a created character",
                 message=f"Character {character_id} was created but not recorded; do not retry it.",
@@ -413,7 +419,7 @@ class VideoRoutes:
             record = None if refreshed is None else refreshed[1]
         refusal = source_refusal(record, param, now=self.clock())
         if refusal is not None:
-            self.slots.metrics.source_refused(str(refusal.code))
+            self.metrics.source_refused(str(refusal.code))
             raise refusal
         assert record is not None  # a missing record is refused above
         return record
