@@ -97,21 +97,8 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float = 60.0) -
     form = _FormFields(content_type) if mime == "multipart/form-data" else None
     # Closed by RequestBody.close() once the body has been replayed, or below on failure.
     spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY_BYTES)  # noqa: SIM115
-    size = 0
     try:
-        try:
-            async with asyncio.timeout(timeout_s):
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise request_too_large(max_bytes)
-                    spool.write(chunk)
-                    if form is not None:
-                        form.feed(chunk)
-        except ClientDisconnect as exc:
-            raise invalid_request("The client closed the connection mid-body.") from exc
-        except TimeoutError as exc:
-            raise request_timeout(timeout_s) from exc
+        size = await _spool_stream(request, spool, form, max_bytes, timeout_s)
         body = RequestBody(content_type=content_type, size=size, _spool=spool)
         if form is not None:
             body.fields, body.files = form.finish()
@@ -126,6 +113,27 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float = 60.0) -
     except BaseException:
         spool.close()
         raise
+
+
+async def _spool_stream(
+    request: Request, spool: Any, form: _FormFields | None, max_bytes: int, timeout_s: float
+) -> int:
+    """Copy the body into `spool` (and the form parser) as it arrives; its size."""
+    size = 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise request_too_large(max_bytes)
+                spool.write(chunk)
+                if form is not None:
+                    form.feed(chunk)
+    except ClientDisconnect as exc:
+        raise invalid_request("The client closed the connection mid-body.") from exc
+    except TimeoutError as exc:
+        raise request_timeout(timeout_s) from exc
+    return size
 
 
 def _json_object(spool: Any, mime: str) -> dict[str, Any]:

@@ -101,16 +101,12 @@ class Tracker:
                 due_ms=self._next_poll_ms.get(mine.id, 0),
                 limits=self.limits,
             )
-            if step is Step.EXPIRE:
-                await self._expire(mine)
-            elif step is Step.MARK_UNKNOWN:
-                await self.ledger.mark_unknown(mine.id)
-            elif step is Step.RENEW:
-                await self.ledger.renew(mine.id)
-            elif step is Step.POLL:
-                polls.append(mine)
+            if step is Step.POLL:
+                polls.append(mine)  # in parallel, below
             elif step is Step.SETTLE:
-                unknown.append(mine)
+                unknown.append(mine)  # with one listing, below
+            else:
+                await self._carry_out(step, mine)
         live = {slot.id for slot in snapshot.slots}
         for gone in self._next_poll_ms.keys() - live:
             del self._next_poll_ms[gone]
@@ -122,6 +118,15 @@ class Tracker:
             self._next_settle = loop_now + self.poll_interval_s
             await self._settle(unknown, snapshot)
         return self._next_tick_s(snapshot.now_ms)
+
+    async def _carry_out(self, step: Step, slot: Slot) -> None:
+        """A step that touches only the ledger."""
+        if step is Step.EXPIRE:
+            await self._expire(slot)
+        elif step is Step.MARK_UNKNOWN:
+            await self.ledger.mark_unknown(slot.id)
+        elif step is Step.RENEW:
+            await self.ledger.renew(slot.id)
 
     def _next_tick_s(self, now_ms: int) -> float:
         """At the earliest due poll, and at most one interval away (with jitter, so
