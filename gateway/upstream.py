@@ -378,14 +378,17 @@ class UpstreamCalls:
         headers["x-request-id"] = (
             f"{self._request_id}{uuid.uuid4().hex[:16]}" if self._fresh_ids else self._request_id
         )
+        pool = pool or self._pool
         return await self.upstream._send(
             method,
             path,
             headers,
             params=params,
             content=content,
-            pool=pool or self._pool,
-            team=self._team,
+            pool=pool,
+            # Team shares are kept on the api pool; downloads have their own per-team
+            # budget (downloads.py), and the tracker acts for no team.
+            team=self._team if pool == "api" else None,
         )
 
     async def call(
