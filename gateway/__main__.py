@@ -16,57 +16,7 @@ HTTP_PARSERS = ("auto", "httptools", "h11")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="sora-gateway",
-        description="A shared, quota-enforcing gateway for OpenAI-compatible video APIs.",
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    serve = commands.add_parser("serve", help="run the gateway")
-    serve.add_argument("--config", required=True, help="path of the YAML config")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument(
-        "--workers", type=int, default=1, help="worker processes, each a full replica"
-    )
-    serve.add_argument(
-        "--loop", choices=LOOPS, default="auto", help="event loop (auto: uvloop when installed)"
-    )
-    serve.add_argument(
-        "--http", choices=HTTP_PARSERS, default="auto", help="HTTP parser (auto: httptools)"
-    )
-
-    check = commands.add_parser("check-config", help="validate a config file")
-    check.add_argument("path")
-
-    key = commands.add_parser("new-key", help="make a team key and its config line")
-    key.add_argument("team")
-
-    simulate = commands.add_parser("simulate", help="run the bundled upstream simulator")
-    simulate.add_argument("--host", default="127.0.0.1")
-    simulate.add_argument("--port", type=int, default=8081)
-    simulate.add_argument("--token", help="the only upstream token to accept (default: any)")
-    simulate.add_argument("--queue-s", type=float, default=1.0, help="seconds a job is queued")
-    simulate.add_argument("--run-s", type=float, default=4.0, help="seconds a job runs")
-    simulate.add_argument("--expire-s", type=float, default=86400.0, help="content lifetime")
-    simulate.add_argument("--max-running", type=int, default=2, help="the account's job limit")
-    simulate.add_argument(
-        "--content-bytes", type=int, help="serve this many bytes as the video (benchmarks)"
-    )
-
-    demo = commands.add_parser("demo", help="simulator + gateway + embedded store, ready to use")
-    demo.add_argument(
-        "--config", help="path of the YAML config (default: the demo config in the package)"
-    )
-    demo.add_argument("--port", type=int, default=8080, help="gateway port (default: 8080)")
-    demo.add_argument(
-        "--sim-port",
-        type=int,
-        default=8081,
-        help="simulator port (default: 8081), the ${SORA_DEMO_SIM_PORT} of the config",
-    )
-
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call is noise
     if args.command == "check-config":
@@ -82,6 +32,64 @@ def main(argv: list[str] | None = None) -> int:
     from .demo import run_demo
 
     return run_demo(args.config, args.port, args.sim_port)
+
+
+def parser() -> argparse.ArgumentParser:
+    """Every command and its options."""
+    root = argparse.ArgumentParser(
+        prog="sora-gateway",
+        description="A shared, quota-enforcing gateway for OpenAI-compatible video APIs.",
+    )
+    commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _serve_options(commands.add_parser("serve", help="run the gateway"))
+    commands.add_parser("check-config", help="validate a config file").add_argument("path")
+    commands.add_parser("new-key", help="make a team key and its config line").add_argument("team")
+    _simulate_options(commands.add_parser("simulate", help="run the bundled upstream simulator"))
+    _demo_options(
+        commands.add_parser("demo", help="simulator + gateway + embedded store, ready to use")
+    )
+    return root
+
+
+def _serve_options(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument("--config", required=True, help="path of the YAML config")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument(
+        "--workers", type=int, default=1, help="worker processes, each a full replica"
+    )
+    serve.add_argument(
+        "--loop", choices=LOOPS, default="auto", help="event loop (auto: uvloop when installed)"
+    )
+    serve.add_argument(
+        "--http", choices=HTTP_PARSERS, default="auto", help="HTTP parser (auto: httptools)"
+    )
+
+
+def _simulate_options(simulate: argparse.ArgumentParser) -> None:
+    simulate.add_argument("--host", default="127.0.0.1")
+    simulate.add_argument("--port", type=int, default=8081)
+    simulate.add_argument("--token", help="the only upstream token to accept (default: any)")
+    simulate.add_argument("--queue-s", type=float, default=1.0, help="seconds a job is queued")
+    simulate.add_argument("--run-s", type=float, default=4.0, help="seconds a job runs")
+    simulate.add_argument("--expire-s", type=float, default=86400.0, help="content lifetime")
+    simulate.add_argument("--max-running", type=int, default=2, help="the account's job limit")
+    simulate.add_argument(
+        "--content-bytes", type=int, help="serve this many bytes as the video (benchmarks)"
+    )
+
+
+def _demo_options(demo: argparse.ArgumentParser) -> None:
+    demo.add_argument(
+        "--config", help="path of the YAML config (default: the demo config in the package)"
+    )
+    demo.add_argument("--port", type=int, default=8080, help="gateway port (default: 8080)")
+    demo.add_argument(
+        "--sim-port",
+        type=int,
+        default=8081,
+        help="simulator port (default: 8081), the ${SORA_DEMO_SIM_PORT} of the config",
+    )
 
 
 def _check_config(path: str) -> int:
