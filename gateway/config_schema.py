@@ -5,8 +5,9 @@ code builds positionally (`TeamSettings("research", (digest,))`) and copies with
 `dataclasses.replace` (the reload compares configs that way). Scalars are strict: YAML
 already types numbers and strings, so `"5"` for a count or `true` for a number is a
 mistake to report, never to coerce. A rule pydantic cannot state (a URL's form, a line
-break in a secret, a rule across fields) raises a `refusal` in the operator's words;
-`config_problems.py` words pydantic's own errors the same way.
+break in a secret, a rule across fields) raises a `REFUSED` error in the operator's
+words; `config_problems.py` words pydantic's own errors the same way. A rule across
+fields runs once those fields are valid, so it never reasons from a refused value.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass as plain_dataclass
 from dataclasses import is_dataclass
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 from pydantic import (
     AfterValidator,
@@ -57,16 +58,15 @@ class Problem:
     text: str
 
 
-def refusal(text: str) -> PydanticCustomError:
+def _refusal(text: str) -> PydanticCustomError:
     """A problem in the operator's words (passed as context: the text may hold braces)."""
     return PydanticCustomError(REFUSED, "{text}", {"text": text})
 
 
-def refused_at(title: str, problems: Iterable[tuple[Loc, str]]) -> ValidationError:
+def _refused_at(problems: Iterable[tuple[Loc, str]]) -> ValidationError:
     """Problems a rule over a whole section found, each under the field it names."""
     return ValidationError.from_exception_data(
-        title,
-        [{"type": refusal(text), "loc": loc, "input": None} for loc, text in problems],
+        "config", [{"type": _refusal(text), "loc": loc, "input": None} for loc, text in problems]
     )
 
 
@@ -102,7 +102,7 @@ def _one_line(value: str) -> str:
     # Sent as a header value: a line break would end the header, or be refused on every
     # call. A second line is most likely something else pasted in.
     if "\n" in value or "\r" in value:
-        raise refusal("must be one line (it holds a line break)")
+        raise _refusal("must be one line (it holds a line break)")
     return value
 
 
@@ -113,18 +113,18 @@ def _as_tuple(value: Any) -> Any:
 
 def _one_or_more(value: Any) -> Any:
     """A single digest may be written without the list around it."""
-    return (value,) if isinstance(value, str) else _as_tuple(value)
+    return [value] if isinstance(value, str) else value
 
 
 def _http_url(url: str) -> str:
     if not re.match(r"^https?://[^/\s]+", url):
-        raise refusal(f"expected an http(s) URL, got {redact_url(url)!r}")
+        raise _refusal(f"expected an http(s) URL, got {redact_url(url)!r}")
     return url.rstrip("/")
 
 
 def _not_reserved(name: str) -> str:
     if name == "anonymous":
-        raise refusal("'anonymous' is reserved for unauthenticated requests")
+        raise _refusal("'anonymous' is reserved for unauthenticated requests")
     return name
 
 
@@ -139,7 +139,7 @@ def _host_port(entry: Any) -> Any:
     host, _, port_text = str(entry).rpartition(":")
     port = whole_number(port_text)
     if not host or port is None:
-        raise refusal(f"expected host:port, got {entry!r}")
+        raise _refusal(f"expected host:port, got {entry!r}")
     return (host, port)
 
 
@@ -149,12 +149,15 @@ def _empty_is_none(value: Any) -> Any:
 
 def _below_api_pool(calls: int) -> int:
     if calls >= API_CONNECTIONS:
-        raise refusal(f"must be less than the api pool's {API_CONNECTIONS} connections")
+        raise _refusal(f"must be less than the api pool's {API_CONNECTIONS} connections")
     return calls
 
 
 # -- field types ------------------------------------------------------------------------------
 
+_Item = TypeVar("_Item")
+# A YAML list, held as a tuple. Strict: a YAML set (`!!set`) is no list.
+NonEmpty = Annotated[tuple[_Item, ...], Strict(), Field(min_length=1), BeforeValidator(_as_tuple)]
 Seconds = Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False)]
 SecondsOrZero = Annotated[StrictFloat, Field(ge=0, allow_inf_nan=False)]
 Count = Annotated[StrictInt, Field(ge=1)]
@@ -201,29 +204,18 @@ class UpstreamSettings:
     def _credentials_fit_the_header(self) -> UpstreamSettings:
         if self.auth_header == "authorization" and url_secret(self.base_url):
             # The HTTP client would send them as Basic auth, in the header the token needs.
-            raise refused_at(
-                "upstream",
-                [
-                    (
-                        ("base_url",),
-                        "credentials in the URL cannot be sent with auth_header: "
-                        "authorization; remove them (the token is the credential)",
-                    )
-                ],
+            text = (
+                "credentials in the URL cannot be sent with auth_header: authorization; "
+                "remove them (the token is the credential)"
             )
+            raise _refused_at([(("base_url",), text)])
         return self
 
 
 @dataclass(frozen=True, config=SECTION)
 class SentinelSettings:
     master_name: Annotated[StrictStr, Field(min_length=1), Problem("required")]
-    hosts: Annotated[
-        tuple[HostPort, ...],
-        Strict(),
-        Field(min_length=1),
-        BeforeValidator(_as_tuple),
-        Problem("expected a list of host:port"),
-    ]
+    hosts: Annotated[NonEmpty[HostPort], Problem("expected a list of host:port")]
     password: OptionalSecret = Field(default=None, repr=False)  # the Redis servers'
     sentinel_password: OptionalSecret = Field(default=None, repr=False)
 
@@ -249,7 +241,7 @@ class StoreSettings:
     @model_validator(mode="after")
     def _one_kind_of_store(self) -> StoreSettings:
         if self.sentinel is not None and self.redis_url is not None:
-            raise refusal("set either redis_url or sentinel, not both")
+            raise _refusal("set either redis_url or sentinel, not both")
         return self
 
 
@@ -270,9 +262,7 @@ class TrackerSettings:
         # A live replica renews once per poll: a shorter lease would let others adopt
         # its jobs while it is healthy.
         if self.lease_s < 2 * self.poll_interval_s:
-            raise refused_at(
-                "tracker", [(("lease_s",), "must be at least twice tracker.poll_interval_s")]
-            )
+            raise _refused_at([(("lease_s",), "must be at least twice tracker.poll_interval_s")])
         return self
 
 
@@ -298,9 +288,7 @@ class LimitsSettings:
     @model_validator(mode="after")
     def _team_share_within_the_whole(self) -> LimitsSettings:
         if self.max_team_downloads > self.max_downloads:
-            raise refused_at(
-                "limits", [(("max_team_downloads",), "must be at most limits.max_downloads")]
-            )
+            raise _refused_at([(("max_team_downloads",), "must be at most limits.max_downloads")])
         return self
 
 
@@ -320,9 +308,7 @@ class MetricsSettings:
 class TeamSettings:
     name: TeamName
     key_sha256: Annotated[
-        tuple[KeyDigest, ...],
-        Strict(),
-        Field(min_length=1),
+        NonEmpty[KeyDigest],
         BeforeValidator(_one_or_more),
         Problem("expected a list of SHA-256 hex digests"),
     ]
@@ -343,7 +329,7 @@ def _distinct(teams: tuple[TeamSettings, ...]) -> tuple[TeamSettings, ...]:
                 problems.append(((i, "key_sha256", j), "this key digest is already used"))
             digests.add(digest)
     if problems:
-        raise refused_at("teams", problems)
+        raise _refused_at(problems)
     return teams
 
 
@@ -354,12 +340,7 @@ Team = Annotated[TeamSettings, Problem("expected a mapping with name and key_sha
 class Settings:
     upstream: UpstreamSettings
     teams: Annotated[
-        tuple[Team, ...],
-        Strict(),
-        Field(min_length=1),
-        AfterValidator(_distinct),
-        BeforeValidator(_as_tuple),
-        Problem("at least one team is required"),
+        NonEmpty[Team], AfterValidator(_distinct), Problem("at least one team is required")
     ]
     store: StoreSettings = StoreSettings()
     quota: QuotaSettings = QuotaSettings()
