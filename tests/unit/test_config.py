@@ -2,18 +2,35 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import itertools
 import logging
+import math
 import re
 import textwrap
+import typing
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
 from gateway.__main__ import main
-from gateway.config import ConfigError, load_settings, parse_settings
+from gateway.config import (
+    ConfigError,
+    LimitsSettings,
+    QuotaSettings,
+    SentinelSettings,
+    Settings,
+    StoreSettings,
+    TeamSettings,
+    UpstreamSettings,
+    load_settings,
+    parse_settings,
+)
 from gateway.reload import TeamsReloader
 
 REPO = Path(__file__).resolve().parents[2]
@@ -596,3 +613,174 @@ def test_a_token_file_others_can_read_is_warned_about(tmp_path, caplog, mode, wa
         assert TOKEN not in warnings[0]
     else:
         assert warnings == []
+
+
+# -- one schema: the documented defaults are the schema's, every problem in its words ---------
+
+README = REPO / "README.md"
+
+
+def schema_fields(kind: type = Settings, prefix: str = "") -> dict[str, FieldInfo]:
+    """Every field of the schema by its documented path (`teams[].name`), sections opened."""
+    found: dict[str, FieldInfo] = {}
+    hints = typing.get_type_hints(kind)
+    for name, info in kind.__pydantic_fields__.items():  # type: ignore[attr-defined]
+        hint, path = hints[name], f"{prefix}{name}"
+        args = typing.get_args(hint)
+        if typing.get_origin(hint) is tuple and dataclasses.is_dataclass(args[0]):
+            found.update(schema_fields(args[0], f"{path}[]."))
+        elif section := next((t for t in (hint, *args) if dataclasses.is_dataclass(t)), None):
+            found.update(schema_fields(section, f"{path}."))
+        else:
+            found[path] = info
+    return found
+
+
+def readme_defaults() -> dict[str, str]:
+    """The README's configuration table: each field's path and what it says of its default."""
+    lines = README.read_text(encoding="utf-8").splitlines()
+    start = lines.index("| field | default | meaning |") + 2
+    rows: dict[str, str] = {}
+    for line in itertools.takewhile(lambda row: row.startswith("|"), lines[start:]):
+        names_cell, default_cell = (cell.strip() for cell in line.strip("|").split("|")[:2])
+        # `store.sentinel.master_name`, `.hosts` names store.sentinel.hosts too.
+        first, *more = re.findall(r"`([^`]+)`", names_cell)
+        parent = first.rsplit(".", 1)[0]
+        names = [first, *(parent + name if name.startswith(".") else name for name in more)]
+        defaults = re.findall(r"`([^`]+)`", default_cell) or [default_cell]
+        if len(defaults) == 1:
+            defaults *= len(names)
+        rows.update(zip(names, defaults, strict=True))
+    return rows
+
+
+def test_every_default_in_the_readme_table_is_the_schema_s():
+    documented = readme_defaults()
+    fields = schema_fields()
+    # Read before the schema sees the file (it becomes upstream.token), so not a field of it.
+    assert documented.pop("upstream.token_file") == "none"
+    assert sorted(documented) == sorted(fields), "the table lists each field, and only those"
+    for path, info in fields.items():
+        words = documented[path]
+        if words == "required":
+            assert info.is_required(), path
+        elif words == "none":  # optional: no value, or a field of the optional Sentinel section
+            assert info.default is None or path.startswith("store.sentinel."), path
+        else:
+            assert not info.is_required() and yaml.safe_load(words) == info.default, path
+
+
+def test_the_example_config_lists_each_default_as_the_schema_has_it():
+    example = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
+    defaults = {
+        path: info.default
+        for path, info in schema_fields().items()
+        if not info.is_required() and info.default is not None
+    }
+    assert {"upstream.timeout_s", "store.data_dir", "logging.format"} <= defaults.keys()
+    for path, default in defaults.items():
+        section, key = path.split(".")
+        value = example[section][key]
+        assert value == default and type(value) in (type(default), int), path
+
+
+def test_settings_built_in_code_take_positions_and_stay_frozen_tuples():
+    team = TeamSettings("research", (D2,), 2)
+    assert (team.name, team.key_sha256, team.max_in_flight) == ("research", (D2,), 2)
+    upstream = UpstreamSettings("https://api.example.com/v1/", TOKEN, timeout_s=5)
+    assert upstream.base_url == "https://api.example.com/v1"
+    assert upstream.timeout_s == 5.0 and isinstance(upstream.timeout_s, float)
+    sentinel = SentinelSettings("main", (("s1", 26379),))
+    assert sentinel.hosts == (("s1", 26379),)
+    assert not StoreSettings(sentinel=sentinel).embedded
+    assert StoreSettings(sentinel=None).embedded  # None from code is no Sentinel
+    settings = Settings(upstream, (team,))
+    assert settings.quota == QuotaSettings() and settings.limits == LimitsSettings()
+    assert dataclasses.replace(settings, teams=(team,)) == settings
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.upstream.token = "other"  # type: ignore[misc]
+    assert TOKEN not in repr(settings)
+
+
+def test_settings_built_in_code_obey_the_schema_without_printing_a_secret():
+    with pytest.raises(ValidationError) as caught:
+        UpstreamSettings("ftp://api.example.com", TOKEN)
+    assert TOKEN not in str(caught.value)
+    with pytest.raises(ValidationError):
+        TeamSettings("research", ("not a digest",))
+    with pytest.raises(ValidationError):
+        Settings(UpstreamSettings("https://x/v1", TOKEN), ())
+
+
+@pytest.mark.parametrize(
+    ("where", "value", "expected"),
+    [
+        ("quota.max_in_flight", "'5'", "expected a whole number, got '5'"),
+        ("quota.max_in_flight", "2.0", "expected a whole number, got 2.0"),
+        ("limits.max_downloads", "true", "expected a whole number, got True"),
+        ("quota.wait_s", "false", "expected a number, got False"),
+        ("quota.wait_s", "null", "expected a number, got None"),
+        ("quota.wait_s", "'20'", "expected a number, got '20'"),
+        ("quota.wait_s", ".inf", "must be zero or more"),
+        ("quota.wait_s", ".nan", "must be zero or more"),
+        ("quota.max_job_s", ".inf", "must be positive"),
+        ("tracker.lease_s", "-.inf", "must be positive"),
+        ("logging.level", "INFO", "expected one of info, debug, warning, error, got 'INFO'"),
+        ("limits.max_team_downloads", "129", "must be at most limits.max_downloads"),
+        ("store.data_dir", "null", "expected a directory path"),
+        ("store.redis_url", "''", "expected a redis://, rediss:// or unix:// URL"),
+        ("metrics.bearer_token", "'  '", "expected a non-empty string"),
+        ("metrics.bearer_token", "5", "expected a non-empty string"),
+    ],
+)
+def test_no_value_is_coerced_and_each_refusal_is_worded(where, value, expected):
+    section, key = where.split(".")
+    assert problems(yaml.safe_dump(minimal()) + f"{section}:\n  {key}: {value}\n") == [
+        f"{where}: {expected}"
+    ]
+
+
+def test_an_empty_section_means_its_defaults_but_an_empty_sentinel_is_no_sentinel():
+    text = yaml.safe_dump(minimal()) + "quota:\nmetrics:\n  # bearer_token: x\n"
+    settings = parse(text)
+    assert settings.quota == QuotaSettings() and settings.metrics.bearer_token is None
+    assert sorted(problems(minimal(store={"sentinel": None}))) == [
+        "store.sentinel.hosts: expected a list of host:port",
+        "store.sentinel.master_name: required",
+    ]
+
+
+def test_a_sentinel_problem_names_the_sentinel_s_whole_path():
+    sentinel = {"master_name": "m", "hosts": ["s:1"], "port": 1}
+    assert problems(minimal(store={"sentinel": sentinel})) == ["store.sentinel.port: unknown field"]
+    assert problems(minimal(store={"sentinel": "s:1"})) == ["store.sentinel: expected a mapping"]
+
+
+def test_a_key_that_is_no_string_is_an_unknown_field():
+    assert problems(yaml.safe_dump(minimal()) + "quota: {1: 2}\n") == ["quota.1: unknown field"]
+
+
+BAD_VALUES = [None, True, 0, -1, 1.5, math.nan, "", " ", "x", [], [1], {}, {"k": 1}, {1: 2}]
+SECRETS = [TOKEN, f"{TOKEN}\nx", [TOKEN], {TOKEN: TOKEN}, 7]
+
+
+@pytest.mark.parametrize("path", sorted(schema_fields()))
+def test_every_field_words_each_bad_value_in_the_config_s_own_terms(path):
+    """No pydantic phrasing reaches an operator, each problem names a path, no secret leaks."""
+    secret = not schema_fields()[path].repr
+    for value in BAD_VALUES + SECRETS:
+        config = minimal(store={"sentinel": {"master_name": "m", "hosts": ["s:1"]}})
+        where: Any = config
+        *parents, key = path.replace("[]", ".0").split(".")
+        for part in parents:
+            where = where[int(part)] if part.isdigit() else where.setdefault(part, {})
+        where[key] = value
+        try:
+            parse(config)
+        except ConfigError as error:
+            for problem in error.problems:
+                assert re.match(r"^[a-z_]+(\[\d+\]|\.[a-z_0-9]+)*: [a-z'(]", problem), problem
+                for words in ("Input should", "Field required", "Value error", "type="):
+                    assert words not in problem, problem
+                if secret:
+                    assert TOKEN not in problem, problem

@@ -1,0 +1,355 @@
+"""The configuration's schema: each field's type, default, bounds and choices, once.
+
+Pydantic dataclasses rather than BaseModels: the settings stay frozen dataclasses that
+code builds positionally (`TeamSettings("research", (digest,))`) and copies with
+`dataclasses.replace` (the reload compares configs that way). Scalars are strict: YAML
+already types numbers and strings, so `"5"` for a count or `true` for a number is a
+mistake to report, never to coerce. A rule pydantic cannot state (a URL's form, a line
+break in a secret, a rule across fields) raises a `REFUSED` error in the operator's
+words; `config_problems.py` words pydantic's own errors the same way. A rule across
+fields runs once those fields are valid, so it never reasons from a refused value.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass as plain_dataclass
+from dataclasses import is_dataclass
+from typing import Annotated, Any, Literal, TypeVar, get_args
+
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
+from pydantic.dataclasses import dataclass
+from pydantic_core import PydanticCustomError
+
+from .parse import whole_number
+from .pools import API_CONNECTIONS
+from .scrub import redact_url, url_secret
+
+# The error type of every problem a validator here words itself.
+REFUSED = "config"
+
+# Unknown fields are errors (a typo must not silently mean the default); a
+# ValidationError raised where code builds settings never prints their values.
+SECTION = ConfigDict(extra="forbid", hide_input_in_errors=True)
+
+Loc = tuple[str | int, ...]
+
+
+@plain_dataclass(frozen=True)
+class Problem:
+    """How a missing or ill-formed value of a field is reported, in the operator's words.
+
+    It replaces pydantic's own errors for the field (missing, wrong type, a failed
+    bound); what the field's validators refuse keeps its own words.
+    """
+
+    text: str
+
+
+def _refusal(text: str) -> PydanticCustomError:
+    """A problem in the operator's words (passed as context: the text may hold braces)."""
+    return PydanticCustomError(REFUSED, "{text}", {"text": text})
+
+
+def _refused_at(problems: Iterable[tuple[Loc, str]]) -> ValidationError:
+    """Problems a rule over a whole section found, each under the field it names."""
+    return ValidationError.from_exception_data(
+        "config", [{"type": _refusal(text), "loc": loc, "input": None} for loc, text in problems]
+    )
+
+
+def _null_sections_as_empty(cls: type, data: Any) -> Any:
+    """YAML reads a section with nothing under it (`metrics:` and a comment) as null.
+
+    Only a mapping from the file is rewritten: code building settings passes arguments
+    instead, and there `sentinel=None` means no Sentinel.
+    """
+    if not isinstance(data, dict):
+        return data
+    fields = getattr(cls, "__pydantic_fields__", {})
+    return {
+        key: {}
+        if value is None and key in fields and _is_section(fields[key].annotation)
+        else value
+        for key, value in data.items()
+    }
+
+
+def _is_section(annotation: Any) -> bool:
+    return any(is_dataclass(kind) for kind in (annotation, *get_args(annotation)))
+
+
+# -- value checks pydantic has no word for ---------------------------------------------------
+
+
+def _stripped(value: Any) -> Any:
+    return value.strip() if isinstance(value, str) else value
+
+
+def _one_line(value: str) -> str:
+    # Sent as a header value: a line break would end the header, or be refused on every
+    # call. A second line is most likely something else pasted in.
+    if "\n" in value or "\r" in value:
+        raise _refusal("must be one line (it holds a line break)")
+    return value
+
+
+def _as_tuple(value: Any) -> Any:
+    """A YAML list as the tuple the settings hold; anything else is left to be refused."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _one_or_more(value: Any) -> Any:
+    """A single digest may be written without the list around it."""
+    return [value] if isinstance(value, str) else value
+
+
+def _http_url(url: str) -> str:
+    if not re.match(r"^https?://[^/\s]+", url):
+        raise _refusal(f"expected an http(s) URL, got {redact_url(url)!r}")
+    return url.rstrip("/")
+
+
+def _not_reserved(name: str) -> str:
+    if name == "anonymous":
+        raise _refusal("'anonymous' is reserved for unauthenticated requests")
+    return name
+
+
+def _digest(value: Any) -> Any:
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+def _host_port(entry: Any) -> Any:
+    """`host:port` from the file; a pair built in code is taken as it is."""
+    if isinstance(entry, tuple):
+        return entry
+    host, _, port_text = str(entry).rpartition(":")
+    port = whole_number(port_text)
+    if not host or port is None:
+        raise _refusal(f"expected host:port, got {entry!r}")
+    return (host, port)
+
+
+def _empty_is_none(value: Any) -> Any:
+    return None if value == "" else value
+
+
+def _below_api_pool(calls: int) -> int:
+    if calls >= API_CONNECTIONS:
+        raise _refusal(f"must be less than the api pool's {API_CONNECTIONS} connections")
+    return calls
+
+
+# -- field types ------------------------------------------------------------------------------
+
+_Item = TypeVar("_Item")
+# A YAML list, held as a tuple. Strict: a YAML set (`!!set`) is no list.
+NonEmpty = Annotated[tuple[_Item, ...], Strict(), Field(min_length=1), BeforeValidator(_as_tuple)]
+Seconds = Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False)]
+SecondsOrZero = Annotated[StrictFloat, Field(ge=0, allow_inf_nan=False)]
+Count = Annotated[StrictInt, Field(ge=1)]
+# Surrounding spaces dropped (an editor's or a shell's), then one line, not empty.
+SecretLine = Annotated[
+    StrictStr, Field(min_length=1), AfterValidator(_one_line), BeforeValidator(_stripped)
+]
+UpstreamToken = Annotated[SecretLine, Problem("required (usually token: ${SORA_UPSTREAM_TOKEN})")]
+BearerToken = Annotated[SecretLine, Problem("expected a non-empty string")]
+OptionalSecret = Annotated[StrictStr | None, BeforeValidator(_empty_is_none)]
+HttpUrl = Annotated[StrictStr, Field(min_length=1), AfterValidator(_http_url), Problem("required")]
+RedisUrl = Annotated[
+    StrictStr,
+    Field(pattern=r"^(redis|rediss|unix)://"),
+    Problem("expected a redis://, rediss:// or unix:// URL"),
+]
+HostPort = Annotated[tuple[StrictStr, StrictInt], BeforeValidator(_host_port)]
+TeamName = Annotated[
+    StrictStr,
+    Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"),
+    AfterValidator(_not_reserved),
+    Problem("expected 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"),
+]
+KeyDigest = Annotated[
+    StrictStr,
+    Field(pattern=r"^[0-9a-f]{64}$"),
+    BeforeValidator(_digest),
+    Problem("expected 64 hex characters"),
+]
+
+
+# -- the sections ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, config=SECTION)
+class UpstreamSettings:
+    base_url: HttpUrl
+    token: UpstreamToken = Field(repr=False)
+    auth_header: Literal["authorization", "api-key"] = "authorization"
+    remix_route: Literal["path", "body"] = "path"
+    timeout_s: Seconds = 60.0
+
+    @model_validator(mode="after")
+    def _credentials_fit_the_header(self) -> UpstreamSettings:
+        if self.auth_header == "authorization" and url_secret(self.base_url):
+            # The HTTP client would send them as Basic auth, in the header the token needs.
+            text = (
+                "credentials in the URL cannot be sent with auth_header: authorization; "
+                "remove them (the token is the credential)"
+            )
+            raise _refused_at([(("base_url",), text)])
+        return self
+
+
+@dataclass(frozen=True, config=SECTION)
+class SentinelSettings:
+    master_name: Annotated[StrictStr, Field(min_length=1), Problem("required")]
+    hosts: Annotated[NonEmpty[HostPort], Problem("expected a list of host:port")]
+    password: OptionalSecret = Field(default=None, repr=False)  # the Redis servers'
+    sentinel_password: OptionalSecret = Field(default=None, repr=False)
+
+
+@dataclass(frozen=True, config=SECTION)
+class StoreSettings:
+    redis_url: RedisUrl | None = Field(default=None, repr=False)  # may carry a password
+    data_dir: Annotated[StrictStr, Field(min_length=1), Problem("expected a directory path")] = (
+        ".sora-gateway/store"
+    )
+    sentinel: SentinelSettings | None = None
+
+    @property
+    def embedded(self) -> bool:
+        """No shared store is configured: the gateway starts its own."""
+        return self.redis_url is None and self.sentinel is None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_sections(cls, data: Any) -> Any:
+        return _null_sections_as_empty(cls, data)
+
+    @model_validator(mode="after")
+    def _one_kind_of_store(self) -> StoreSettings:
+        if self.sentinel is not None and self.redis_url is not None:
+            raise _refusal("set either redis_url or sentinel, not both")
+        return self
+
+
+@dataclass(frozen=True, config=SECTION)
+class QuotaSettings:
+    max_in_flight: Count = 2
+    wait_s: SecondsOrZero = 20.0
+    max_job_s: Seconds = 3600.0
+
+
+@dataclass(frozen=True, config=SECTION)
+class TrackerSettings:
+    poll_interval_s: Seconds = 5.0
+    lease_s: Seconds = 30.0
+
+    @model_validator(mode="after")
+    def _lease_outlasts_two_polls(self) -> TrackerSettings:
+        # A live replica renews once per poll: a shorter lease would let others adopt
+        # its jobs while it is healthy.
+        if self.lease_s < 2 * self.poll_interval_s:
+            raise _refused_at([(("lease_s",), "must be at least twice tracker.poll_interval_s")])
+        return self
+
+
+@dataclass(frozen=True, config=SECTION)
+class LimitsSettings:
+    max_body_bytes: Count = 52_428_800
+    # A request body must arrive within this long: a slow upload cannot hold a
+    # connection (or the slot it would take) forever.
+    body_timeout_s: Seconds = 60.0
+    # A download whose client accepts no byte for this long is cut off: a reader that
+    # stopped cannot hold a connection and an upstream stream forever.
+    client_idle_timeout_s: Seconds = 120.0
+    # Downloads relayed at once by one replica, and by one team on one replica. Each
+    # holds an upstream connection of its own pool and up to 1 MiB of buffers while
+    # its client is slower than upstream; beyond either bound a download is 429.
+    max_downloads: Count = 128
+    max_team_downloads: Count = 32
+    # Calls one team may have on this replica's api upstream pool at once (retrieves,
+    # deletes, creates, characters), waiting or not; beyond it: 429. Less than the
+    # pool's 128 connections, so one team's slow calls leave the others room.
+    max_team_upstream_calls: Annotated[Count, AfterValidator(_below_api_pool)] = 112
+
+    @model_validator(mode="after")
+    def _team_share_within_the_whole(self) -> LimitsSettings:
+        if self.max_team_downloads > self.max_downloads:
+            raise _refused_at([(("max_team_downloads",), "must be at most limits.max_downloads")])
+        return self
+
+
+@dataclass(frozen=True, config=SECTION)
+class LoggingSettings:
+    level: Literal["info", "debug", "warning", "error"] = "info"
+    format: Literal["json", "text"] = "json"
+
+
+@dataclass(frozen=True, config=SECTION)
+class MetricsSettings:
+    # When set, /metrics answers only `Authorization: Bearer <token>`.
+    bearer_token: BearerToken | None = Field(default=None, repr=False)
+
+
+@dataclass(frozen=True, config=SECTION)
+class TeamSettings:
+    name: TeamName
+    key_sha256: Annotated[
+        NonEmpty[KeyDigest],
+        BeforeValidator(_one_or_more),
+        Problem("expected a list of SHA-256 hex digests"),
+    ]
+    max_in_flight: Count | None = None
+
+
+def _distinct(teams: tuple[TeamSettings, ...]) -> tuple[TeamSettings, ...]:
+    """Each team name and each key digest once over all teams: a key names one team."""
+    problems: list[tuple[Loc, str]] = []
+    names: set[str] = set()
+    digests: set[str] = set()
+    for i, team in enumerate(teams):
+        if team.name in names:
+            problems.append(((i, "name"), f"duplicate team name {team.name!r}"))
+        names.add(team.name)
+        for j, digest in enumerate(team.key_sha256):
+            if digest in digests:
+                problems.append(((i, "key_sha256", j), "this key digest is already used"))
+            digests.add(digest)
+    if problems:
+        raise _refused_at(problems)
+    return teams
+
+
+Team = Annotated[TeamSettings, Problem("expected a mapping with name and key_sha256")]
+
+
+@dataclass(frozen=True, config=SECTION)
+class Settings:
+    upstream: UpstreamSettings
+    teams: Annotated[
+        NonEmpty[Team], AfterValidator(_distinct), Problem("at least one team is required")
+    ]
+    store: StoreSettings = StoreSettings()
+    quota: QuotaSettings = QuotaSettings()
+    tracker: TrackerSettings = TrackerSettings()
+    limits: LimitsSettings = LimitsSettings()
+    logging: LoggingSettings = LoggingSettings()
+    metrics: MetricsSettings = MetricsSettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_sections(cls, data: Any) -> Any:
+        return _null_sections_as_empty(cls, data)
