@@ -621,7 +621,7 @@ def new_keys(*teams: str) -> dict[str, str]:
 
 
 def start_store(workdir: Path, cpus: set[int] | None) -> Any:
-    from gateway.store import EmbeddedRedis
+    from gateway.embedded_store import EmbeddedRedis
 
     store = EmbeddedRedis(workdir / "store", persistent=False).start()
     assert store.process is not None

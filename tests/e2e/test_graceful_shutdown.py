@@ -36,8 +36,8 @@ from conftest import gateway_config
 from processes import Process, start_gateway, start_simulator, wait_until
 
 from gateway.auth import new_key
+from gateway.embedded_store import EmbeddedRedis
 from gateway.serve import GRACEFUL_SHUTDOWN_S
-from gateway.store import EmbeddedRedis
 
 HOLDERS = "{sgw}:holders"
 SLOTS = "{sgw}:slots"

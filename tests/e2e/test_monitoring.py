@@ -38,7 +38,7 @@ from processes import Process, start_gateway, start_simulator, wait_until, write
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.store import EmbeddedRedis, free_port
+from gateway.embedded_store import EmbeddedRedis, free_port
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "sora-gateway.json"

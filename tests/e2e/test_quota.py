@@ -32,7 +32,7 @@ from processes import Process, start_gateway, start_simulator, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.auth import new_key
-from gateway.store import EmbeddedRedis
+from gateway.embedded_store import EmbeddedRedis
 
 TEAMS = ("alpha", "beta", "gamma")
 LIMIT = 2

@@ -39,7 +39,7 @@ from helpers import assert_error
 from processes import Process, start_gateway, start_simulator, wait_until
 
 from gateway.auth import new_key
-from gateway.store import free_port, server_binary
+from gateway.embedded_store import free_port, server_binary
 
 MASTER = "mymaster"
 HOLDERS = "{sgw}:holders"

@@ -43,9 +43,9 @@ from conftest import gateway_config
 from processes import Process, start_gateway, start_simulator, wait_until
 
 from gateway.auth import new_key
+from gateway.embedded_store import EmbeddedRedis
 from gateway.ledger import BIND_SCRIPT
 from gateway.registry import RECORD_SCRIPT
-from gateway.store import EmbeddedRedis
 
 TEAMS = ("alpha", "beta", "gamma")
 LIMIT = 2

@@ -34,7 +34,7 @@ from conftest import gateway_config
 from processes import Process, start_gateway, start_simulator, wait_until
 
 from gateway.auth import new_key
-from gateway.store import EmbeddedRedis
+from gateway.embedded_store import EmbeddedRedis
 
 TEAMS = ("alpha", "beta", "gamma")
 LIMIT = 2

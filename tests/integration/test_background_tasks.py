@@ -17,8 +17,8 @@ from redis.asyncio import Redis
 
 from gateway import readiness as readiness_module
 from gateway.background import start
+from gateway.embedded_store import EmbeddedRedis
 from gateway.readiness import Readiness
-from gateway.store import EmbeddedRedis
 
 
 def messages(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:

@@ -16,8 +16,9 @@ import redis.exceptions
 from redis.asyncio import Redis
 
 from gateway.batching import CommandBatcher
+from gateway.embedded_store import EmbeddedRedis, free_port
 from gateway.registry import VideoRegistry
-from gateway.store import EmbeddedRedis, connect, free_port
+from gateway.store import connect
 
 # A database of its own on the session's server: the session's gateway uses db 0.
 DB = 7

@@ -28,8 +28,9 @@ from hypothesis.stateful import (
     rule,
 )
 
+from gateway.embedded_store import EmbeddedRedis
 from gateway.ledger import KEYS, SlotLedger
-from gateway.store import EmbeddedRedis, connect
+from gateway.store import connect
 
 LIMIT = 2
 CAPS = {"capped": 1}

@@ -25,12 +25,12 @@ from redis.asyncio.connection import AbstractConnection
 from gateway import quota
 from gateway.auth import Team
 from gateway.config import UpstreamSettings
+from gateway.embedded_store import EmbeddedRedis
 from gateway.errors import GatewayError
 from gateway.ledger import SlotLedger
 from gateway.metrics import GatewayMetrics
 from gateway.quota import JobSlots
 from gateway.registry import VideoRegistry
-from gateway.store import EmbeddedRedis
 from gateway.store_clients import LEDGER_POOL, StoreClients
 from gateway.tracker import Tracker
 from gateway.upstream import Upstream

@@ -15,8 +15,9 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import redis
 
+from gateway.embedded_store import EmbeddedRedis
 from gateway.ledger import SlotLedger
-from gateway.store import EmbeddedRedis, connect
+from gateway.store import connect
 
 LIMIT = 2
 CAPS = {"capped": 1}
