@@ -5,18 +5,7 @@ request, and it is freed only on evidence that the job ended. Every change is on
 script, atomic and idempotent on ids the caller makes, with time taken from Redis
 `TIME` so replicas with skewed clocks agree. All keys share the `{sgw}` hash tag.
 
-State:
-- `holders`  ZSET slot id -> lease deadline (ms). Its size is the count; nothing else is.
-- `slots`    HASH slot id -> JSON {team, state, video, owner, started, kind, want}; state is
-  `reserved` (create sent or about to be), `bound` (a job id is known) or `unknown`
-  (the create's answer was lost: the job may exist upstream; the tracker settles it).
-- `jobs`     HASH video id -> slot id: one job is counted by one slot.
-- `queue:<team>` ZSET waiting slot id -> arrival number: one FIFO per team, so an
-  admission decision merges the heads of the teams' FIFOs (at most `free slots` steps)
-  instead of walking every waiter. `queued_teams` SET: the teams whose FIFO is not
-  empty. `beats` ZSET waiter -> heartbeat deadline (a waiter whose replica died drops
-  out); `waiter_team` HASH waiter -> team (which FIFO it is in); `queue_seq` the
-  arrival counter shared by all FIFOs.
+The keys and what each holds are listed in `store`.
 
 A lease is a liveness promise of the replica that owns the slot: the owner renews it
 while the job runs; when it runs out, another replica adopts the slot and keeps the job
@@ -33,28 +22,28 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from .registry import PREFIX
+from .store import (
+    BEATS,
+    HOLDERS,
+    JOBS,
+    QUEUE_PREFIX,
+    QUEUE_SEQ,
+    QUEUED_TEAMS,
+    RELEASED_CHANNEL,
+    SLOTS,
+    WAITER_TEAM,
+)
 
-RELEASED_CHANNEL = PREFIX + "released"
 # Every acquire decodes the record of every holder, and every retry sends its `want`:
 # records must stay small whatever a client sent (`matching` bounds each value).
 MAX_WANT_BYTES = 2048
-# A team's FIFO of waiters is QUEUE_PREFIX + team name; the prefix is passed in KEYS.
-QUEUE_PREFIX = PREFIX + "queue:"
-KEYS = [
-    PREFIX + "holders",
-    PREFIX + "slots",
-    PREFIX + "jobs",
-    PREFIX + "queued_teams",
-    PREFIX + "beats",
-    PREFIX + "waiter_team",
-    PREFIX + "queue_seq",
-    QUEUE_PREFIX,
-]
+# Every script receives the same KEYS, in this order (the prelude names them). The last
+# is not a key but the prefix of the per-team FIFOs (`queue_of(team)`, `store.queue_key`
+# in Python): every FIFO shares the `{sgw}` hash tag, so the scripts still touch one
+# cluster slot.
+KEYS = [HOLDERS, SLOTS, JOBS, QUEUED_TEAMS, BEATS, WAITER_TEAM, QUEUE_SEQ, QUEUE_PREFIX]
 
-# Shared by every script: the key names above and Redis time in milliseconds. KEYS[8]
-# is not a key but the prefix of the per-team FIFOs (`queue_of(team)`): every FIFO
-# shares the `{sgw}` hash tag, so the scripts still touch one cluster slot.
+# Shared by every script: the key names above and Redis time in milliseconds.
 _PRELUDE = """
 local holders, slots, jobs = KEYS[1], KEYS[2], KEYS[3]
 local queued_teams, beats, waiter_team, queue_seq = KEYS[4], KEYS[5], KEYS[6], KEYS[7]
@@ -435,10 +424,10 @@ class SlotLedger:
         """Every slot with its lease, read in one round trip (for the tracker and metrics)."""
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.time()
-            pipe.zrange(KEYS[0], 0, -1, withscores=True)
-            pipe.hgetall(KEYS[1])
-            pipe.hkeys(KEYS[2])
-            pipe.zcard(KEYS[4])
+            pipe.zrange(HOLDERS, 0, -1, withscores=True)
+            pipe.hgetall(SLOTS)
+            pipe.hkeys(JOBS)
+            pipe.zcard(BEATS)
             (secs, micros), holders, records, claimed, waiting = await pipe.execute()
         slots = []
         for raw_id, deadline in holders:
@@ -480,8 +469,8 @@ async def read_usage(redis: Redis) -> Usage:
     """Slots held and requests waiting, in one round trip: a pure read, so any client
     (the operational one for `/metrics`) may send it, and send it twice."""
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.zcard(KEYS[0])
-        pipe.zcard(KEYS[4])
+        pipe.zcard(HOLDERS)
+        pipe.zcard(BEATS)
         in_use, waiting = await pipe.execute()
     return Usage(int(in_use), int(waiting))
 

@@ -21,10 +21,10 @@ from redis.asyncio import Redis
 
 from .auth import Team
 from .errors import GatewayError
-from .ledger import RELEASED_CHANNEL, SlotLedger
+from .ledger import SlotLedger
 from .logs import note
 from .metrics import GatewayMetrics
-from .store import STORE_ERRORS, STORE_FAILURES, StoreBusy
+from .store import RELEASED_CHANNEL, STORE_ERRORS, STORE_FAILURES, StoreBusy
 from .store_failures import StoreFailures
 from .upstream import UpstreamError
 from .wakeups import Wakeups

@@ -5,6 +5,7 @@ Each video is one hash holding its team, kind, status, expiry and the last upstr
 JSON body (served as-is by the list route, never re-encoded). Each team has an index
 ordered newest first by `created_at`, ties in the order the gateway recorded them;
 its members are `created_at:sequence:id`, so a lexicographic range is that order.
+The keys are listed in `store`.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from redis.typing import EncodableT
 
 from .batching import CommandBatcher
 from .errors import invalid_request
+from .store import PREFIX, VIDEO_SEQ, character_key, team_index_key, video_key
 
-PREFIX = "{sgw}:"
 TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
 # A record whose expiry upstream has not announced yet is kept this long after its last
 # update; one with an expiry is kept a day past it, so refusals can still say "expired".
@@ -117,7 +118,7 @@ class VideoRegistry:
         video_id = str(video["id"])
         created_at = _int(video.get("created_at")) or int(time.time())
         await self._record(
-            keys=[_video_key(video_id), _index_key(team), PREFIX + "seq"],
+            keys=[video_key(video_id), team_index_key(team), VIDEO_SEQ],
             args=[
                 video_id,
                 team,
@@ -136,7 +137,7 @@ class VideoRegistry:
         The record is named by the id the caller asked about, never by the answer's own
         `id` (see `answers.video_object`, which refuses an answer about another video).
         """
-        key = _video_key(video_id)
+        key = video_key(video_id)
         args: list[EncodableT] = [
             str(video.get("status") or ""),
             _expiry_arg(video),
@@ -150,7 +151,7 @@ class VideoRegistry:
         return bool(updated)
 
     async def get(self, video_id: str) -> VideoRecord | None:
-        values = await self._batched.execute("HMGET", _video_key(video_id), *_RECORD_FIELDS)
+        values = await self._batched.execute("HMGET", video_key(video_id), *_RECORD_FIELDS)
         team, kind, status, expires_at, body = (_str(v) for v in values)
         if team is None:
             return None
@@ -174,20 +175,20 @@ class VideoRegistry:
             return set()
         async with self._redis.pipeline(transaction=False) as pipe:
             for video_id in video_ids:
-                pipe.exists(_video_key(video_id))
+                pipe.exists(video_key(video_id))
             found = await pipe.execute()
         return {video_id for video_id, hit in zip(video_ids, found, strict=True) if hit}
 
     async def forget(self, video_id: str) -> None:
-        await self._forget(keys=[_video_key(video_id)], args=[PREFIX])
+        await self._forget(keys=[video_key(video_id)], args=[PREFIX])
 
     async def page(self, team: str, *, after: str | None, limit: int, descending: bool) -> Page:
         """One page of the team's videos; `after` must be one of the team's own."""
-        index = _index_key(team)
+        index = team_index_key(team)
         if after is None:
             bound = "+" if descending else "-"
         else:
-            owner, member = await self._redis.hmget(_video_key(after), ["team", "member"])
+            owner, member = await self._redis.hmget(video_key(after), ["team", "member"])
             if member is None or _str(owner) != team:
                 raise invalid_request("'after' is not the id of one of your videos.", "after")
             bound = "(" + _str(member)  # exclusive: the page starts past `after`
@@ -209,7 +210,7 @@ class VideoRegistry:
             video_ids = [m.rsplit(":", 1)[1] for m in members]
             async with self._redis.pipeline(transaction=False) as pipe:
                 for video_id in video_ids:
-                    pipe.hget(_video_key(video_id), "body")
+                    pipe.hget(video_key(video_id), "body")
                 found = await pipe.execute()
             stale = [m for m, b in zip(members, found, strict=True) if b is None]
             if stale:  # expired records: tidy their index entries as we pass
@@ -232,22 +233,10 @@ class VideoRegistry:
         await self._redis.ping()
 
     async def record_character(self, team: str, character_id: str) -> None:
-        await self._redis.set(_character_key(character_id), team, ex=CHARACTER_TTL_S)
+        await self._redis.set(character_key(character_id), team, ex=CHARACTER_TTL_S)
 
     async def character_owner(self, character_id: str) -> str | None:
-        return _str(await self._redis.get(_character_key(character_id)))
-
-
-def _video_key(video_id: str) -> str:
-    return f"{PREFIX}video:{video_id}"
-
-
-def _index_key(team: str) -> str:
-    return f"{PREFIX}team:{team}:videos"
-
-
-def _character_key(character_id: str) -> str:
-    return f"{PREFIX}character:{character_id}"
+        return _str(await self._redis.get(character_key(character_id)))
 
 
 def _expiry_arg(video: dict[str, Any]) -> str:

@@ -1,6 +1,32 @@
-"""The Redis connection: one Redis at a URL, or the primary that Sentinel names.
+"""The Redis connection (a URL, or the primary Sentinel names), and the key space.
 
-The gateway's own server, for when there is no URL, is in `embedded_store`.
+Every key shares the `{sgw}` hash tag, so each script touches one cluster slot. The
+strings are the stored format: an existing store must keep working, so they never
+change.
+
+The slot ledger (`ledger.py`):
+- `holders`  ZSET slot id -> lease deadline (ms). Its size is the count; nothing else is.
+- `slots`    HASH slot id -> JSON {team, state, video, owner, started, kind, want}; state is
+  `reserved` (create sent or about to be), `bound` (a job id is known) or `unknown`
+  (the create's answer was lost: the job may exist upstream; the tracker settles it).
+- `jobs`     HASH video id -> slot id: one job is counted by one slot.
+- `queue:<team>` ZSET waiting slot id -> arrival number: one FIFO per team, so an
+  admission decision merges the heads of the teams' FIFOs (at most `free slots` steps)
+  instead of walking every waiter. `queued_teams` SET: the teams whose FIFO is not
+  empty. `beats` ZSET waiter -> heartbeat deadline (a waiter whose replica died drops
+  out); `waiter_team` HASH waiter -> team (which FIFO it is in); `queue_seq` the
+  arrival counter shared by all FIFOs.
+- `released` the pub/sub channel each release publishes its slot id on: every
+  replica's waiters wake at once instead of at their next re-check.
+
+The registry (`registry.py`):
+- `video:<id>` HASH team, kind, status, expires_at, body (the last upstream JSON, served
+  as-is) and member (its entry in the team's index); it expires a day past the video's
+  own expiry, or a week after its last update while that is unknown.
+- `team:<team>:videos` ZSET, every score 0, members `created_at:sequence:id`: a
+  lexicographic range lists the team's videos newest first, ties in recording order.
+- `seq` the counter that gives each index entry its sequence number.
+- `character:<id>` STRING the team that owns the character (30 days).
 """
 
 from __future__ import annotations
@@ -19,6 +45,42 @@ from redis.backoff import NoBackoff
 from .config import SentinelSettings
 
 log = logging.getLogger("gateway.store")
+
+PREFIX = "{sgw}:"
+
+# The slot ledger.
+HOLDERS = PREFIX + "holders"
+SLOTS = PREFIX + "slots"
+JOBS = PREFIX + "jobs"
+QUEUED_TEAMS = PREFIX + "queued_teams"
+BEATS = PREFIX + "beats"
+WAITER_TEAM = PREFIX + "waiter_team"
+QUEUE_SEQ = PREFIX + "queue_seq"
+# A team's FIFO is this prefix + its name (`queue_key`); the scripts receive the prefix.
+QUEUE_PREFIX = PREFIX + "queue:"
+RELEASED_CHANNEL = PREFIX + "released"
+
+# The registry.
+VIDEO_SEQ = PREFIX + "seq"
+
+
+def queue_key(team: str) -> str:
+    """The FIFO of `team`'s waiters."""
+    return QUEUE_PREFIX + team
+
+
+def video_key(video_id: str) -> str:
+    return f"{PREFIX}video:{video_id}"
+
+
+def team_index_key(team: str) -> str:
+    """`team`'s videos, in list order."""
+    return f"{PREFIX}team:{team}:videos"
+
+
+def character_key(character_id: str) -> str:
+    return f"{PREFIX}character:{character_id}"
+
 
 # What a dead or unreachable store raises: every such failure means 503, never a guess.
 STORE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)

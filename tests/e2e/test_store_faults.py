@@ -46,6 +46,7 @@ from gateway.auth import new_key
 from gateway.embedded_store import EmbeddedRedis
 from gateway.ledger import BIND_SCRIPT
 from gateway.registry import RECORD_SCRIPT
+from gateway.store import BEATS, HOLDERS, SLOTS, WAITER_TEAM, video_key
 
 TEAMS = ("alpha", "beta", "gamma")
 LIMIT = 2
@@ -268,10 +269,10 @@ class Rig:
     def ledger(self) -> dict[str, int]:
         """The store's own counts, read beside the proxy."""
         with self.redis.pipeline(transaction=True) as pipe:
-            pipe.zcard("{sgw}:holders")
-            pipe.hlen("{sgw}:slots")
-            pipe.hlen("{sgw}:waiter_team")  # one entry per waiter in the teams' FIFOs
-            pipe.zcard("{sgw}:beats")
+            pipe.zcard(HOLDERS)
+            pipe.hlen(SLOTS)
+            pipe.hlen(WAITER_TEAM)  # one entry per waiter in the teams' FIFOs
+            pipe.zcard(BEATS)
             holders, slots, queue, beats = pipe.execute()
         return {"holders": holders, "slots": slots, "queue": queue, "beats": beats}
 
@@ -279,11 +280,11 @@ class Rig:
         """Every queued waiter's heartbeat is past (by the store's clock)."""
         seconds, micros = self.redis.time()
         now_ms = seconds * 1000 + micros // 1000
-        beats = self.redis.zrange("{sgw}:beats", 0, -1, withscores=True)
+        beats = self.redis.zrange(BEATS, 0, -1, withscores=True)
         return all(deadline <= now_ms for _, deadline in beats)
 
     def owner(self, video_id: str) -> str | None:
-        return self.redis.hget(f"{{sgw}}:video:{video_id}", "team")
+        return self.redis.hget(video_key(video_id), "team")
 
     def ready(self) -> bool:
         try:

@@ -29,14 +29,13 @@ from hypothesis.stateful import (
 )
 
 from gateway.embedded_store import EmbeddedRedis
-from gateway.ledger import KEYS, SlotLedger
-from gateway.store import connect
+from gateway.ledger import SlotLedger
+from gateway.store import HOLDERS, JOBS, SLOTS, connect
 
 LIMIT = 2
 CAPS = {"capped": 1}
 TEAMS = ("alpha", "beta", "capped")
 REPLICAS = ("r1", "r2", "r3")
-HOLDERS, SLOTS, JOBS = KEYS[0], KEYS[1], KEYS[2]
 
 
 class LedgerMachine(RuleBasedStateMachine):

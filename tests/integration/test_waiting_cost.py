@@ -17,7 +17,7 @@ import redis
 
 from gateway.embedded_store import EmbeddedRedis
 from gateway.ledger import SlotLedger
-from gateway.store import connect
+from gateway.store import BEATS, connect
 
 LIMIT = 2
 CAPS = {"capped": 1}
@@ -110,4 +110,4 @@ async def test_waiters_are_served_in_arrival_order_among_teams_under_their_cap(
     await ledger.release("a1")
     await ledger.abandon("b1")  # the next in line leaves: a2 is first now
     assert (await ledger.try_acquire("a2", "alpha", "create", {})).admitted
-    assert await ledger.redis.zcard("{sgw}:beats") == 0  # nobody left waiting
+    assert await ledger.redis.zcard(BEATS) == 0  # nobody left waiting
