@@ -15,7 +15,6 @@ import socket
 import uuid
 from collections.abc import AsyncIterator
 
-import redis.exceptions
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -37,10 +36,10 @@ from .observe import RequestRecorder
 from .openapi import openapi_document, operation
 from .quota import JobSlots
 from .readiness import Readiness
-from .registry import VideoRegistry
+from .registry import StoreProbe, VideoRegistry
 from .reload import TeamsReloader
 from .shared_read import SharedRead
-from .store import STORE_FAILURES, StoreBusy, warn_if_volatile
+from .store import StoreFailure
 from .store_clients import StoreClients
 from .store_failures import StoreFailures
 from .tracker import Tracker
@@ -106,7 +105,8 @@ def create_app(
 
     # The operational routes read the store only on `stores.ops`, never on admission's
     # connections: readiness from the background check, the quota one read per scrape.
-    readiness = Readiness(stores.ops, failures)
+    probe = StoreProbe(stores.ops)
+    readiness = Readiness(probe, failures)
 
     async def read_quota_once() -> Usage:
         return await read_usage(stores.ops)
@@ -126,7 +126,7 @@ def create_app(
             ).response()
         try:
             usage = await read_quota()
-        except STORE_FAILURES as exc:
+        except StoreFailure as exc:
             failures.count(exc, "the metrics page's quota read")
             gauges = None
         else:
@@ -163,8 +163,7 @@ def create_app(
             start_background(slots.listen(stores.pubsub), "release-listener"),
             start_background(readiness.run(), "readiness"),
         ]
-        with contextlib.suppress(*STORE_FAILURES):
-            await warn_if_volatile(stores.ops)
+        await probe.warn_if_volatile()
         if config_path is not None:
             reloader = TeamsReloader(config_path, settings, apply_teams)
             background.append(start_background(reloader.watch(), "config-reloader"))
@@ -193,9 +192,7 @@ def create_app(
         exception_handlers={
             GatewayError: _gateway_error,
             HTTPException: _http_error,
-            redis.exceptions.ConnectionError: store_error,
-            redis.exceptions.TimeoutError: store_error,
-            StoreBusy: store_error,
+            StoreFailure: store_error,
             Exception: _internal_error,
         },
         lifespan=lifespan,

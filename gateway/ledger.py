@@ -33,6 +33,7 @@ from .store import (
     SLOTS,
     WAITER_TEAM,
 )
+from .store_clients import translated
 
 # Every acquire decodes the record of every holder, and every retry sends its `want`:
 # records must stay small whatever a client sent (`matching` bounds each value).
@@ -323,7 +324,8 @@ class Snapshot:
 
 
 class SlotLedger:
-    """The scripts above, registered once, with typed arguments and results."""
+    """The scripts above, registered once, with typed arguments and results. A store
+    failure is raised as a `store.StoreFailure`, never as a redis exception."""
 
     def __init__(
         self,
@@ -365,6 +367,7 @@ class SlotLedger:
         """The teams' own caps, as the acquire script reads them (changed on reload)."""
         self._caps = json.dumps(team_caps) if team_caps else "{}"
 
+    @translated
     async def try_acquire(
         self,
         slot_id: str,
@@ -397,21 +400,27 @@ class SlotLedger:
             return Admission(True)
         return Admission(False, _text(result[1]), int(result[2]), int(result[3]), int(result[4]))
 
+    @translated
     async def abandon(self, slot_id: str) -> None:
         await self._abandon(keys=KEYS, args=[slot_id])
 
+    @translated
     async def bind(self, slot_id: str, video_id: str, *, team: str, kind: str) -> None:
         await self._bind(keys=KEYS, args=[slot_id, video_id, self.lease_ms, self.owner, team, kind])
 
+    @translated
     async def mark_unknown(self, slot_id: str) -> bool:
         return bool(await self._unknown(keys=KEYS, args=[slot_id]))
 
+    @translated
     async def renew(self, slot_id: str) -> bool:
         return bool(await self._renew(keys=KEYS, args=[slot_id, self.owner, self.lease_ms]))
 
+    @translated
     async def adopt(self, slot_id: str) -> bool:
         return bool(await self._adopt(keys=KEYS, args=[slot_id, self.owner, self.lease_ms]))
 
+    @translated
     async def release(self, slot_id: str = "", *, video_id: str = "") -> Release | None:
         """Free a slot; what was freed, for the one call that freed it, else None."""
         result = await self._release(keys=KEYS, args=[slot_id, video_id, RELEASED_CHANNEL])
@@ -420,6 +429,7 @@ class SlotLedger:
         team, kind, started, now, video = (_text(v) for v in result[1:6])
         return Release(team, kind, video, (int(now) - int(float(started))) / 1000)
 
+    @translated
     async def snapshot(self) -> Snapshot:
         """Every slot with its lease, read in one round trip (for the tracker and metrics)."""
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -465,6 +475,7 @@ def _want(rec: dict[str, Any]) -> dict[str, str]:
     return {"prompt": str(rec["fp"])} if rec.get("fp") else {}
 
 
+@translated
 async def read_usage(redis: Redis) -> Usage:
     """Slots held and requests waiting, in one round trip: a pure read, so any client
     (the operational one for `/metrics`) may send it, and send it twice."""

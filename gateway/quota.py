@@ -24,7 +24,7 @@ from .errors import GatewayError
 from .ledger import SlotLedger
 from .logs import note
 from .metrics import GatewayMetrics
-from .store import RELEASED_CHANNEL, STORE_ERRORS, STORE_FAILURES, StoreBusy
+from .store import RELEASED_CHANNEL, StoreBusy, StoreFailure, StoreUnavailable
 from .store_failures import StoreFailures
 from .upstream import UpstreamError
 from .wakeups import Wakeups
@@ -111,7 +111,7 @@ class JobSlots:
             if not ticket.settled:
                 try:
                     await _shielded(self.ledger.mark_unknown(slot_id))
-                except STORE_FAILURES as exc:
+                except StoreFailure as exc:
                     # Still `reserved` in the store: the tracker treats a reserved slot
                     # with no request behind it as unknown, so nothing is lost.
                     self.failures.count(exc, "marking a slot unknown (the tracker will)")
@@ -136,7 +136,7 @@ class JobSlots:
                     admission = await self.ledger.try_acquire(
                         slot_id, team.name, kind, want, arrival
                     )
-                except STORE_ERRORS:
+                except StoreUnavailable:
                     self.metrics.quota_rejections.labels(team.name, "store_unavailable").inc()
                     raise
                 except StoreBusy:
@@ -164,7 +164,7 @@ class JobSlots:
         except BaseException:
             try:
                 await _shielded(self.ledger.abandon(slot_id))
-            except STORE_FAILURES as exc:
+            except StoreFailure as exc:
                 # The real outcome (a 429, a disconnect, a store error) stands: a waiter
                 # left in the queue drops out when its heartbeat runs out.
                 self.failures.count(exc, "leaving the queue (its heartbeat will)")

@@ -10,18 +10,23 @@ The keys are listed in `store`.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 from dataclasses import dataclass, replace
 from typing import Any, cast, overload
 
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, RedisError
 from redis.typing import EncodableT
 
 from .batching import CommandBatcher
 from .errors import invalid_request
 from .store import PREFIX, VIDEO_SEQ, character_key, team_index_key, video_key
+from .store_clients import ANY_FAILURE, translate_errors, translated
+
+log = logging.getLogger("gateway.store")
 
 TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
 # A record whose expiry upstream has not announced yet is kept this long after its last
@@ -106,6 +111,8 @@ class Page:
 
 
 class VideoRegistry:
+    """Video and character records; a store failure is raised as a `store.StoreFailure`."""
+
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
         self._batched = CommandBatcher(redis)
@@ -113,6 +120,7 @@ class VideoRegistry:
         self._update = redis.register_script(UPDATE_SCRIPT)
         self._forget = redis.register_script(FORGET_SCRIPT)
 
+    @translated
     async def record(self, team: str, kind: str, video: dict[str, Any], body: bytes) -> None:
         """Remember a video the gateway just started for `team`."""
         video_id = str(video["id"])
@@ -131,6 +139,7 @@ class VideoRegistry:
             ],
         )
 
+    @translated
     async def update(self, video_id: str, video: dict[str, Any], body: bytes) -> bool:
         """Store what upstream just said of `video_id`; False if there is no record of it.
 
@@ -150,6 +159,7 @@ class VideoRegistry:
             updated = await self._update(keys=[key], args=args)
         return bool(updated)
 
+    @translated
     async def get(self, video_id: str) -> VideoRecord | None:
         values = await self._batched.execute("HMGET", video_key(video_id), *_RECORD_FIELDS)
         team, kind, status, expires_at, body = (_str(v) for v in values)
@@ -164,11 +174,13 @@ class VideoRegistry:
             body=body or "{}",
         )
 
+    @translated
     async def owned(self, team: str, video_id: str) -> VideoRecord | None:
         """The record if `team` owns the video; None for unknown and foreign alike."""
         record = await self.get(video_id)
         return record if record is not None and record.team == team else None
 
+    @translated
     async def known(self, video_ids: list[str]) -> set[str]:
         """Which of these videos the gateway has a record of (one round trip)."""
         if not video_ids:
@@ -179,9 +191,11 @@ class VideoRegistry:
             found = await pipe.execute()
         return {video_id for video_id, hit in zip(video_ids, found, strict=True) if hit}
 
+    @translated
     async def forget(self, video_id: str) -> None:
         await self._forget(keys=[video_key(video_id)], args=[PREFIX])
 
+    @translated
     async def page(self, team: str, *, after: str | None, limit: int, descending: bool) -> Page:
         """One page of the team's videos; `after` must be one of the team's own."""
         index = team_index_key(team)
@@ -228,15 +242,53 @@ class VideoRegistry:
                 break
         return Page(bodies, ids[0] if ids else None, ids[-1] if ids else None, has_more)
 
+    @translated
     async def ping(self) -> None:
         """Raises if the store is unreachable."""
         await self._redis.ping()
 
+    @translated
     async def record_character(self, team: str, character_id: str) -> None:
         await self._redis.set(character_key(character_id), team, ex=CHARACTER_TTL_S)
 
+    @translated
     async def character_owner(self, character_id: str) -> str | None:
         return _str(await self._redis.get(character_key(character_id)))
+
+
+class StoreProbe:
+    """What the operational side asks of the store itself, on its own client (`ops`)."""
+
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+
+    async def ping(self, timeout_s: float) -> None:
+        """Raises StoreFailure unless the store answers within `timeout_s`: readiness
+        reads every failure of the client or its socket as "not answering", not only
+        an unreachable store. A failure that is a bug (no redis or socket error) is
+        raised as itself."""
+        with translate_errors(ANY_FAILURE):
+            async with asyncio.timeout(timeout_s):
+                await self._redis.ping()
+
+    async def warn_if_volatile(self) -> None:
+        """Say loudly when the store keeps nothing on disk: a restart would then forget
+        every slot held, and the gateway would admit past the upstream's limit."""
+        try:
+            appendonly = await self._redis.config_get("appendonly")
+            save = await self._redis.config_get("save")
+        except RedisError:
+            return  # CONFIG is often disabled on managed Redis; nothing to learn then
+        if _config_value(appendonly, "appendonly") == "no" and not _config_value(save, "save"):
+            log.warning(
+                "the store persists nothing (appendonly no, no save points): a store restart "
+                "forgets the slots held and the shared limit can be exceeded; enable AOF"
+            )
+
+
+def _config_value(reply: dict[Any, Any], key: str) -> str:
+    value = reply.get(key, reply.get(key.encode(), ""))
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _expiry_arg(video: dict[str, Any]) -> str:

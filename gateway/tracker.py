@@ -35,7 +35,7 @@ from .matching import pick
 from .parse import whole_number
 from .quota import JobSlots
 from .registry import TERMINAL_STATUSES, VideoRegistry
-from .store import STORE_FAILURES
+from .store import StoreFailure
 from .upstream import Upstream, UpstreamError
 
 log = logging.getLogger("gateway.tracker")
@@ -81,7 +81,7 @@ class Tracker:
                 delay = await self.tick()
             except asyncio.CancelledError:
                 raise
-            except STORE_FAILURES as exc:
+            except StoreFailure as exc:
                 self.slots.failures.count(exc, "a tracker tick (deferred)")
             except Exception:
                 log.exception("tracker tick failed")

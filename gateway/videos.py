@@ -40,7 +40,7 @@ from .sources import (
     derived_source,
     refuse_other_sources,
 )
-from .store import STORE_FAILURES
+from .store import StoreFailure
 from .upstream import (
     Reply,
     Upstream,
@@ -275,7 +275,7 @@ class VideoRoutes:
             try:
                 await ticket.bind(video["id"])
                 await self.registry.record(team.name, kind, video, reply.body)
-            except STORE_FAILURES as exc:
+            except StoreFailure as exc:
                 # The job runs upstream; the tracker will find and record it once the
                 # store is back. The client must not create it a second time.
                 log.error("could not record a created job", extra={"video_id": video["id"]})
@@ -413,7 +413,7 @@ class VideoRoutes:
             raise GatewayError(502, "upstream_error", "Upstream answered without a character id.")
         try:
             await self.registry.record_character(_team(request).name, character_id)
-        except STORE_FAILURES as exc:
+        except StoreFailure as exc:
             log.error("could not record a created character", extra={"character": character_id})
             raise self.slots.failures.error(
                 exc,

@@ -16,7 +16,7 @@ from gateway.errors import GatewayError
 from gateway.ledger import SlotLedger
 from gateway.metrics import GatewayMetrics
 from gateway.quota import JobSlots
-from gateway.store import connect
+from gateway.store_clients import connect
 
 
 async def test_a_store_failing_as_a_waiter_leaves_does_not_replace_its_outcome() -> None:

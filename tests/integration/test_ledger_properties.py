@@ -30,7 +30,8 @@ from hypothesis.stateful import (
 
 from gateway.embedded_store import EmbeddedRedis
 from gateway.ledger import SlotLedger
-from gateway.store import HOLDERS, JOBS, SLOTS, connect
+from gateway.store import HOLDERS, JOBS, SLOTS
+from gateway.store_clients import connect
 
 LIMIT = 2
 CAPS = {"capped": 1}

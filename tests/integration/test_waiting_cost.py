@@ -17,7 +17,8 @@ import redis
 
 from gateway.embedded_store import EmbeddedRedis
 from gateway.ledger import SlotLedger
-from gateway.store import BEATS, connect
+from gateway.store import BEATS
+from gateway.store_clients import connect
 
 LIMIT = 2
 CAPS = {"capped": 1}
