@@ -23,7 +23,7 @@ from redis.typing import EncodableT
 
 from .batching import CommandBatcher
 from .errors import invalid_request
-from .store import PREFIX, VIDEO_SEQ, character_key, team_index_key, video_key
+from .store import VIDEO_SEQ, character_key, team_index_key, video_key
 from .store_clients import ANY_FAILURE, translate_errors, translated
 
 log = logging.getLogger("gateway.store")
@@ -60,12 +60,15 @@ redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
 return 1
 """
 
-# KEYS[1] video hash. ARGV[1] key prefix. Removes the record and its index entry.
+# KEYS[1] video hash, KEYS[2] the index of the team the caller believes owns it.
+# ARGV: that team. Removes the record, and its index entry only from its own team's
+# index: a caller wrong about the team leaves no other team's index touched (the stale
+# entry is tidied by the next page that passes it).
 FORGET_SCRIPT = """
 local team = redis.call('HGET', KEYS[1], 'team')
 local member = redis.call('HGET', KEYS[1], 'member')
-if team and member then
-  redis.call('ZREM', ARGV[1] .. 'team:' .. team .. ':videos', member)
+if team == ARGV[1] and member then
+  redis.call('ZREM', KEYS[2], member)
 end
 return redis.call('DEL', KEYS[1])
 """
@@ -192,8 +195,9 @@ class VideoRegistry:
         return {video_id for video_id, hit in zip(video_ids, found, strict=True) if hit}
 
     @translated
-    async def forget(self, video_id: str) -> None:
-        await self._forget(keys=[video_key(video_id)], args=[PREFIX])
+    async def forget(self, video_id: str, team: str) -> None:
+        """Remove `team`'s record of the video and its entry in the team's list."""
+        await self._forget(keys=[video_key(video_id), team_index_key(team)], args=[team])
 
     @translated
     async def page(self, team: str, *, after: str | None, limit: int, descending: bool) -> Page:

@@ -169,7 +169,7 @@ class Tracker:
                 await self.ledger.renew(slot.id)  # upstream is unwell, the job is not over
                 return
         if reply.status == 404:
-            await self.registry.forget(slot.video)
+            await self.registry.forget(slot.video, slot.team)
             await self.slots.finish(slot_id=slot.id, outcome="vanished", ledger=self.ledger)
             return
         try:

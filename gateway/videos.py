@@ -301,14 +301,14 @@ class VideoRoutes:
     @operation("Delete one of your videos (frees its slot if it runs)")
     async def delete(self, request: Request) -> Response:
         video_id = _path_id(request, "video_id")
-        await self._owned(request, video_id)
+        record = await self._owned(request, video_id)
         reply = await self._call(request, "DELETE", f"videos/{video_id}")
         if reply.status == 404:
-            await self._gone(video_id)
+            await self._gone(record)
             raise video_not_found()
         if reply.status >= 300:
             raise error_from_reply(reply, self.upstream.scrub)
-        await self.registry.forget(video_id)
+        await self.registry.forget(video_id, record.team)
         await self.slots.finish(video_id=video_id, outcome="deleted")
         return _passthrough(reply)
 
@@ -469,7 +469,7 @@ class VideoRoutes:
         video_id = record.id
         reply = await self._call(request, "GET", f"videos/{video_id}")
         if reply.status == 404:
-            await self._gone(video_id)
+            await self._gone(record)
             return None
         if reply.status >= 300:
             raise error_from_reply(reply, self.upstream.scrub)
@@ -481,10 +481,10 @@ class VideoRoutes:
             await self.slots.finish(video_id=video_id, outcome=str(video["status"]))
         return reply, record.seen(video, reply.body)
 
-    async def _gone(self, video_id: str) -> None:
+    async def _gone(self, record: VideoRecord) -> None:
         """Upstream no longer knows the video: forget it, and free its slot if it held one."""
-        await self.registry.forget(video_id)
-        await self.slots.finish(video_id=video_id, outcome="vanished")
+        await self.registry.forget(record.id, record.team)
+        await self.slots.finish(video_id=record.id, outcome="vanished")
 
     async def _check_source(self, request: Request, video_id: str, param: str) -> VideoRecord:
         """Refuse a remix/edit/extension source before anything is spent on it; the
