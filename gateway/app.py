@@ -160,7 +160,7 @@ def create_app(
         await readiness.check()
         background = [
             start_background(tracker.run(), "tracker"),
-            start_background(slots.listen(stores.pubsub), "release-listener"),
+            start_background(slots.listen(ledger.releases(stores.pubsub)), "release-listener"),
             start_background(readiness.run(), "readiness"),
         ]
         await probe.warn_if_volatile()

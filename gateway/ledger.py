@@ -14,9 +14,11 @@ counted. Expiry never frees a slot by itself.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
-from collections.abc import Mapping
+import logging
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,9 +37,13 @@ from .store import (
 )
 from .store_clients import translated
 
+log = logging.getLogger("gateway.ledger")
+
 # Every acquire decodes the record of every holder, and every retry sends its `want`:
 # records must stay small whatever a client sent (`matching` bounds each value).
 MAX_WANT_BYTES = 2048
+# A lost subscription is retried this often; meanwhile waiters fall back to polling.
+RESUBSCRIBE_S = 1.0
 # Every script receives the same KEYS, in this order (the prelude names them). The last
 # is not a key but the prefix of the per-team FIFOs (`queue_of(team)`, `store.queue_key`
 # in Python): every FIFO shares the `{sgw}` hash tag, so the scripts still touch one
@@ -428,6 +434,24 @@ class SlotLedger:
             return None
         team, kind, started, now, video = (_text(v) for v in result[1:6])
         return Release(team, kind, video, (int(now) - int(float(started))) / 1000)
+
+    async def releases(self, pubsub: Redis) -> AsyncIterator[None]:
+        """Yields once per slot released by any replica, for ever, on `pubsub` (a client
+        of its own: a subscribed connection can send nothing else). After a failure it
+        subscribes again, `RESUBSCRIBE_S` apart, so it never raises; a release missed
+        meanwhile only waits for the waiters' own re-check."""
+        while True:
+            try:
+                async with pubsub.pubsub() as channel:
+                    await channel.subscribe(RELEASED_CHANNEL)
+                    async for message in channel.listen():
+                        if message.get("type") == "message":
+                            yield
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the store is down: waiters fall back to polling
+                log.debug("release listener reconnecting: %s", type(exc).__name__)
+                await asyncio.sleep(RESUBSCRIBE_S)
 
     @translated
     async def snapshot(self) -> Snapshot:

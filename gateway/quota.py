@@ -14,17 +14,15 @@ import contextlib
 import logging
 import math
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from typing import TypeVar
-
-from redis.asyncio import Redis
 
 from .auth import Team
 from .errors import GatewayError
 from .ledger import SlotLedger
 from .logs import note
 from .metrics import GatewayMetrics
-from .store import RELEASED_CHANNEL, StoreBusy, StoreFailure, StoreUnavailable
+from .store import StoreBusy, StoreFailure, StoreUnavailable
 from .store_failures import StoreFailures
 from .upstream import UpstreamError
 from .wakeups import Wakeups
@@ -234,20 +232,10 @@ class JobSlots:
     def notice_job_duration(self, seconds: float) -> None:
         self.typical_job_s = 0.8 * self.typical_job_s + 0.2 * max(1.0, seconds)
 
-    async def listen(self, redis: Redis) -> None:
-        """Turn every replica's releases into local wake-ups; reconnects on its own."""
-        while True:
-            try:
-                async with redis.pubsub() as pubsub:
-                    await pubsub.subscribe(RELEASED_CHANNEL)
-                    async for message in pubsub.listen():
-                        if message.get("type") == "message":
-                            self.notice_release()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the store is down: waiters fall back to polling
-                log.debug("release listener reconnecting: %s", type(exc).__name__)
-                await asyncio.sleep(1.0)
+    async def listen(self, releases: AsyncIterable[None]) -> None:
+        """Turn every replica's releases (`SlotLedger.releases`) into local wake-ups."""
+        async for _ in releases:
+            self.notice_release()
 
 
 async def _shielded(work: Awaitable[object]) -> None:
