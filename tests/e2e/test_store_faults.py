@@ -52,7 +52,7 @@ TEAMS = ("alpha", "beta", "gamma")
 LIMIT = 2
 TRACKER = {"poll_interval_s": 0.3, "lease_s": 2}
 UPSTREAM_TIMEOUT_S = 2  # a lost create is given up `timeout_s + 2 polls` after its slot
-REDIS_TIMEOUT_S = 2.0  # gateway.store's socket timeout
+REDIS_TIMEOUT_S = 2.0  # gateway.store_clients' socket timeout
 # A create makes at most two store calls that can each time out before it answers 503
 # (the admission script, then leaving the queue), plus a new connection's handshake.
 ANSWER_BOUND_S = 3 * REDIS_TIMEOUT_S + 2.0
