@@ -115,7 +115,11 @@ def translate_errors(unreachable: tuple[type[Exception], ...] = UNREACHABLE) -> 
 
 
 def translated(call: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
-    """`call` with its store errors translated: for the ledger's and registry's methods."""
+    """`call` with its store errors translated: for the ledger's and registry's methods.
+
+    It costs about 1.7 us a call (measured, CPython 3.11), next to redis-py's ~50 us of
+    bookkeeping per command (README, Performance); a class-based context manager would
+    save about 1.2 us of that, not worth a second way of writing the boundary."""
 
     @functools.wraps(call)
     async def translating(*args: P.args, **kwargs: P.kwargs) -> T:
