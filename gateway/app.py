@@ -15,8 +15,8 @@ import os
 import socket
 import uuid
 from collections.abc import AsyncIterator
+from functools import partial
 
-import redis.exceptions
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -34,16 +34,16 @@ from .errors import (
     method_not_allowed,
     route_not_found,
 )
-from .ledger import SlotLedger
+from .ledger import SlotLedger, read_usage
 from .metrics import GatewayMetrics
 from .middleware import GatewayMiddleware
 from .observe import RequestRecorder
 from .ops import OpsRoutes
 from .quota import JobSlots
 from .readiness import Readiness
-from .registry import VideoRegistry
+from .registry import StoreProbe, VideoRegistry
 from .reload import TeamsReloader
-from .store import STORE_FAILURES, StoreBusy, warn_if_volatile
+from .store import StoreFailure
 from .store_clients import StoreClients
 from .store_failures import StoreFailures
 from .tracker import Tracker
@@ -110,13 +110,16 @@ class Gateway:
             client_idle_timeout_s=limits.client_idle_timeout_s,
             remix_route=settings.upstream.remix_route,
         )
-        self.readiness = Readiness(self.stores.ops, self.failures)
+        # The operational routes read the store only on `stores.ops`, never on
+        # admission's connections.
+        self.probe = StoreProbe(self.stores.ops)
+        self.readiness = Readiness(self.probe, self.failures)
         self.ops = OpsRoutes(
             metrics=self.metrics,
             failures=self.failures,
             readiness=self.readiness,
             upstream=self.upstream,
-            ops_store=self.stores.ops,
+            read_usage=partial(read_usage, self.stores.ops),
             slot_limit=self.ledger.limit,
             bearer_token=settings.metrics.bearer_token,
         )
@@ -145,9 +148,7 @@ class Gateway:
             exception_handlers={
                 GatewayError: _gateway_error,
                 HTTPException: _http_error,
-                redis.exceptions.ConnectionError: store_error,
-                redis.exceptions.TimeoutError: store_error,
-                StoreBusy: store_error,
+                StoreFailure: store_error,
                 Exception: _internal_error,
             },
             lifespan=self.lifespan,
@@ -164,11 +165,12 @@ class Gateway:
         await self.readiness.check()
         background = [
             start_background(self.tracker.run(), "tracker"),
-            start_background(self.slots.listen(self.stores.pubsub), "release-listener"),
+            start_background(
+                self.slots.listen(self.ledger.releases(self.stores.pubsub)), "release-listener"
+            ),
             start_background(self.readiness.run(), "readiness"),
         ]
-        with contextlib.suppress(*STORE_FAILURES):
-            await warn_if_volatile(self.stores.ops)
+        await self.probe.warn_if_volatile()
         if self.config_path is not None:
             reloader = TeamsReloader(self.config_path, self.settings, self.apply_teams)
             background.append(start_background(reloader.watch(), "config-reloader"))

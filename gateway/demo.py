@@ -30,9 +30,9 @@ import uvicorn
 
 from .app import create_app
 from .auth import key_digest, new_key
+from .embedded_store import EmbeddedRedis
 from .serve import UvicornOptions, listen, settings_for_startup
 from .simulator import SimulatorSettings, create_simulator_app
-from .store import EmbeddedRedis
 
 DEFAULT_PORT = 8080
 DEFAULT_SIM_PORT = 8081

@@ -5,18 +5,7 @@ request, and it is freed only on evidence that the job ended. Every change is on
 script, atomic and idempotent on ids the caller makes, with time taken from Redis
 `TIME` so replicas with skewed clocks agree. All keys share the `{sgw}` hash tag.
 
-State:
-- `holders`  ZSET slot id -> lease deadline (ms). Its size is the count; nothing else is.
-- `slots`    HASH slot id -> JSON {team, state, video, owner, started, kind, want}; state is
-  `reserved` (create sent or about to be), `bound` (a job id is known) or `unknown`
-  (the create's answer was lost: the job may exist upstream; the tracker settles it).
-- `jobs`     HASH video id -> slot id: one job is counted by one slot.
-- `queue:<team>` ZSET waiting slot id -> arrival number: one FIFO per team, so an
-  admission decision merges the heads of the teams' FIFOs (at most `free slots` steps)
-  instead of walking every waiter. `queued_teams` SET: the teams whose FIFO is not
-  empty. `beats` ZSET waiter -> heartbeat deadline (a waiter whose replica died drops
-  out); `waiter_team` HASH waiter -> team (which FIFO it is in); `queue_seq` the
-  arrival counter shared by all FIFOs.
+The keys and what each holds are listed in `store`.
 
 A lease is a liveness promise of the replica that owns the slot: the owner renews it
 while the job runs; when it runs out, another replica adopts the slot and keeps the job
@@ -25,36 +14,43 @@ counted. Expiry never frees a slot by itself.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
-from collections.abc import Mapping
+import logging
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
 
-from .registry import PREFIX
+from .store import (
+    BEATS,
+    HOLDERS,
+    JOBS,
+    QUEUE_PREFIX,
+    QUEUE_SEQ,
+    QUEUED_TEAMS,
+    RELEASED_CHANNEL,
+    SLOTS,
+    WAITER_TEAM,
+)
+from .store_clients import translated
 
-RELEASED_CHANNEL = PREFIX + "released"
+log = logging.getLogger("gateway.ledger")
+
 # Every acquire decodes the record of every holder, and every retry sends its `want`:
 # records must stay small whatever a client sent (`matching` bounds each value).
 MAX_WANT_BYTES = 2048
-# A team's FIFO of waiters is QUEUE_PREFIX + team name; the prefix is passed in KEYS.
-QUEUE_PREFIX = PREFIX + "queue:"
-KEYS = [
-    PREFIX + "holders",
-    PREFIX + "slots",
-    PREFIX + "jobs",
-    PREFIX + "queued_teams",
-    PREFIX + "beats",
-    PREFIX + "waiter_team",
-    PREFIX + "queue_seq",
-    QUEUE_PREFIX,
-]
+# A lost subscription is retried this often; meanwhile waiters fall back to polling.
+RESUBSCRIBE_S = 1.0
+# Every script receives the same KEYS, in this order (the prelude names them). The last
+# is not a key but the prefix of the per-team FIFOs (`queue_of(team)`, `store.queue_key`
+# in Python): every FIFO shares the `{sgw}` hash tag, so the scripts still touch one
+# cluster slot.
+KEYS = [HOLDERS, SLOTS, JOBS, QUEUED_TEAMS, BEATS, WAITER_TEAM, QUEUE_SEQ, QUEUE_PREFIX]
 
-# Shared by every script: the key names above and Redis time in milliseconds. KEYS[8]
-# is not a key but the prefix of the per-team FIFOs (`queue_of(team)`): every FIFO
-# shares the `{sgw}` hash tag, so the scripts still touch one cluster slot.
+# Shared by every script: the key names above and Redis time in milliseconds.
 _PRELUDE = """
 local holders, slots, jobs = KEYS[1], KEYS[2], KEYS[3]
 local queued_teams, beats, waiter_team, queue_seq = KEYS[4], KEYS[5], KEYS[6], KEYS[7]
@@ -334,7 +330,8 @@ class Snapshot:
 
 
 class SlotLedger:
-    """The scripts above, registered once, with typed arguments and results."""
+    """The scripts above, registered once, with typed arguments and results. A store
+    failure is raised as a `store.StoreFailure`, never as a redis exception."""
 
     def __init__(
         self,
@@ -376,6 +373,7 @@ class SlotLedger:
         """The teams' own caps, as the acquire script reads them (changed on reload)."""
         self._caps = json.dumps(team_caps) if team_caps else "{}"
 
+    @translated
     async def try_acquire(
         self,
         slot_id: str,
@@ -408,21 +406,27 @@ class SlotLedger:
             return Admission(True)
         return Admission(False, _text(result[1]), int(result[2]), int(result[3]), int(result[4]))
 
+    @translated
     async def abandon(self, slot_id: str) -> None:
         await self._abandon(keys=KEYS, args=[slot_id])
 
+    @translated
     async def bind(self, slot_id: str, video_id: str, *, team: str, kind: str) -> None:
         await self._bind(keys=KEYS, args=[slot_id, video_id, self.lease_ms, self.owner, team, kind])
 
+    @translated
     async def mark_unknown(self, slot_id: str) -> bool:
         return bool(await self._unknown(keys=KEYS, args=[slot_id]))
 
+    @translated
     async def renew(self, slot_id: str) -> bool:
         return bool(await self._renew(keys=KEYS, args=[slot_id, self.owner, self.lease_ms]))
 
+    @translated
     async def adopt(self, slot_id: str) -> bool:
         return bool(await self._adopt(keys=KEYS, args=[slot_id, self.owner, self.lease_ms]))
 
+    @translated
     async def release(self, slot_id: str = "", *, video_id: str = "") -> Release | None:
         """Free a slot; what was freed, for the one call that freed it, else None."""
         result = await self._release(keys=KEYS, args=[slot_id, video_id, RELEASED_CHANNEL])
@@ -431,14 +435,33 @@ class SlotLedger:
         team, kind, started, now, video = (_text(v) for v in result[1:6])
         return Release(team, kind, video, (int(now) - int(float(started))) / 1000)
 
+    async def releases(self, pubsub: Redis) -> AsyncIterator[None]:
+        """Yields once per slot released by any replica, for ever, on `pubsub` (a client
+        of its own: a subscribed connection can send nothing else). After a failure it
+        subscribes again, `RESUBSCRIBE_S` apart, so it never raises; a release missed
+        meanwhile only waits for the waiters' own re-check."""
+        while True:
+            try:
+                async with pubsub.pubsub() as channel:
+                    await channel.subscribe(RELEASED_CHANNEL)
+                    async for message in channel.listen():
+                        if message.get("type") == "message":
+                            yield
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the store is down: waiters fall back to polling
+                log.debug("release listener reconnecting: %s", type(exc).__name__)
+                await asyncio.sleep(RESUBSCRIBE_S)
+
+    @translated
     async def snapshot(self) -> Snapshot:
         """Every slot with its lease, read in one round trip (for the tracker and metrics)."""
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.time()
-            pipe.zrange(KEYS[0], 0, -1, withscores=True)
-            pipe.hgetall(KEYS[1])
-            pipe.hkeys(KEYS[2])
-            pipe.zcard(KEYS[4])
+            pipe.zrange(HOLDERS, 0, -1, withscores=True)
+            pipe.hgetall(SLOTS)
+            pipe.hkeys(JOBS)
+            pipe.zcard(BEATS)
             (secs, micros), holders, records, claimed, waiting = await pipe.execute()
         slots = []
         for raw_id, deadline in holders:
@@ -476,12 +499,13 @@ def _want(rec: dict[str, Any]) -> dict[str, str]:
     return {"prompt": str(rec["fp"])} if rec.get("fp") else {}
 
 
+@translated
 async def read_usage(redis: Redis) -> Usage:
     """Slots held and requests waiting, in one round trip: a pure read, so any client
     (the operational one for `/metrics`) may send it, and send it twice."""
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.zcard(KEYS[0])
-        pipe.zcard(KEYS[4])
+        pipe.zcard(HOLDERS)
+        pipe.zcard(BEATS)
         in_use, waiting = await pipe.execute()
     return Usage(int(in_use), int(waiting))
 

@@ -7,11 +7,10 @@ the quota once per scrape however many scrapers ask at once.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
-from redis.asyncio import Redis
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -19,12 +18,12 @@ from starlette.routing import BaseRoute, Route
 from . import __version__
 from .auth import bearer_matches
 from .errors import invalid_api_key, upstream_starved
-from .ledger import Usage, read_usage
+from .ledger import Usage
 from .metrics import GatewayMetrics, QuotaGauges
 from .openapi import openapi_document, operation
 from .readiness import Readiness
 from .shared_read import SharedRead
-from .store import STORE_FAILURES
+from .store import StoreFailure
 from .store_failures import StoreFailures
 from .upstream import Upstream
 
@@ -39,7 +38,7 @@ class OpsRoutes:
         failures: StoreFailures,
         readiness: Readiness,
         upstream: Upstream,
-        ops_store: Redis,
+        read_usage: Callable[[], Awaitable[Usage]],
         slot_limit: int,
         bearer_token: str | None,
     ) -> None:
@@ -49,7 +48,8 @@ class OpsRoutes:
         self.upstream = upstream
         self.slot_limit = slot_limit
         self.bearer_token = bearer_token
-        self._read_quota = SharedRead(lambda: read_usage(ops_store))
+        # Concurrent scrapes share one read of the quota (on the ops client).
+        self._read_quota = SharedRead(read_usage)
         self._document: dict[str, Any] = {}
 
     def routes(self) -> list[Route]:
@@ -85,7 +85,7 @@ class OpsRoutes:
             return invalid_api_key("This page needs its bearer token.").response()
         try:
             usage: Usage = await self._read_quota()
-        except STORE_FAILURES as exc:
+        except StoreFailure as exc:
             self.failures.count(exc, "the metrics page's quota read")
             gauges = None
         else:

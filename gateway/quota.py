@@ -16,11 +16,9 @@ import contextlib
 import enum
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
-
-from redis.asyncio import Redis
 
 from .answers import video_object
 from .auth import Team
@@ -31,10 +29,10 @@ from .errors import (
     team_concurrency_limit_exceeded,
     upstream_rate_limited,
 )
-from .ledger import RELEASED_CHANNEL, SlotLedger
+from .ledger import SlotLedger
 from .logs import note
 from .metrics import GatewayMetrics
-from .store import STORE_ERRORS, STORE_FAILURES, StoreBusy
+from .store import StoreBusy, StoreFailure, StoreUnavailable
 from .store_failures import StoreFailures
 from .upstream import Reply, UpstreamError, error_from_reply
 from .wakeups import Wakeups
@@ -141,7 +139,7 @@ class Ticket:
         note(video_id=video["id"])
         try:
             await self.bind(video["id"])
-        except STORE_FAILURES as exc:
+        except StoreFailure as exc:
             raise self._slots.not_recorded(exc, video["id"]) from None
         return Started(outcome, video)
 
@@ -190,7 +188,7 @@ class JobSlots:
             if not ticket.settled:
                 try:
                     await _shielded(self.ledger.mark_unknown(slot_id))
-                except STORE_FAILURES as exc:
+                except StoreFailure as exc:
                     # Still `reserved` in the store: the tracker treats a reserved slot
                     # with no request behind it as unknown, so nothing is lost.
                     self.failures.count(exc, "marking a slot unknown (the tracker will)")
@@ -215,7 +213,7 @@ class JobSlots:
                     admission = await self.ledger.try_acquire(
                         slot_id, team.name, kind, want, arrival
                     )
-                except STORE_ERRORS:
+                except StoreUnavailable:
                     self.metrics.quota_rejected(team.name, "store_unavailable")
                     raise
                 except StoreBusy:
@@ -242,7 +240,7 @@ class JobSlots:
         except BaseException:
             try:
                 await _shielded(self.ledger.abandon(slot_id))
-            except STORE_FAILURES as exc:
+            except StoreFailure as exc:
                 # The real outcome (a 429, a disconnect, a store error) stands: a waiter
                 # left in the queue drops out when its heartbeat runs out.
                 self.failures.count(exc, "leaving the queue (its heartbeat will)")
@@ -309,20 +307,10 @@ class JobSlots:
     def notice_job_duration(self, seconds: float) -> None:
         self.typical_job_s = 0.8 * self.typical_job_s + 0.2 * max(1.0, seconds)
 
-    async def listen(self, redis: Redis) -> None:
-        """Turn every replica's releases into local wake-ups; reconnects on its own."""
-        while True:
-            try:
-                async with redis.pubsub() as pubsub:
-                    await pubsub.subscribe(RELEASED_CHANNEL)
-                    async for message in pubsub.listen():
-                        if message.get("type") == "message":
-                            self.notice_release()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the store is down: waiters fall back to polling
-                log.debug("release listener reconnecting: %s", type(exc).__name__)
-                await asyncio.sleep(1.0)
+    async def listen(self, releases: AsyncIterable[None]) -> None:
+        """Turn every replica's releases (`SlotLedger.releases`) into local wake-ups."""
+        async for _ in releases:
+            self.notice_release()
 
 
 async def _shielded(work: Awaitable[object]) -> None:

@@ -12,11 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import redis.exceptions
-from redis.asyncio import Redis
-
 from .errors import GatewayError, store_unavailable
-from .store_failures import StoreFailures, error_for
+from .registry import StoreProbe
+from .store import StoreFailure
+from .store_failures import StoreFailures, error_for, reason
 
 log = logging.getLogger("gateway.readiness")
 
@@ -26,11 +25,11 @@ STALE_AFTER_S = 3 * CHECK_EVERY_S  # no check for this long (a stuck task): not 
 
 
 class Readiness:
-    def __init__(self, store: Redis, failures: StoreFailures | None = None) -> None:
-        self._store = store
+    def __init__(self, probe: StoreProbe, failures: StoreFailures | None = None) -> None:
+        self._probe = probe
         self._failures = failures
         self._ok = False
-        self._failure: BaseException | None = None  # why the last check failed
+        self._failure: StoreFailure | None = None  # why the last check failed
         self._checked_at = 0.0  # event loop time of the last finished check
 
     def ready(self) -> bool:
@@ -49,16 +48,15 @@ class Readiness:
         """Ping the store once and remember the answer."""
         self._failure = None
         try:
-            async with asyncio.timeout(CHECK_TIMEOUT_S):
-                await self._store.ping()
+            await self._probe.ping(CHECK_TIMEOUT_S)
             ok = True
-        except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
+        except StoreFailure as exc:
             ok = False
             self._failure = exc
             if self._failures is not None:
                 self._failures.count(exc, "the readiness check")
             if self._ok:
-                log.warning("not ready: the store does not answer (%s)", type(exc).__name__)
+                log.warning("not ready: the store does not answer (%s)", reason(exc))
         except Exception:
             # Not a store failure but a bug: not ready, said loudly, and checked again.
             ok = False

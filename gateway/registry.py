@@ -5,23 +5,29 @@ Each video is one hash holding its team, kind, status, expiry and the last upstr
 JSON body (served as-is by the list route, never re-encoded). Each team has an index
 ordered newest first by `created_at`, ties in the order the gateway recorded them;
 its members are `created_at:sequence:id`, so a lexicographic range is that order.
+The keys are listed in `store`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 from dataclasses import dataclass, replace
 from typing import Any, cast, overload
 
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, RedisError
 from redis.typing import EncodableT
 
 from .batching import CommandBatcher
 from .errors import invalid_request
+from .store import VIDEO_SEQ, character_key, team_index_key, video_key
+from .store_clients import ANY_FAILURE, translate_errors, translated
 
-PREFIX = "{sgw}:"
+log = logging.getLogger("gateway.store")
+
 TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
 # A record whose expiry upstream has not announced yet is kept this long after its last
 # update; one with an expiry is kept a day past it, so refusals can still say "expired".
@@ -54,12 +60,15 @@ redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
 return 1
 """
 
-# KEYS[1] video hash. ARGV[1] key prefix. Removes the record and its index entry.
+# KEYS[1] video hash, KEYS[2] the index of the team the caller believes owns it.
+# ARGV: that team. Removes the record, and its index entry only from its own team's
+# index: a caller wrong about the team leaves no other team's index touched (the stale
+# entry is tidied by the next page that passes it).
 FORGET_SCRIPT = """
 local team = redis.call('HGET', KEYS[1], 'team')
 local member = redis.call('HGET', KEYS[1], 'member')
-if team and member then
-  redis.call('ZREM', ARGV[1] .. 'team:' .. team .. ':videos', member)
+if team == ARGV[1] and member then
+  redis.call('ZREM', KEYS[2], member)
 end
 return redis.call('DEL', KEYS[1])
 """
@@ -105,6 +114,8 @@ class Page:
 
 
 class VideoRegistry:
+    """Video and character records; a store failure is raised as a `store.StoreFailure`."""
+
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
         self._batched = CommandBatcher(redis)
@@ -112,12 +123,13 @@ class VideoRegistry:
         self._update = redis.register_script(UPDATE_SCRIPT)
         self._forget = redis.register_script(FORGET_SCRIPT)
 
+    @translated
     async def record(self, team: str, kind: str, video: dict[str, Any], body: bytes) -> None:
         """Remember a video the gateway just started for `team`."""
         video_id = str(video["id"])
         created_at = _int(video.get("created_at")) or int(time.time())
         await self._record(
-            keys=[_video_key(video_id), _index_key(team), PREFIX + "seq"],
+            keys=[video_key(video_id), team_index_key(team), VIDEO_SEQ],
             args=[
                 video_id,
                 team,
@@ -130,13 +142,14 @@ class VideoRegistry:
             ],
         )
 
+    @translated
     async def update(self, video_id: str, video: dict[str, Any], body: bytes) -> bool:
         """Store what upstream just said of `video_id`; False if there is no record of it.
 
         The record is named by the id the caller asked about, never by the answer's own
         `id` (see `answers.video_object`, which refuses an answer about another video).
         """
-        key = _video_key(video_id)
+        key = video_key(video_id)
         args: list[EncodableT] = [
             str(video.get("status") or ""),
             _expiry_arg(video),
@@ -149,8 +162,9 @@ class VideoRegistry:
             updated = await self._update(keys=[key], args=args)
         return bool(updated)
 
+    @translated
     async def get(self, video_id: str) -> VideoRecord | None:
-        values = await self._batched.execute("HMGET", _video_key(video_id), *_RECORD_FIELDS)
+        values = await self._batched.execute("HMGET", video_key(video_id), *_RECORD_FIELDS)
         team, kind, status, expires_at, body = (_str(v) for v in values)
         if team is None:
             return None
@@ -163,31 +177,36 @@ class VideoRegistry:
             body=body or "{}",
         )
 
+    @translated
     async def owned(self, team: str, video_id: str) -> VideoRecord | None:
         """The record if `team` owns the video; None for unknown and foreign alike."""
         record = await self.get(video_id)
         return record if record is not None and record.team == team else None
 
+    @translated
     async def known(self, video_ids: list[str]) -> set[str]:
         """Which of these videos the gateway has a record of (one round trip)."""
         if not video_ids:
             return set()
         async with self._redis.pipeline(transaction=False) as pipe:
             for video_id in video_ids:
-                pipe.exists(_video_key(video_id))
+                pipe.exists(video_key(video_id))
             found = await pipe.execute()
         return {video_id for video_id, hit in zip(video_ids, found, strict=True) if hit}
 
-    async def forget(self, video_id: str) -> None:
-        await self._forget(keys=[_video_key(video_id)], args=[PREFIX])
+    @translated
+    async def forget(self, video_id: str, team: str) -> None:
+        """Remove `team`'s record of the video and its entry in the team's list."""
+        await self._forget(keys=[video_key(video_id), team_index_key(team)], args=[team])
 
+    @translated
     async def page(self, team: str, *, after: str | None, limit: int, descending: bool) -> Page:
         """One page of the team's videos; `after` must be one of the team's own."""
-        index = _index_key(team)
+        index = team_index_key(team)
         if after is None:
             bound = "+" if descending else "-"
         else:
-            owner, member = await self._redis.hmget(_video_key(after), ["team", "member"])
+            owner, member = await self._redis.hmget(video_key(after), ["team", "member"])
             if member is None or _str(owner) != team:
                 raise invalid_request("'after' is not the id of one of your videos.", "after")
             bound = "(" + _str(member)  # exclusive: the page starts past `after`
@@ -209,7 +228,7 @@ class VideoRegistry:
             video_ids = [m.rsplit(":", 1)[1] for m in members]
             async with self._redis.pipeline(transaction=False) as pipe:
                 for video_id in video_ids:
-                    pipe.hget(_video_key(video_id), "body")
+                    pipe.hget(video_key(video_id), "body")
                 found = await pipe.execute()
             stale = [m for m, b in zip(members, found, strict=True) if b is None]
             if stale:  # expired records: tidy their index entries as we pass
@@ -227,27 +246,53 @@ class VideoRegistry:
                 break
         return Page(bodies, ids[0] if ids else None, ids[-1] if ids else None, has_more)
 
+    @translated
     async def ping(self) -> None:
         """Raises if the store is unreachable."""
         await self._redis.ping()
 
+    @translated
     async def record_character(self, team: str, character_id: str) -> None:
-        await self._redis.set(_character_key(character_id), team, ex=CHARACTER_TTL_S)
+        await self._redis.set(character_key(character_id), team, ex=CHARACTER_TTL_S)
 
+    @translated
     async def character_owner(self, character_id: str) -> str | None:
-        return _str(await self._redis.get(_character_key(character_id)))
+        return _str(await self._redis.get(character_key(character_id)))
 
 
-def _video_key(video_id: str) -> str:
-    return f"{PREFIX}video:{video_id}"
+class StoreProbe:
+    """What the operational side asks of the store itself, on its own client (`ops`)."""
+
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+
+    async def ping(self, timeout_s: float) -> None:
+        """Raises StoreFailure unless the store answers within `timeout_s`: readiness
+        reads every failure of the client or its socket as "not answering", not only
+        an unreachable store. A failure that is a bug (no redis or socket error) is
+        raised as itself."""
+        with translate_errors(ANY_FAILURE):
+            async with asyncio.timeout(timeout_s):
+                await self._redis.ping()
+
+    async def warn_if_volatile(self) -> None:
+        """Say loudly when the store keeps nothing on disk: a restart would then forget
+        every slot held, and the gateway would admit past the upstream's limit."""
+        try:
+            appendonly = await self._redis.config_get("appendonly")
+            save = await self._redis.config_get("save")
+        except RedisError:
+            return  # CONFIG is often disabled on managed Redis; nothing to learn then
+        if _config_value(appendonly, "appendonly") == "no" and not _config_value(save, "save"):
+            log.warning(
+                "the store persists nothing (appendonly no, no save points): a store restart "
+                "forgets the slots held and the shared limit can be exceeded; enable AOF"
+            )
 
 
-def _index_key(team: str) -> str:
-    return f"{PREFIX}team:{team}:videos"
-
-
-def _character_key(character_id: str) -> str:
-    return f"{PREFIX}character:{character_id}"
+def _config_value(reply: dict[Any, Any], key: str) -> str:
+    value = reply.get(key, reply.get(key.encode(), ""))
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _expiry_arg(video: dict[str, Any]) -> str:

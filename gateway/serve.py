@@ -25,7 +25,7 @@ from uvicorn.supervisors import Multiprocess
 from . import logs
 from .app import create_app
 from .config import ConfigError, Settings, load_settings
-from .store import EmbeddedRedis
+from .embedded_store import EmbeddedRedis
 
 CONFIG_ENV = "SORA_GATEWAY_CONFIG"
 STORE_ENV = "SORA_GATEWAY_STORE_URL"

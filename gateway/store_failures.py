@@ -1,6 +1,6 @@
 """One meaning for every store failure: its client error, its metric and its log line.
 
-A store that cannot be reached (`STORE_ERRORS`) and a replica with no free pooled
+A store that cannot be reached (`StoreUnavailable`) and a replica with no free pooled
 connection (`StoreBusy`) call for different answers: 503 `store_unavailable` (the
 store is down; alert) or 503 `store_busy` (this replica is loaded; retry). Every place
 that meets one (the app's handlers, a record that failed after upstream acted,
@@ -28,6 +28,12 @@ def is_busy(exc: BaseException) -> bool:
     return isinstance(exc, StoreBusy)
 
 
+def reason(exc: BaseException) -> str:
+    """What failed, for a log line: the client's own exception (`ConnectionError`,
+    `TimeoutError`) that a StoreFailure was raised from, else the exception itself."""
+    return type(exc.__cause__ or exc).__name__
+
+
 def error_for(
     exc: BaseException, *, message: str | None = None, no_retry: bool = False
 ) -> GatewayError:
@@ -50,7 +56,7 @@ class StoreFailures:
     def count(self, exc: BaseException, what: str = "a store operation") -> None:
         busy = is_busy(exc)
         (self.metrics.store_busy if busy else self.metrics.store_errors).inc()
-        self._warn(busy, what, type(exc).__name__)
+        self._warn(busy, what, reason(exc))
 
     def error(
         self,

@@ -32,7 +32,7 @@ from .matching import pick
 from .parse import whole_number
 from .quota import JobSlots
 from .registry import TERMINAL_STATUSES, VideoRegistry
-from .store import STORE_FAILURES
+from .store import StoreFailure
 from .tracker_plan import Limits, Step, needs_adopting, next_poll_in_ms, plan_slot, predicted_end_s
 from .upstream import Upstream, UpstreamError
 
@@ -79,7 +79,7 @@ class Tracker:
                 delay = await self.tick()
             except asyncio.CancelledError:
                 raise
-            except STORE_FAILURES as exc:
+            except StoreFailure as exc:
                 self.slots.failures.count(exc, "a tracker tick (deferred)")
             except Exception:
                 log.exception("tracker tick failed")
@@ -165,7 +165,7 @@ class Tracker:
                 await self.ledger.renew(slot.id)  # upstream is unwell, the job is not over
                 return
         if reply.status == 404:
-            await self.registry.forget(slot.video)
+            await self.registry.forget(slot.video, slot.team)
             await self.slots.finish(slot_id=slot.id, outcome="vanished", ledger=self.ledger)
             return
         try:

@@ -42,7 +42,7 @@ from .sources import (
     refuse_other_sources,
     source_refusal,
 )
-from .store import STORE_FAILURES
+from .store import StoreFailure
 from .store_failures import StoreFailures
 from .upstream import Reply, Upstream, UpstreamCalls, response_headers
 
@@ -234,7 +234,7 @@ class VideoRoutes:
             started = await ticket.forward(_send(calls, path, outgoing))
             try:
                 await self.registry.record(team.name, kind, started.video, started.reply.body)
-            except STORE_FAILURES as exc:
+            except StoreFailure as exc:
                 raise self.slots.not_recorded(exc, started.video["id"]) from None
         return _passthrough(started.reply)
 
@@ -252,13 +252,13 @@ class VideoRoutes:
     @operation("Delete one of your videos (frees its slot if it runs)")
     async def delete(self, request: Request) -> Response:
         video_id = _path_id(request, "video_id")
-        await self._owned(request, video_id)
+        record = await self._owned(request, video_id)
         reply = await self.upstream.for_request(request).call("DELETE", f"videos/{video_id}")
         if reply.status == 404:
-            await self._gone(video_id)
+            await self._gone(record)
             raise video_not_found()
         reply.raise_for_status()
-        await self.registry.forget(video_id)
+        await self.registry.forget(video_id, record.team)
         await self.slots.finish(video_id=video_id, outcome="deleted")
         return _passthrough(reply)
 
@@ -350,7 +350,7 @@ class VideoRoutes:
             raise upstream_error("Upstream answered without a character id.")
         try:
             await self.registry.record_character(_team(request).name, character_id)
-        except STORE_FAILURES as exc:
+        except StoreFailure as exc:
             log.error("could not record a created character", extra={"character": character_id})
             raise self.failures.error(
                 exc,
@@ -394,7 +394,7 @@ class VideoRoutes:
         video_id = record.id
         reply = await calls.call("GET", f"videos/{video_id}")
         if reply.status == 404:
-            await self._gone(video_id)
+            await self._gone(record)
             return None
         reply.raise_for_status()
         if reply.body == record.body.encode():
@@ -405,10 +405,10 @@ class VideoRoutes:
             await self.slots.finish(video_id=video_id, outcome=str(video["status"]))
         return reply, record.seen(video, reply.body)
 
-    async def _gone(self, video_id: str) -> None:
+    async def _gone(self, record: VideoRecord) -> None:
         """Upstream no longer knows the video: forget it, and free its slot if it held one."""
-        await self.registry.forget(video_id)
-        await self.slots.finish(video_id=video_id, outcome="vanished")
+        await self.registry.forget(record.id, record.team)
+        await self.slots.finish(video_id=record.id, outcome="vanished")
 
     async def _check_source(self, request: Request, video_id: str, param: str) -> VideoRecord:
         """Refuse a remix/edit/extension source before anything is spent on it; the

@@ -19,7 +19,7 @@ import redis
 from processes import Process, start_gateway, start_simulator
 
 from gateway.auth import key_digest, new_key
-from gateway.store import EmbeddedRedis
+from gateway.embedded_store import EmbeddedRedis
 
 TEAMS = ("alpha", "beta", "gamma")
 

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import yaml
 
-from gateway.store import free_port
+from gateway.embedded_store import free_port
 
 STARTUP_TIMEOUT_S = 20.0
 

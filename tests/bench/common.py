@@ -621,7 +621,7 @@ def new_keys(*teams: str) -> dict[str, str]:
 
 
 def start_store(workdir: Path, cpus: set[int] | None) -> Any:
-    from gateway.store import EmbeddedRedis
+    from gateway.embedded_store import EmbeddedRedis
 
     store = EmbeddedRedis(workdir / "store", persistent=False).start()
     assert store.process is not None
@@ -656,9 +656,9 @@ class Janitor(threading.Thread):
 
     def __init__(self, store_url: str, every_s: float = 0.02, max_s: float = 900.0) -> None:
         super().__init__(daemon=True)
-        from gateway.ledger import KEYS
+        from gateway.store import HOLDERS, JOBS, SLOTS
 
-        self.keys = KEYS[:3]
+        self.keys = [HOLDERS, SLOTS, JOBS]
         self.client = redis.Redis.from_url(store_url)
         self.every_s = every_s
         self.max_s = max_s

@@ -107,7 +107,7 @@ class Simulator:
 def start_simulator(workdir: Path, token: str, queue_s: float, run_s: float) -> Simulator:
     from processes import wait_until
 
-    from gateway.store import free_port
+    from gateway.embedded_store import free_port
 
     port = free_port()
     log = (workdir / "simulator.log").open("ab")
@@ -532,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     from processes import start_gateway
 
     from gateway.auth import new_key
-    from gateway.store import EmbeddedRedis
+    from gateway.embedded_store import EmbeddedRedis
 
     workdir = Path(tempfile.mkdtemp(prefix="sgw-bench-"))
     token = "bench-" + secrets.token_urlsafe(16)

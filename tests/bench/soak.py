@@ -1045,7 +1045,7 @@ def run_soak(
     from processes import start_gateway, start_simulator, wait_until
 
     from gateway.auth import new_key
-    from gateway.store import EmbeddedRedis
+    from gateway.embedded_store import EmbeddedRedis
 
     say = say or (lambda text: print(text, file=sys.stderr))
     workdir = Path(workdir or tempfile.mkdtemp(prefix="sgw-soak-"))

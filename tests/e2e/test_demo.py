@@ -25,7 +25,7 @@ import pytest
 from processes import wait_until
 
 from gateway.auth import key_digest, new_key
-from gateway.store import free_port
+from gateway.embedded_store import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SNIPPET_FIRST = "from openai import OpenAI"

@@ -30,7 +30,8 @@ from helpers import read_head
 from processes import Process, start_gateway, start_simulator, wait_until
 
 from gateway.auth import new_key
-from gateway.store import EmbeddedRedis
+from gateway.embedded_store import EmbeddedRedis
+from gateway.store import HOLDERS
 
 TEAMS = ("alpha", "beta", "gamma")
 MAX_DOWNLOADS = 104
@@ -112,7 +113,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
 
 
 def holders(rig: Rig) -> int:
-    return rig.redis.zcard("{sgw}:holders")
+    return rig.redis.zcard(HOLDERS)
 
 
 def open_download(rig: Rig, team: str, video_id: str, port: int | None = None) -> socket.socket:

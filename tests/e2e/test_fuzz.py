@@ -53,8 +53,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from processes import Process, start_gateway, start_simulator, wait_until
 
+from gateway.embedded_store import EmbeddedRedis
 from gateway.simulator import fingerprint
-from gateway.store import EmbeddedRedis
 
 CALL_TIMEOUT_S = 10.0
 MAX_EXAMPLES = 50  # per operation, in schemathesis's fuzzing phase

@@ -36,11 +36,10 @@ from conftest import gateway_config
 from processes import Process, start_gateway, start_simulator, wait_until
 
 from gateway.auth import new_key
+from gateway.embedded_store import EmbeddedRedis
 from gateway.serve import GRACEFUL_SHUTDOWN_S
-from gateway.store import EmbeddedRedis
+from gateway.store import HOLDERS, SLOTS
 
-HOLDERS = "{sgw}:holders"
-SLOTS = "{sgw}:slots"
 TRACKER = {"poll_interval_s": 0.3, "lease_s": 2}
 LIMIT = 2
 QUEUE_S = 0.2

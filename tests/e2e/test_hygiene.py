@@ -34,8 +34,8 @@ from conftest import Stack, gateway_config
 from helpers import assert_error, completed, multipart, ok, settle, sim_config
 from processes import Process, start_gateway
 
+from gateway.embedded_store import EmbeddedRedis, free_port
 from gateway.simulator import fingerprint
-from gateway.store import EmbeddedRedis, free_port
 from gateway.upstream import FORWARDED_RESPONSE_HEADERS, STREAM_RESPONSE_HEADERS
 
 # What the gateway may send upstream: its allow-list, its credential, and the framing

@@ -25,7 +25,7 @@ from conftest import gateway_config
 from processes import Process, start_simulator, wait_until, write_config
 
 from gateway.auth import new_key
-from gateway.store import EmbeddedRedis, free_port
+from gateway.embedded_store import EmbeddedRedis, free_port
 
 VIDEO = "/v1/videos"
 ONE_VIDEO = "/v1/videos/{video_id}"

@@ -38,7 +38,8 @@ from processes import Process, start_gateway, start_simulator, wait_until, write
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.store import EmbeddedRedis, free_port
+from gateway.embedded_store import EmbeddedRedis, free_port
+from gateway.store import BEATS, HOLDERS
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "sora-gateway.json"
@@ -59,8 +60,7 @@ WAIT_S = 0.5
 QUEUE_S = 0.2
 RUN_S = 0.6
 LONG_RUN_S = 60.0  # jobs that hold their slots until deleted
-HOLDERS = "{sgw}:holders"
-WAITERS = "{sgw}:beats"  # every waiter has a heartbeat
+WAITERS = BEATS  # every waiter has a heartbeat
 PROMPT = "a heron standing in a misty river"
 # What Grafana puts in place of its variables when every team is selected.
 GRAFANA_VARIABLES = {

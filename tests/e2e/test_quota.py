@@ -32,7 +32,8 @@ from processes import Process, start_gateway, start_simulator, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.auth import new_key
-from gateway.store import EmbeddedRedis
+from gateway.embedded_store import EmbeddedRedis
+from gateway.store import BEATS, HOLDERS, SLOTS
 
 TEAMS = ("alpha", "beta", "gamma")
 LIMIT = 2
@@ -45,9 +46,7 @@ PINNED_S = 600.0  # a job that runs until its test deletes it
 MARGIN_S = 1.5  # scheduling slack on a busy machine; far below any failure mode's delay
 RUNNING = ("queued", "in_progress")
 
-HOLDERS = "{sgw}:holders"
-SLOTS = "{sgw}:slots"
-WAITERS = "{sgw}:beats"  # every waiter has a heartbeat
+WAITERS = BEATS  # every waiter has a heartbeat
 
 ENVELOPE_FIELDS = {"message", "type", "param", "code"}
 QUOTA_CODES = ("concurrency_limit_exceeded", "team_concurrency_limit_exceeded")

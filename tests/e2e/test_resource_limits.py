@@ -44,7 +44,8 @@ from helpers import read_head
 from processes import Process, start_gateway, start_simulator, wait_until
 
 from gateway.auth import new_key
-from gateway.store import EmbeddedRedis
+from gateway.embedded_store import EmbeddedRedis
+from gateway.store import BEATS, HOLDERS, QUEUED_TEAMS, SLOTS, WAITER_TEAM, queue_key, video_key
 
 TEAMS = ("alpha", "beta", "gamma")
 LIMIT = 2
@@ -102,13 +103,13 @@ class Rig:
 
     def ledger(self) -> dict[str, int]:
         with self.redis.pipeline(transaction=True) as pipe:
-            pipe.zcard("{sgw}:holders")
-            pipe.hlen("{sgw}:slots")
-            pipe.zcard("{sgw}:beats")
-            pipe.hlen("{sgw}:waiter_team")
-            pipe.scard("{sgw}:queued_teams")
+            pipe.zcard(HOLDERS)
+            pipe.hlen(SLOTS)
+            pipe.zcard(BEATS)
+            pipe.hlen(WAITER_TEAM)
+            pipe.scard(QUEUED_TEAMS)
             for team in TEAMS:
-                pipe.zcard(f"{{sgw}}:queue:{team}")
+                pipe.zcard(queue_key(team))
             holders, slots, beats, waiter_team, queued_teams, *fifos = pipe.execute()
         return {
             "holders": holders,
@@ -120,7 +121,7 @@ class Rig:
         }
 
     def owner(self, video_id: str) -> str | None:
-        return self.redis.hget(f"{{sgw}}:video:{video_id}", "team")
+        return self.redis.hget(video_key(video_id), "team")
 
     def footprint(self) -> Footprint:
         return Footprint.of(self)
@@ -607,7 +608,7 @@ def test_a_client_gone_mid_create_leaves_its_slot_to_the_job_then_nothing(
     rig.sim("POST", "/_sim/faults", json={"latency_ms": 0})
     ledger = rig.ledger()
     assert (ledger["holders"], ledger["slots"], ledger["queue"]) == (1, 1, 0), ledger
-    (raw,) = rig.redis.hgetall("{sgw}:slots").values()
+    (raw,) = rig.redis.hgetall(SLOTS).values()
     slot = json.loads(raw)
     assert (slot["state"], slot["video"], slot["team"]) == ("bound", job["id"], "beta"), slot
     wait_until(lambda: rig.ledger()["holders"] == 0, SETTLE_S, "the slot freed at the job's end")

@@ -32,8 +32,8 @@ from helpers import (
 from openai import OpenAI
 from processes import Process, start_gateway, start_simulator
 
+from gateway.embedded_store import EmbeddedRedis
 from gateway.simulator import fingerprint
-from gateway.store import EmbeddedRedis
 
 MiB = 1 << 20
 BODY_CAP = 4 * MiB  # limits.max_body_bytes in the test stack's config

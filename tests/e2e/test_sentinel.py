@@ -39,11 +39,10 @@ from helpers import assert_error
 from processes import Process, start_gateway, start_simulator, wait_until
 
 from gateway.auth import new_key
-from gateway.store import free_port, server_binary
+from gateway.embedded_store import free_port, server_binary
+from gateway.store import HOLDERS, SLOTS
 
 MASTER = "mymaster"
-HOLDERS = "{sgw}:holders"
-SLOTS = "{sgw}:slots"
 TRACKER = {"poll_interval_s": 0.3, "lease_s": 2}
 LIMIT = 2
 QUEUE_S = 0.2

@@ -43,15 +43,16 @@ from conftest import gateway_config
 from processes import Process, start_gateway, start_simulator, wait_until
 
 from gateway.auth import new_key
+from gateway.embedded_store import EmbeddedRedis
 from gateway.ledger import BIND_SCRIPT
 from gateway.registry import RECORD_SCRIPT
-from gateway.store import EmbeddedRedis
+from gateway.store import BEATS, HOLDERS, SLOTS, WAITER_TEAM, video_key
 
 TEAMS = ("alpha", "beta", "gamma")
 LIMIT = 2
 TRACKER = {"poll_interval_s": 0.3, "lease_s": 2}
 UPSTREAM_TIMEOUT_S = 2  # a lost create is given up `timeout_s + 2 polls` after its slot
-REDIS_TIMEOUT_S = 2.0  # gateway.store's socket timeout
+REDIS_TIMEOUT_S = 2.0  # gateway.store_clients' socket timeout
 # A create makes at most two store calls that can each time out before it answers 503
 # (the admission script, then leaving the queue), plus a new connection's handshake.
 ANSWER_BOUND_S = 3 * REDIS_TIMEOUT_S + 2.0
@@ -268,10 +269,10 @@ class Rig:
     def ledger(self) -> dict[str, int]:
         """The store's own counts, read beside the proxy."""
         with self.redis.pipeline(transaction=True) as pipe:
-            pipe.zcard("{sgw}:holders")
-            pipe.hlen("{sgw}:slots")
-            pipe.hlen("{sgw}:waiter_team")  # one entry per waiter in the teams' FIFOs
-            pipe.zcard("{sgw}:beats")
+            pipe.zcard(HOLDERS)
+            pipe.hlen(SLOTS)
+            pipe.hlen(WAITER_TEAM)  # one entry per waiter in the teams' FIFOs
+            pipe.zcard(BEATS)
             holders, slots, queue, beats = pipe.execute()
         return {"holders": holders, "slots": slots, "queue": queue, "beats": beats}
 
@@ -279,11 +280,11 @@ class Rig:
         """Every queued waiter's heartbeat is past (by the store's clock)."""
         seconds, micros = self.redis.time()
         now_ms = seconds * 1000 + micros // 1000
-        beats = self.redis.zrange("{sgw}:beats", 0, -1, withscores=True)
+        beats = self.redis.zrange(BEATS, 0, -1, withscores=True)
         return all(deadline <= now_ms for _, deadline in beats)
 
     def owner(self, video_id: str) -> str | None:
-        return self.redis.hget(f"{{sgw}}:video:{video_id}", "team")
+        return self.redis.hget(video_key(video_id), "team")
 
     def ready(self) -> bool:
         try:

@@ -33,7 +33,8 @@ from helpers import create, ok
 from processes import Process, start_gateway, start_simulator, wait_until
 
 from gateway.auth import new_key
-from gateway.store import EmbeddedRedis
+from gateway.embedded_store import EmbeddedRedis
+from gateway.store import JOBS
 
 TEAMS = ("alpha", "beta")
 LIMIT = 2
@@ -72,7 +73,7 @@ class Rig:
         return str(ok(reply)["status"])
 
     def holds(self, video_id: str) -> bool:
-        return self.redis.hget("{sgw}:jobs", video_id) is not None
+        return self.redis.hget(JOBS, video_id) is not None
 
 
 @pytest.fixture(scope="module")

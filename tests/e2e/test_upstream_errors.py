@@ -16,7 +16,7 @@ import pytest
 from conftest import gateway_config
 from processes import Process, start_gateway, write_config
 
-from gateway.store import free_port
+from gateway.embedded_store import free_port
 
 SMALL_BODY_CAP = 16 * 1024
 PROMPT = {"prompt": "a paper boat on a puddle"}

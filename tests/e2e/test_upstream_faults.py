@@ -34,7 +34,8 @@ from conftest import gateway_config
 from processes import Process, start_gateway, start_simulator, wait_until
 
 from gateway.auth import new_key
-from gateway.store import EmbeddedRedis
+from gateway.embedded_store import EmbeddedRedis
+from gateway.store import HOLDERS, SLOTS, WAITER_TEAM, video_key
 
 TEAMS = ("alpha", "beta", "gamma")
 LIMIT = 2
@@ -94,10 +95,10 @@ class Rig:
             return direct.get("/videos", params={"limit": 100}).json()["data"]
 
     def holders(self) -> int:
-        return int(self.redis.zcard("{sgw}:holders"))
+        return int(self.redis.zcard(HOLDERS))
 
     def owner(self, video_id: str) -> str | None:
-        return self.redis.hget(f"{{sgw}}:video:{video_id}", "team")
+        return self.redis.hget(video_key(video_id), "team")
 
     def healthy(self) -> bool:
         try:
@@ -244,8 +245,8 @@ def check_ledger_and_health(rig: Rig, answers: list[Answer]) -> None:
         "every job ended and its slot freed by the tracker",
         interval=0.1,
     )
-    assert rig.redis.hlen("{sgw}:slots") == 0
-    assert rig.redis.hlen("{sgw}:waiter_team") == 0  # nobody left waiting
+    assert rig.redis.hlen(SLOTS) == 0
+    assert rig.redis.hlen(WAITER_TEAM) == 0  # nobody left waiting
     jobs = rig.upstream_jobs()
     assert len(jobs) == rig.stats()["jobs_created"]
     lost = {job["id"]: job["prompt"] for job in jobs if rig.owner(job["id"]) is None}

@@ -24,8 +24,8 @@ from conftest import gateway_config
 from processes import Process, start_gateway, start_simulator, wait_until
 
 from gateway.auth import new_key
+from gateway.embedded_store import EmbeddedRedis
 from gateway.pools import API_CONNECTIONS
-from gateway.store import EmbeddedRedis
 
 TEAM_CALLS = 100  # limits.max_team_upstream_calls
 OVER = 4  # alpha's calls past its share

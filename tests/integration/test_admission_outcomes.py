@@ -11,11 +11,12 @@ from __future__ import annotations
 import pytest
 
 from gateway.auth import Team
+from gateway.embedded_store import EmbeddedRedis
 from gateway.errors import GatewayError
 from gateway.ledger import SlotLedger
 from gateway.metrics import GatewayMetrics
 from gateway.quota import JobSlots
-from gateway.store import EmbeddedRedis, connect
+from gateway.store_clients import connect
 
 
 async def test_a_store_failing_as_a_waiter_leaves_does_not_replace_its_outcome() -> None:

@@ -17,8 +17,9 @@ from redis.asyncio import Redis
 
 from gateway import readiness as readiness_module
 from gateway.background import start
+from gateway.embedded_store import EmbeddedRedis
 from gateway.readiness import Readiness
-from gateway.store import EmbeddedRedis
+from gateway.registry import StoreProbe
 
 
 def messages(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:
@@ -31,7 +32,7 @@ async def test_an_unexpected_check_failure_is_logged_and_the_checks_go_on(
     monkeypatch.setattr(readiness_module, "CHECK_EVERY_S", 0.02)
     # Its first command fails (the connection's setup cannot encode), later ones work.
     store = Redis.from_url(store_server.url, encoding="no-such-codec")
-    readiness = Readiness(store)
+    readiness = Readiness(StoreProbe(store))
     task = asyncio.create_task(readiness.run())
     try:
         await wait_until_async(

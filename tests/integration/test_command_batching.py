@@ -16,8 +16,10 @@ import redis.exceptions
 from redis.asyncio import Redis
 
 from gateway.batching import CommandBatcher
+from gateway.embedded_store import EmbeddedRedis, free_port
 from gateway.registry import VideoRegistry
-from gateway.store import EmbeddedRedis, connect, free_port
+from gateway.store import StoreUnavailable
+from gateway.store_clients import connect
 
 # A database of its own on the session's server: the session's gateway uses db 0.
 DB = 7
@@ -172,8 +174,9 @@ async def test_after_a_store_restart_only_the_registry_client_reads_at_once(tmp_
         if retry_once:
             assert await registry.get("video_after_restart") is None
         else:
-            with pytest.raises(redis.exceptions.ConnectionError):
+            with pytest.raises(StoreUnavailable) as failed:
                 await registry.get("video_after_restart")
+            assert isinstance(failed.value.__cause__, redis.exceptions.ConnectionError)
     finally:
         await client.aclose()
         server.stop()

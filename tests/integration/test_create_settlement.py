@@ -14,11 +14,12 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from gateway.auth import Team
+from gateway.embedded_store import EmbeddedRedis
 from gateway.errors import GatewayError
 from gateway.ledger import SlotLedger
 from gateway.metrics import GatewayMetrics
 from gateway.quota import JobSlots, Started
-from gateway.store import EmbeddedRedis, connect
+from gateway.store_clients import connect
 from gateway.upstream import Reply, UpstreamError
 
 NO_RETRY = ("x-should-retry", "false")

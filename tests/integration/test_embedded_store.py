@@ -12,7 +12,7 @@ from pathlib import Path
 import redis
 from processes import wait_until
 
-from gateway.store import EmbeddedRedis
+from gateway.embedded_store import EmbeddedRedis
 
 
 def test_the_embedded_stores_directory_and_files_are_for_its_user_only(tmp_path: Path) -> None:

@@ -28,14 +28,15 @@ from hypothesis.stateful import (
     rule,
 )
 
-from gateway.ledger import KEYS, SlotLedger
-from gateway.store import EmbeddedRedis, connect
+from gateway.embedded_store import EmbeddedRedis
+from gateway.ledger import SlotLedger
+from gateway.store import HOLDERS, JOBS, SLOTS
+from gateway.store_clients import connect
 
 LIMIT = 2
 CAPS = {"capped": 1}
 TEAMS = ("alpha", "beta", "capped")
 REPLICAS = ("r1", "r2", "r3")
-HOLDERS, SLOTS, JOBS = KEYS[0], KEYS[1], KEYS[2]
 
 
 class LedgerMachine(RuleBasedStateMachine):

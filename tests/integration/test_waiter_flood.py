@@ -25,12 +25,13 @@ from redis.asyncio.connection import AbstractConnection
 from gateway import quota
 from gateway.auth import Team
 from gateway.config import UpstreamSettings
+from gateway.embedded_store import EmbeddedRedis
 from gateway.errors import GatewayError
 from gateway.ledger import SlotLedger
 from gateway.metrics import GatewayMetrics
 from gateway.quota import JobSlots
 from gateway.registry import VideoRegistry
-from gateway.store import EmbeddedRedis
+from gateway.store import BEATS, HOLDERS
 from gateway.store_clients import LEDGER_POOL, StoreClients
 from gateway.tracker import Tracker
 from gateway.upstream import Upstream
@@ -154,7 +155,7 @@ async def test_the_tracker_frees_slots_while_waiting_creates_hold_every_admissio
         for _ in range(LEDGER_POOL):
             taken.append(await pool.get_connection())
         await tracker.tick()
-        assert await stores.tracker.zscore("{sgw}:holders", "slot_running") is None
+        assert await stores.tracker.zscore(HOLDERS, "slot_running") is None
         assert metrics.registry.get_sample_value("sora_gateway_store_busy_total") == 0.0
     finally:
         for connection in taken:
@@ -175,7 +176,7 @@ async def test_a_waiter_whose_heartbeat_ran_out_rejoins_at_its_own_place(
     assert (first.ahead, second.ahead) == (0, 1)
     # slot_first could not reach the store (its pool wait) past its heartbeat; slot_second
     # went on checking, and its check dropped slot_first from the queue.
-    beat_ends = float(await stores.ops.zscore("{sgw}:beats", "slot_first") or 0)
+    beat_ends = float(await stores.ops.zscore(BEATS, "slot_first") or 0)
     while store_ms(await stores.ops.time()) <= beat_ends:
         await asyncio.sleep(0.01)
     again = await ledger.try_acquire("slot_second", "beta", "create", {}, second.arrival)

@@ -15,8 +15,10 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import redis
 
+from gateway.embedded_store import EmbeddedRedis
 from gateway.ledger import SlotLedger
-from gateway.store import EmbeddedRedis, connect
+from gateway.store import BEATS
+from gateway.store_clients import connect
 
 LIMIT = 2
 CAPS = {"capped": 1}
@@ -109,4 +111,4 @@ async def test_waiters_are_served_in_arrival_order_among_teams_under_their_cap(
     await ledger.release("a1")
     await ledger.abandon("b1")  # the next in line leaves: a2 is first now
     assert (await ledger.try_acquire("a2", "alpha", "create", {})).admitted
-    assert await ledger.redis.zcard("{sgw}:beats") == 0  # nobody left waiting
+    assert await ledger.redis.zcard(BEATS) == 0  # nobody left waiting

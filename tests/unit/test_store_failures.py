@@ -14,7 +14,7 @@ import pytest
 import redis.exceptions
 
 from gateway.metrics import GatewayMetrics
-from gateway.store import StoreBusy
+from gateway.store import StoreBusy, StoreUnavailable
 from gateway.store_failures import StoreFailures
 
 
@@ -33,6 +33,7 @@ def counted(metrics: GatewayMetrics, name: str) -> float:
             "store_busy",
         ),
         (redis.exceptions.TimeoutError("slow"), "store_unavailable", "store_errors", "store_busy"),
+        (StoreUnavailable("refused"), "store_unavailable", "store_errors", "store_busy"),
     ],
 )
 def test_a_failure_is_answered_and_counted_by_its_cause(
