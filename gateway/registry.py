@@ -22,7 +22,6 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.typing import EncodableT
 
 from .batching import CommandBatcher
-from .errors import invalid_request
 from .store import VIDEO_SEQ, character_key, team_index_key, video_key
 from .store_clients import ANY_FAILURE, translate_errors, translated
 
@@ -200,51 +199,56 @@ class VideoRegistry:
         await self._forget(keys=[video_key(video_id), team_index_key(team)], args=[team])
 
     @translated
-    async def page(self, team: str, *, after: str | None, limit: int, descending: bool) -> Page:
-        """One page of the team's videos; `after` must be one of the team's own."""
-        index = team_index_key(team)
+    async def page(
+        self, team: str, *, after: str | None, limit: int, descending: bool
+    ) -> Page | None:
+        """One page of the team's videos; None when `after` is not one of the team's own."""
         if after is None:
             bound = "+" if descending else "-"
         else:
             owner, member = await self._redis.hmget(video_key(after), ["team", "member"])
             if member is None or _str(owner) != team:
-                raise invalid_request("'after' is not the id of one of your videos.", "after")
+                return None
             bound = "(" + _str(member)  # exclusive: the page starts past `after`
+        index = team_index_key(team)
         bodies: list[str] = []
         ids: list[str] = []
-        has_more = False
-        while True:
+        while len(bodies) <= limit:
             want = limit + 1 - len(bodies)
-            if descending:
-                reply = await self._redis.zrange(
-                    index, bound, "-", desc=True, bylex=True, offset=0, num=want
-                )
-            else:
-                reply = await self._redis.zrange(index, bound, "+", bylex=True, offset=0, num=want)
-            if not reply:
-                break
-            # Members only: redis-py's stubs do not narrow the reply on `withscores=False`.
-            members = [_str(m) for m in cast("list[bytes | str]", reply)]
-            video_ids = [m.rsplit(":", 1)[1] for m in members]
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for video_id in video_ids:
-                    pipe.hget(video_key(video_id), "body")
-                found = await pipe.execute()
-            stale = [m for m, b in zip(members, found, strict=True) if b is None]
-            if stale:  # expired records: tidy their index entries as we pass
-                await self._redis.zrem(index, *stale)
-            for video_id, body in zip(video_ids, found, strict=True):
-                if body is not None:
-                    ids.append(video_id)
-                    bodies.append(_str(body))
-            bound = "(" + members[-1]
-            if len(bodies) > limit:
-                has_more = True
-                del bodies[limit:], ids[limit:]
-                break
+            members = await self._index_range(index, bound, want, descending)
+            for video_id, body in await self._bodies(index, members):
+                ids.append(video_id)
+                bodies.append(body)
             if len(members) < want:
                 break
+            bound = "(" + members[-1]
+        has_more = len(bodies) > limit
+        del bodies[limit:], ids[limit:]
         return Page(bodies, ids[0] if ids else None, ids[-1] if ids else None, has_more)
+
+    async def _index_range(self, index: str, bound: str, count: int, descending: bool) -> list[str]:
+        """Up to `count` index members past `bound`, in the page's order."""
+        if descending:
+            reply = await self._redis.zrange(
+                index, bound, "-", desc=True, bylex=True, offset=0, num=count
+            )
+        else:
+            reply = await self._redis.zrange(index, bound, "+", bylex=True, offset=0, num=count)
+        # Members only: redis-py's stubs do not narrow the reply on `withscores=False`.
+        return [_str(m) for m in cast("list[bytes | str]", reply)]
+
+    async def _bodies(self, index: str, members: list[str]) -> list[tuple[str, str]]:
+        """(id, stored body) of each member still recorded, in one round trip; the
+        index entries of expired records are tidied as they are passed."""
+        video_ids = [m.rsplit(":", 1)[1] for m in members]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for video_id in video_ids:
+                pipe.hget(video_key(video_id), "body")
+            found = await pipe.execute()
+        stale = [m for m, b in zip(members, found, strict=True) if b is None]
+        if stale:
+            await self._redis.zrem(index, *stale)
+        return [(v, _str(b)) for v, b in zip(video_ids, found, strict=True) if b is not None]
 
     @translated
     async def ping(self) -> None:

@@ -323,6 +323,8 @@ class VideoRoutes:
         page = await self.registry.page(
             _team(request).name, after=after, limit=limit, descending=order == "desc"
         )
+        if page is None:
+            raise invalid_request("'after' is not the id of one of your videos.", "after")
         return Response(page.render(), media_type="application/json")
 
     # -- characters ---------------------------------------------------------------------
