@@ -23,15 +23,17 @@ one factory, and nowhere else writes a code:
     431 request_header_fields_too_large  request_header_fields_too_large()
     499 client_disconnected              client_disconnected()
     500 internal_error                   internal_error()
-    502 upstream_error                   upstream_error(message)    (+ UpstreamError)
-    502 upstream_unavailable             UpstreamError (transport, see upstream.py)
+    502 upstream_error                   upstream_error(message), upstream_connection_failed()
+    502 upstream_unavailable             upstream_unreachable()
     503 store_unavailable                store_unavailable()
     503 store_busy                       store_busy()
     503 upstream_starved                 upstream_starved()
-    504 upstream_timeout                 UpstreamError (transport, see upstream.py)
+    504 upstream_timeout                 upstream_connect_timeout(), upstream_answer_timeout()
     4xx upstream's own code              from_upstream(...)  (passed through, scrubbed)
     any other status the server raises   http_error(status, message)  (code null)
 
+The four transport failures are `UpstreamError`s, which also say whether the request
+may have reached upstream (`maybe_sent`); upstream.py maps aiohttp's exceptions to them.
 `no_retry` is a property of an error, not a header a caller remembers to add: an error
 answered after upstream may have started a job says `x-should-retry: false`, because
 the SDKs would otherwise retry the create and pay for a duplicate job.
@@ -106,6 +108,16 @@ class GatewayError(Exception):
             headers=self.headers,
             media_type="application/json",
         )
+
+
+class UpstreamError(GatewayError):
+    """A failure reaching upstream; `maybe_sent` tells whether upstream may have acted on it."""
+
+    code: str  # always set: the metrics label is made from it
+
+    def __init__(self, status: int, code: str, message: str, *, maybe_sent: bool) -> None:
+        super().__init__(status, code, message, type=UPSTREAM_TYPE)
+        self.maybe_sent = maybe_sent
 
 
 def _retry_headers(seconds: float) -> dict[str, str]:
@@ -253,6 +265,30 @@ def internal_error() -> GatewayError:
 def upstream_error(message: str, *, no_retry: bool = False) -> GatewayError:
     """Upstream answered, but not something the gateway can pass on (5xx, not JSON...)."""
     return GatewayError(502, "upstream_error", message, type=UPSTREAM_TYPE, no_retry=no_retry)
+
+
+def upstream_connect_timeout() -> UpstreamError:
+    return UpstreamError(
+        504, "upstream_timeout", "Timed out connecting to the upstream API.", maybe_sent=False
+    )
+
+
+def upstream_unreachable() -> UpstreamError:
+    return UpstreamError(
+        502, "upstream_unavailable", "The upstream API is unreachable.", maybe_sent=False
+    )
+
+
+def upstream_answer_timeout() -> UpstreamError:
+    return UpstreamError(
+        504, "upstream_timeout", "The upstream API did not answer in time.", maybe_sent=True
+    )
+
+
+def upstream_connection_failed() -> UpstreamError:
+    return UpstreamError(
+        502, "upstream_error", "The connection to the upstream API failed.", maybe_sent=True
+    )
 
 
 def from_upstream(

@@ -24,6 +24,7 @@ from .answers import video_object
 from .auth import Team
 from .errors import (
     GatewayError,
+    UpstreamError,
     client_disconnected,
     concurrency_limit_exceeded,
     team_concurrency_limit_exceeded,
@@ -34,7 +35,7 @@ from .logs import note
 from .metrics import GatewayMetrics
 from .store import StoreBusy, StoreFailure, StoreUnavailable
 from .store_failures import StoreFailures
-from .upstream import Reply, UpstreamError, error_from_reply
+from .upstream import Reply, error_from_reply
 from .wakeups import Wakeups
 
 log = logging.getLogger("gateway.quota")

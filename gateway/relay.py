@@ -20,7 +20,8 @@ from collections.abc import Callable, Mapping
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from .upstream import Download, UpstreamError
+from .errors import UpstreamError
+from .upstream import Download
 
 log = logging.getLogger("gateway.videos")
 

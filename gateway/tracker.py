@@ -26,7 +26,7 @@ from dataclasses import replace
 from typing import Any
 
 from .answers import json_object, video_object
-from .errors import GatewayError
+from .errors import GatewayError, UpstreamError
 from .ledger import Slot, SlotLedger, Snapshot
 from .matching import pick
 from .parse import whole_number
@@ -34,7 +34,7 @@ from .quota import JobSlots
 from .registry import TERMINAL_STATUSES, VideoRegistry
 from .store import StoreFailure
 from .tracker_plan import Limits, Step, needs_adopting, next_poll_in_ms, plan_slot, predicted_end_s
-from .upstream import Upstream, UpstreamError
+from .upstream import Upstream
 
 log = logging.getLogger("gateway.tracker")
 

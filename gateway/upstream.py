@@ -24,7 +24,16 @@ from starlette.datastructures import Headers
 from starlette.requests import Request
 
 from .config import UpstreamSettings
-from .errors import UPSTREAM_TYPE, GatewayError, from_upstream, upstream_error
+from .errors import (
+    GatewayError,
+    UpstreamError,
+    from_upstream,
+    upstream_answer_timeout,
+    upstream_connect_timeout,
+    upstream_connection_failed,
+    upstream_error,
+    upstream_unreachable,
+)
 from .logs import note
 from .metrics import GatewayMetrics
 from .parse import loads_json
@@ -62,16 +71,6 @@ FORWARDED_RESPONSE_HEADERS = (
 STREAM_RESPONSE_HEADERS = ("content-length", "content-encoding")
 # Fixed path words; any other segment is an id and becomes a placeholder in metrics.
 _PATH_WORDS = frozenset({"videos", "remix", "edits", "extensions", "characters", "content"})
-
-
-class UpstreamError(GatewayError):
-    """A failure reaching upstream; `maybe_sent` tells whether upstream may have acted on it."""
-
-    code: str  # always set: the metrics label is made from it
-
-    def __init__(self, status: int, code: str, message: str, *, maybe_sent: bool) -> None:
-        super().__init__(status, code, message, type=UPSTREAM_TYPE)
-        self.maybe_sent = maybe_sent
 
 
 def _unchanged(text: str) -> str:
@@ -423,21 +422,14 @@ def route_template(path: str) -> str:
 
 
 def _transport_error(exc: BaseException) -> UpstreamError:
+    """The one place aiohttp's exceptions become the gateway's (see errors.py)."""
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return UpstreamError(
-            504, "upstream_timeout", "Timed out connecting to the upstream API.", maybe_sent=False
-        )
+        return upstream_connect_timeout()
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return UpstreamError(
-            502, "upstream_unavailable", "The upstream API is unreachable.", maybe_sent=False
-        )
+        return upstream_unreachable()
     if isinstance(exc, TimeoutError):
-        return UpstreamError(
-            504, "upstream_timeout", "The upstream API did not answer in time.", maybe_sent=True
-        )
-    return UpstreamError(
-        502, "upstream_error", "The connection to the upstream API failed.", maybe_sent=True
-    )
+        return upstream_answer_timeout()
+    return upstream_connection_failed()
 
 
 def _lowercase(headers: Mapping[str, str]) -> dict[str, str]:

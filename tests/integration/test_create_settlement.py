@@ -15,12 +15,12 @@ import pytest
 
 from gateway.auth import Team
 from gateway.embedded_store import EmbeddedRedis
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, UpstreamError
 from gateway.ledger import SlotLedger
 from gateway.metrics import GatewayMetrics
 from gateway.quota import JobSlots, Started
 from gateway.store_clients import connect
-from gateway.upstream import Reply, UpstreamError
+from gateway.upstream import Reply
 
 NO_RETRY = ("x-should-retry", "false")
 

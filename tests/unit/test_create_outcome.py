@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 
+from gateway.errors import UpstreamError
 from gateway.quota import SlotFate, fate_of, retry_after_s
 from gateway.registry import VideoRecord
 from gateway.sources import source_refusal
-from gateway.upstream import Reply, UpstreamError
+from gateway.upstream import Reply
 
 
 def reply(status: int) -> Reply:

@@ -6,8 +6,14 @@ import json
 
 import pytest
 
-from gateway.errors import GatewayError, invalid_request, store_unavailable, video_not_found
-from gateway.upstream import Reply, UpstreamError, error_from_reply
+from gateway.errors import (
+    GatewayError,
+    UpstreamError,
+    invalid_request,
+    store_unavailable,
+    video_not_found,
+)
+from gateway.upstream import Reply, error_from_reply
 
 TOKEN = "sk-upstream-secret-123"
 ENVELOPE_FIELDS = {"message", "type", "param", "code"}
