@@ -35,9 +35,20 @@ WAIT_BUCKETS = (0.005, 0.05, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60)
 
 
 class GatewayMetrics:
+    """Every series of the contract, in one registry per app, with a method per event."""
+
     def __init__(self, team_names: Iterable[str]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
+        self._declare_traffic(self.registry)
+        self._declare_jobs(self.registry)
+        self._declare_failures(self.registry)
+        # Labelled children by label values: `labels()` costs more than the increment, and
+        # these are touched on every request (the label sets are bounded).
+        self._children: dict[tuple[Any, ...], Any] = {}
+        self.set_teams(team_names)
+
+    def _declare_traffic(self, r: CollectorRegistry) -> None:
+        """Requests and upstream calls."""
         self.requests = Counter(
             PREFIX + "requests_total",
             "Requests answered, by route template, method, status and team.",
@@ -56,6 +67,9 @@ class GatewayMetrics:
             ["route", "status"],
             registry=r,
         )
+
+    def _declare_jobs(self, r: CollectorRegistry) -> None:
+        """Slots, jobs and the sources refused before a job."""
         self.slot_wait = Histogram(
             PREFIX + "slot_wait_seconds",
             "Time a job-creating request waited for a shared slot.",
@@ -88,6 +102,14 @@ class GatewayMetrics:
             ["code"],
             registry=r,
         )
+        self.lease_expiries = Counter(
+            PREFIX + "lease_expiries_total",
+            "Jobs released by quota.max_job_s because they were never seen to end.",
+            registry=r,
+        )
+
+    def _declare_failures(self, r: CollectorRegistry) -> None:
+        """The store's and upstream's failures."""
         self.store_errors = Counter(
             PREFIX + "store_errors_total", "Operations that failed to reach the store.", registry=r
         )
@@ -111,16 +133,6 @@ class GatewayMetrics:
         )
         for pool in ("api", "tracker", "download"):
             self.upstream_pool_starved.labels(pool)
-        self.lease_expiries = Counter(
-            PREFIX + "lease_expiries_total",
-            "Jobs released by quota.max_job_s because they were never seen to end.",
-            registry=r,
-        )
-
-        # Labelled children by label values: `labels()` costs more than the increment, and
-        # these are touched on every request (the label sets are bounded).
-        self._children: dict[tuple[Any, ...], Any] = {}
-        self.set_teams(team_names)
 
     def _child(self, metric: Any, *values: str) -> Any:
         key = (metric, *values)
