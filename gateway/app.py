@@ -98,7 +98,24 @@ class Gateway:
             self.ledger, self.metrics, wait_s=settings.quota.wait_s, failures=self.failures
         )
         self.tracker = self._tracker()
-        self.videos = VideoRoutes(
+        # The operational routes read the store only on `stores.ops`, never on
+        # admission's connections.
+        self.probe = StoreProbe(self.stores.ops)
+        self.readiness = Readiness(self.probe, self.failures)
+        self.videos = self._video_routes()
+        self.ops = OpsRoutes(
+            metrics=self.metrics,
+            failures=self.failures,
+            readiness=self.readiness,
+            upstream=self.upstream,
+            read_usage=partial(read_usage, self.stores.ops),
+            slot_limit=self.ledger.limit,
+            bearer_token=settings.metrics.bearer_token,
+        )
+
+    def _video_routes(self) -> VideoRoutes:
+        limits = self.settings.limits
+        return VideoRoutes(
             registry=self.registry,
             upstream=self.upstream,
             slots=self.slots,
@@ -108,20 +125,7 @@ class Gateway:
             max_body_bytes=limits.max_body_bytes,
             body_timeout_s=limits.body_timeout_s,
             client_idle_timeout_s=limits.client_idle_timeout_s,
-            remix_route=settings.upstream.remix_route,
-        )
-        # The operational routes read the store only on `stores.ops`, never on
-        # admission's connections.
-        self.probe = StoreProbe(self.stores.ops)
-        self.readiness = Readiness(self.probe, self.failures)
-        self.ops = OpsRoutes(
-            metrics=self.metrics,
-            failures=self.failures,
-            readiness=self.readiness,
-            upstream=self.upstream,
-            read_usage=partial(read_usage, self.stores.ops),
-            slot_limit=self.ledger.limit,
-            bearer_token=settings.metrics.bearer_token,
+            remix_route=self.settings.upstream.remix_route,
         )
 
     def _tracker(self) -> Tracker:
