@@ -202,42 +202,10 @@ class JobSlots:
         want: Mapping[str, str],
         disconnected: Callable[[], Awaitable[bool]],
     ) -> None:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        deadline = started + self.wait_s
+        """Wait in the queue until admitted; any other way out leaves the queue."""
         wake = self._wakeups.join(team.name, slot_id)
-        arrival: int | None = None  # its place in the queue, once it has one
         try:
-            while True:
-                wake.clear()  # a release from here on wakes the wait below at once
-                try:
-                    admission = await self.ledger.try_acquire(
-                        slot_id, team.name, kind, want, arrival
-                    )
-                except StoreUnavailable:
-                    self.metrics.quota_rejected(team.name, "store_unavailable")
-                    raise
-                except StoreBusy:
-                    # No connection was free, so nothing reached the store: this is one
-                    # more wait, and only a wait that runs out answers store_busy.
-                    if loop.time() >= deadline:
-                        raise
-                    continue
-                arrival = admission.arrival
-                if admission.admitted:
-                    waited = loop.time() - started
-                    self.metrics.slot_waited(team.name, waited)
-                    note(wait_ms=round(waited * 1000, 2))
-                    return
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    reason = admission.reason or "global_limit"
-                    self.metrics.quota_rejected(team.name, reason)
-                    raise self._full(reason, admission.ahead)
-                if await disconnected():
-                    raise client_disconnected()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), min(remaining, RECHECK_S))
+            await self._wait_for_admission(slot_id, team, kind, want, disconnected, wake)
         except BaseException:
             try:
                 await _shielded(self.ledger.abandon(slot_id))
@@ -248,6 +216,50 @@ class JobSlots:
             raise
         finally:
             self._wakeups.leave(team.name, slot_id)
+
+    async def _wait_for_admission(
+        self,
+        slot_id: str,
+        team: Team,
+        kind: str,
+        want: Mapping[str, str],
+        disconnected: Callable[[], Awaitable[bool]],
+        wake: asyncio.Event,
+    ) -> None:
+        """Try, and between tries wait for a release (`wake`) or RECHECK_S, until
+        admitted or `wait_s` has passed (then 429)."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + self.wait_s
+        arrival: int | None = None  # its place in the queue, once it has one
+        while True:
+            wake.clear()  # a release from here on wakes the wait below at once
+            try:
+                admission = await self.ledger.try_acquire(slot_id, team.name, kind, want, arrival)
+            except StoreUnavailable:
+                self.metrics.quota_rejected(team.name, "store_unavailable")
+                raise
+            except StoreBusy:
+                # No connection was free, so nothing reached the store: this is one
+                # more wait, and only a wait that runs out answers store_busy.
+                if loop.time() >= deadline:
+                    raise
+                continue
+            arrival = admission.arrival
+            if admission.admitted:
+                waited = loop.time() - started
+                self.metrics.slot_waited(team.name, waited)
+                note(wait_ms=round(waited * 1000, 2))
+                return
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                reason = admission.reason or "global_limit"
+                self.metrics.quota_rejected(team.name, reason)
+                raise self._full(reason, admission.ahead)
+            if await disconnected():
+                raise client_disconnected()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), min(remaining, RECHECK_S))
 
     def _full(self, reason: str, ahead: int) -> GatewayError:
         """429 with an honest guess of when a slot may be free for this caller."""
