@@ -13,7 +13,7 @@ Nothing here is a test (pytest never collects tests/bench). What it provides:
 - load: `wrk` (Debian's) with a Lua script for headers, bodies and a JSON summary, or
   a Python asyncio client when wrk is missing (then itself the bottleneck: it says so);
 - a raw keep-alive HTTP/1.1 client for latencies at one connection;
-- gateway replicas started as `python -m gateway serve` (tests/processes.py), and the
+- gateway replicas started as `python -m gateway serve` (support.processes), and the
   figures' rows and the one-table format every bench prints.
 """
 
@@ -581,8 +581,8 @@ def bench_gateway_config(
 def start_gateway(
     workdir: Path, config: dict[str, Any], *, workers: int = 1, cpus: set[int] | None = None
 ) -> Any:
-    """`python -m gateway serve` (tests/processes.py's Process), pinned to `cpus`."""
-    from processes import Process, wait_until, write_config
+    """`python -m gateway serve` (support.processes.Process), pinned to `cpus`."""
+    from support.processes import Process, wait_until, write_config
 
     port = free_port()
     path = write_config(workdir / f"gateway-{port}.yaml", config)

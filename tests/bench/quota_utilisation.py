@@ -105,9 +105,8 @@ class Simulator:
 
 
 def start_simulator(workdir: Path, token: str, queue_s: float, run_s: float) -> Simulator:
-    from processes import wait_until
-
     from gateway.embedded_store import free_port
+    from support.processes import wait_until
 
     port = free_port()
     log = (workdir / "simulator.log").open("ab")
@@ -529,10 +528,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=RESULTS, help="where the JSON goes")
     args = parser.parse_args(argv)
 
-    from processes import start_gateway
-
     from gateway.auth import new_key
     from gateway.embedded_store import EmbeddedRedis
+    from support.processes import start_gateway
 
     workdir = Path(tempfile.mkdtemp(prefix="sgw-bench-"))
     token = "bench-" + secrets.token_urlsafe(16)

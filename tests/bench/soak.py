@@ -1041,11 +1041,10 @@ def run_soak(
     config: SoakConfig, workdir: Path | None = None, say: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
     """Start everything, drive the load, drain, check; returns the result (see `table`)."""
-    from conftest import gateway_config
-    from processes import start_gateway, start_simulator, wait_until
-
     from gateway.auth import new_key
     from gateway.embedded_store import EmbeddedRedis
+    from support.processes import start_gateway, start_simulator, wait_until
+    from support.stack import gateway_config
 
     say = say or (lambda text: print(text, file=sys.stderr))
     workdir = Path(workdir or tempfile.mkdtemp(prefix="sgw-soak-"))

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from helpers import assert_error, completed, create, ok, sim_config, sim_control, sim_faults
-from processes import wait_until
+from support.api import assert_error, completed, create, ok
+from support.processes import wait_until
+from support.simulator import sim_config, sim_control, sim_faults
 
 
 def listed(stack: Any, team: str) -> list[dict[str, Any]]:

@@ -9,9 +9,9 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from processes import wait_until
 
 from gateway.simulator import fingerprint
+from support.processes import wait_until
 
 MiB = 1 << 20
 BIG_VIDEO_BYTES = 200 * MiB

@@ -22,10 +22,10 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from processes import wait_until
 
 from gateway.auth import key_digest, new_key
 from gateway.embedded_store import free_port
+from support.processes import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 SNIPPET_FIRST = "from openai import OpenAI"

@@ -25,13 +25,13 @@ import httpx
 import psutil
 import pytest
 import redis
-from conftest import gateway_config
-from helpers import read_head
-from processes import Process, start_gateway, start_simulator, wait_until
 
 from gateway.auth import new_key
 from gateway.embedded_store import EmbeddedRedis
 from gateway.store import HOLDERS
+from support.processes import Process, start_gateway, start_simulator, wait_until
+from support.raw_http import read_head
+from support.stack import gateway_config
 
 TEAMS = ("alpha", "beta", "gamma")
 MAX_DOWNLOADS = 104

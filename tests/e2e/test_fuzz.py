@@ -47,14 +47,14 @@ import pytest
 import redis
 import requests
 import schemathesis
-from conftest import gateway_config
-from helpers import ENVELOPE_FIELDS, completed, create, multipart, ok, settle
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from processes import Process, start_gateway, start_simulator, wait_until
 
 from gateway.embedded_store import EmbeddedRedis
 from gateway.simulator import fingerprint
+from support.api import ENVELOPE_FIELDS, completed, create, multipart, ok, settle
+from support.processes import Process, start_gateway, start_simulator, wait_until
+from support.stack import gateway_config
 
 CALL_TIMEOUT_S = 10.0
 MAX_EXAMPLES = 50  # per operation, in schemathesis's fuzzing phase

@@ -32,13 +32,13 @@ import httpx
 import psutil
 import pytest
 import redis
-from conftest import gateway_config
-from processes import Process, start_gateway, start_simulator, wait_until
 
 from gateway.auth import new_key
 from gateway.embedded_store import EmbeddedRedis
 from gateway.serve import GRACEFUL_SHUTDOWN_S
 from gateway.store import HOLDERS, SLOTS
+from support.processes import Process, start_gateway, start_simulator, wait_until
+from support.stack import gateway_config
 
 TRACKER = {"poll_interval_s": 0.3, "lease_s": 2}
 LIMIT = 2

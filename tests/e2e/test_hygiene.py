@@ -30,13 +30,14 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Stack, gateway_config
-from helpers import assert_error, completed, multipart, ok, settle, sim_config
-from processes import Process, start_gateway
 
 from gateway.embedded_store import EmbeddedRedis, free_port
 from gateway.simulator import fingerprint
 from gateway.upstream import FORWARDED_RESPONSE_HEADERS, STREAM_RESPONSE_HEADERS
+from support.api import assert_error, completed, multipart, ok, settle
+from support.processes import Process, start_gateway
+from support.simulator import sim_config
+from support.stack import Stack, gateway_config
 
 # What the gateway may send upstream: its allow-list, its credential, and the framing
 # headers its HTTP client adds.

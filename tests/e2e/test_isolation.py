@@ -10,17 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from helpers import (
-    UpstreamWatch,
-    assert_envelope,
-    assert_error,
-    completed,
-    multipart,
-    ok,
-    settle,
-    sim_config,
-    sim_stats,
-)
+
+from support.api import assert_envelope, assert_error, completed, multipart, ok, settle
+from support.simulator import UpstreamWatch, sim_config, sim_stats
 
 UNKNOWN = "video_0123456789abcdef0123456789abcdef"
 

@@ -11,7 +11,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from helpers import UpstreamWatch, assert_error, create, multipart, sim_config, sim_control
+
+from support.api import assert_error, create, multipart
+from support.simulator import UpstreamWatch, sim_config, sim_control
 
 # Far below the 20 s a request would wait for a slot: an answer within it did not wait.
 ANSWER_WITHIN_S = 5.0

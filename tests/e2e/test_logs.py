@@ -21,11 +21,11 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import gateway_config
-from processes import Process, start_simulator, wait_until, write_config
 
 from gateway.auth import new_key
 from gateway.embedded_store import EmbeddedRedis, free_port
+from support.processes import Process, start_simulator, wait_until, write_config
+from support.stack import gateway_config
 
 VIDEO = "/v1/videos"
 ONE_VIDEO = "/v1/videos/{video_id}"

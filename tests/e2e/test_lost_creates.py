@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from helpers import assert_error, direct, ok, sim_config, sim_faults
-from processes import wait_until
+from support.api import assert_error, ok
+from support.processes import wait_until
+from support.simulator import direct, sim_config, sim_faults
 
 PROMPT = "one prompt two teams"
 ALPHA = {"prompt": PROMPT, "model": "sora-2", "size": "720x1280", "seconds": "4"}

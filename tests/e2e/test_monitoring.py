@@ -33,13 +33,13 @@ import httpx
 import pytest
 import redis
 import yaml
-from conftest import gateway_config
-from processes import Process, start_gateway, start_simulator, wait_until, write_config
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.embedded_store import EmbeddedRedis, free_port
 from gateway.store import BEATS, HOLDERS
+from support.processes import Process, start_gateway, start_simulator, wait_until, write_config
+from support.stack import gateway_config
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "sora-gateway.json"

@@ -27,13 +27,13 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from conftest import gateway_config
-from processes import Process, start_gateway, start_simulator, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.auth import new_key
 from gateway.embedded_store import EmbeddedRedis
 from gateway.store import BEATS, HOLDERS, SLOTS
+from support.processes import Process, start_gateway, start_simulator, wait_until
+from support.stack import gateway_config
 
 TEAMS = ("alpha", "beta", "gamma")
 LIMIT = 2

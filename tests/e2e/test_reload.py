@@ -7,10 +7,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Stack, gateway_config
-from processes import Process, start_gateway, wait_until, write_config
 
 from gateway.auth import key_digest, new_key
+from support.processes import Process, start_gateway, wait_until, write_config
+from support.stack import Stack, gateway_config
 
 
 def status_with(gateway: Process, key: str) -> int:

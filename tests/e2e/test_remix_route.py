@@ -6,9 +6,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Stack, gateway_config
-from helpers import assert_error
-from processes import Process, start_gateway, wait_until
+
+from support.api import assert_error
+from support.processes import Process, start_gateway, wait_until
+from support.stack import Stack, gateway_config
 
 
 @pytest.fixture(scope="module")

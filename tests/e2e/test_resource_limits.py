@@ -39,13 +39,13 @@ import httpx
 import psutil
 import pytest
 import redis
-from conftest import gateway_config
-from helpers import read_head
-from processes import Process, start_gateway, start_simulator, wait_until
 
 from gateway.auth import new_key
 from gateway.embedded_store import EmbeddedRedis
 from gateway.store import BEATS, HOLDERS, QUEUED_TEAMS, SLOTS, WAITER_TEAM, queue_key, video_key
+from support.processes import Process, start_gateway, start_simulator, wait_until
+from support.raw_http import read_head
+from support.stack import gateway_config
 
 TEAMS = ("alpha", "beta", "gamma")
 LIMIT = 2

@@ -13,16 +13,10 @@ from typing import Any
 
 import openai
 import pytest
-from helpers import (
-    assert_error,
-    completed,
-    create,
-    multipart,
-    ok,
-    settle,
-    sim_config,
-)
 from openai import AsyncOpenAI, OpenAI
+
+from support.api import assert_error, completed, create, multipart, ok, settle
+from support.simulator import sim_config
 
 # The Videos API methods are marked deprecated in the SDK; they still are the API.
 pytestmark = pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")

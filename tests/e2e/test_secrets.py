@@ -17,23 +17,14 @@ from urllib.parse import quote, quote_plus
 
 import httpx
 import pytest
-from conftest import gateway_config
-from helpers import (
-    assert_envelope,
-    assert_error,
-    multipart,
-    ok,
-    settle,
-    sim_config,
-    sim_faults,
-    sim_requests,
-    sim_stats,
-)
 from openai import OpenAI
-from processes import Process, start_gateway, start_simulator
 
 from gateway.embedded_store import EmbeddedRedis
 from gateway.simulator import fingerprint
+from support.api import assert_envelope, assert_error, multipart, ok, settle
+from support.processes import Process, start_gateway, start_simulator
+from support.simulator import sim_config, sim_faults, sim_requests, sim_stats
+from support.stack import gateway_config
 
 MiB = 1 << 20
 BODY_CAP = 4 * MiB  # limits.max_body_bytes in the test stack's config

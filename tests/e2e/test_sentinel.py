@@ -34,13 +34,13 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from conftest import gateway_config
-from helpers import assert_error
-from processes import Process, start_gateway, start_simulator, wait_until
 
 from gateway.auth import new_key
 from gateway.embedded_store import free_port, server_binary
 from gateway.store import HOLDERS, SLOTS
+from support.api import assert_error
+from support.processes import Process, start_gateway, start_simulator, wait_until
+from support.stack import gateway_config
 
 MASTER = "mymaster"
 TRACKER = {"poll_interval_s": 0.3, "lease_s": 2}

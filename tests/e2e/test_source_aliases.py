@@ -14,8 +14,10 @@ import json
 from typing import Any
 
 import pytest
-from helpers import UpstreamWatch, assert_error, completed, create, multipart, ok, settle
-from helpers import sim_config as _sim_config
+
+from support.api import assert_error, completed, create, multipart, ok, settle
+from support.simulator import UpstreamWatch
+from support.simulator import sim_config as _sim_config
 
 
 @pytest.fixture

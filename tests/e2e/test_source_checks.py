@@ -13,20 +13,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from helpers import (
-    UpstreamWatch,
-    assert_error,
-    completed,
-    create,
-    direct,
-    multipart,
-    ok,
-    settle,
-    sim_config,
-    sim_control,
-    upstream_status,
-)
-from processes import wait_until
+
+from support.api import assert_error, completed, create, multipart, ok, settle
+from support.processes import wait_until
+from support.simulator import UpstreamWatch, direct, sim_config, sim_control, upstream_status
 
 UNKNOWN = "video_0123456789abcdef0123456789abcdef"
 

@@ -28,13 +28,13 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from conftest import gateway_config
-from helpers import create, ok
-from processes import Process, start_gateway, start_simulator, wait_until
 
 from gateway.auth import new_key
 from gateway.embedded_store import EmbeddedRedis
 from gateway.store import JOBS
+from support.api import create, ok
+from support.processes import Process, start_gateway, start_simulator, wait_until
+from support.stack import gateway_config
 
 TEAMS = ("alpha", "beta")
 LIMIT = 2

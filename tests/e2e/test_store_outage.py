@@ -23,13 +23,13 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import gateway_config
-from helpers import assert_error, multipart
-from processes import Process, start_gateway, start_simulator, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.auth import new_key
 from gateway.embedded_store import EmbeddedRedis, free_port
+from support.api import assert_error, multipart
+from support.processes import Process, start_gateway, start_simulator, wait_until
+from support.stack import gateway_config
 
 TRACKER = {"poll_interval_s": 0.3, "lease_s": 2}
 RECOVERY_S = 10.0  # the brief's bound for ready-and-admitting after the store is back

@@ -13,10 +13,10 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import gateway_config
-from processes import Process, start_gateway, write_config
 
 from gateway.embedded_store import free_port
+from support.processes import Process, start_gateway, write_config
+from support.stack import gateway_config
 
 SMALL_BODY_CAP = 16 * 1024
 PROMPT = {"prompt": "a paper boat on a puddle"}

@@ -30,12 +30,12 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from conftest import gateway_config
-from processes import Process, start_gateway, start_simulator, wait_until
 
 from gateway.auth import new_key
 from gateway.embedded_store import EmbeddedRedis
 from gateway.store import HOLDERS, SLOTS, WAITER_TEAM, video_key
+from support.processes import Process, start_gateway, start_simulator, wait_until
+from support.stack import gateway_config
 
 TEAMS = ("alpha", "beta", "gamma")
 LIMIT = 2

@@ -20,12 +20,12 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
-from conftest import gateway_config
-from processes import Process, start_gateway, start_simulator, wait_until
 
 from gateway.auth import new_key
 from gateway.embedded_store import EmbeddedRedis
 from gateway.pools import API_CONNECTIONS
+from support.processes import Process, start_gateway, start_simulator, wait_until
+from support.stack import gateway_config
 
 TEAM_CALLS = 100  # limits.max_team_upstream_calls
 OVER = 4  # alpha's calls past its share

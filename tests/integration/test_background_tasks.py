@@ -12,7 +12,6 @@ import asyncio
 import logging
 
 import pytest
-from processes import wait_until_async
 from redis.asyncio import Redis
 
 from gateway import readiness as readiness_module
@@ -20,6 +19,7 @@ from gateway.background import start
 from gateway.embedded_store import EmbeddedRedis
 from gateway.readiness import Readiness
 from gateway.registry import StoreProbe
+from support.processes import wait_until_async
 
 
 def messages(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:

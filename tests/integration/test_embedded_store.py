@@ -10,9 +10,9 @@ import stat
 from pathlib import Path
 
 import redis
-from processes import wait_until
 
 from gateway.embedded_store import EmbeddedRedis
+from support.processes import wait_until
 
 
 def test_the_embedded_stores_directory_and_files_are_for_its_user_only(tmp_path: Path) -> None:

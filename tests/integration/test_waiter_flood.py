@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-from processes import wait_until_async
 from redis.asyncio.connection import AbstractConnection
 
 from gateway import quota
@@ -35,6 +34,7 @@ from gateway.store import BEATS, HOLDERS
 from gateway.store_clients import LEDGER_POOL, StoreClients
 from gateway.tracker import Tracker
 from gateway.upstream import Upstream
+from support.processes import wait_until_async
 
 LIMIT = 1
 
