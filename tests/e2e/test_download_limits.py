@@ -14,26 +14,17 @@ Raw sockets stand in for clients that stop reading; every wait polls with a dead
 from __future__ import annotations
 
 import contextlib
-import secrets
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import httpx
 import psutil
 import pytest
-import redis
 
-from gateway.auth import new_key
-from gateway.embedded_store import EmbeddedRedis
-from gateway.store import HOLDERS
-from support.processes import Process, start_gateway, start_simulator, wait_until
+from support.processes import wait_until
 from support.raw_http import read_head
-from support.stack import gateway_config
+from support.stack import Rig
 
-TEAMS = ("alpha", "beta", "gamma")
 MAX_DOWNLOADS = 104
 MAX_TEAM_DOWNLOADS = 100
 STALLED = 100
@@ -47,73 +38,34 @@ GONE_SLACK_BYTES = 32 * 1024 * 1024
 SETTLE_S = 15.0
 
 
-@dataclass
-class Rig:
-    workdir: Path
-    store: EmbeddedRedis
-    simulator: Process
-    gateway: Process
-    token: str
-    keys: dict[str, str]
-    redis: redis.Redis
-    config: dict[str, Any]
-
-    def client(self, team: str, gateway: Process | None = None) -> httpx.Client:
-        return httpx.Client(
-            base_url=(gateway or self.gateway).url,
-            headers={"authorization": f"Bearer {self.keys[team]}"},
-            timeout=20.0,
-        )
-
-    def sent(self) -> int:
-        """Content bytes the simulated upstream has sent so far."""
-        return httpx.get(self.simulator.url + "/_sim/stats").json()["content_bytes_sent"]
-
-    def rss(self) -> int:
-        return psutil.Process(self.gateway.pid()).memory_info().rss
-
-    def video(self, team: str) -> str:
-        """A completed video of `team`."""
-        with self.client(team) as client:
-            created = client.post("/v1/videos", json={"prompt": f"a video of {team}"})
-            assert created.status_code == 200, created.text
-            video_id = created.json()["id"]
-            wait_until(
-                lambda: client.get(f"/v1/videos/{video_id}").json()["status"] == "completed",
-                SETTLE_S,
-                "the video completed",
-            )
-        return video_id
+GATEWAY = {
+    "upstream": {"timeout_s": 2.0},
+    "tracker": {"poll_interval_s": 0.3, "lease_s": 2},
+    "limits": {
+        "client_idle_timeout_s": 60,  # the stalled clients stay for the whole test
+        "max_downloads": MAX_DOWNLOADS,
+        "max_team_downloads": MAX_TEAM_DOWNLOADS,
+    },
+}
 
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     workdir = tmp_path_factory.mktemp("download-limits")
-    token = "upstream-" + secrets.token_urlsafe(24)
-    keys = {team: new_key() for team in TEAMS}
-    with contextlib.ExitStack() as stack:
-        store = EmbeddedRedis(workdir / "store", persistent=False).start()
-        stack.callback(store.cleanup)
-        simulator = start_simulator(
-            workdir, token, queue_s=0.2, run_s=1.0, content_bytes=CONTENT_BYTES
-        )
-        stack.callback(simulator.stop)
-        config = gateway_config(simulator.url, store.url, token, keys, timeout_s=2.0)
-        config["tracker"] = {"poll_interval_s": 0.3, "lease_s": 2}
-        config["limits"] = {
-            "client_idle_timeout_s": 60,  # the stalled clients stay for the whole test
-            "max_downloads": MAX_DOWNLOADS,
-            "max_team_downloads": MAX_TEAM_DOWNLOADS,
-        }
-        gateway = start_gateway(workdir, config)
-        stack.callback(gateway.stop)
-        client = redis.Redis.from_url(store.url, decode_responses=True)
-        stack.callback(client.close)
-        yield Rig(workdir, store, simulator, gateway, token, keys, client, config)
+    with Rig.open(
+        workdir, client_timeout=20.0, queue_s=0.2, run_s=1.0, content_bytes=CONTENT_BYTES
+    ) as rig:
+        rig.start_gateway(**GATEWAY)
+        yield rig
 
 
-def holders(rig: Rig) -> int:
-    return rig.redis.zcard(HOLDERS)
+def sent(rig: Rig) -> int:
+    """Content bytes the simulated upstream has sent so far."""
+    return rig.stats()["content_bytes_sent"]
+
+
+def rss(rig: Rig) -> int:
+    return psutil.Process(rig.gateway.pid()).memory_info().rss
 
 
 def open_download(rig: Rig, team: str, video_id: str, port: int | None = None) -> socket.socket:
@@ -145,7 +97,7 @@ def upstream_settled(rig: Rig) -> int:
     last = [-1]
 
     def still() -> bool:
-        now = rig.sent()
+        now = sent(rig)
         unchanged, last[0] = now == last[0], now
         return unchanged
 
@@ -167,7 +119,7 @@ def assert_too_many(client: httpx.Client, video_id: str) -> None:
 def test_stalled_downloads_of_one_team_take_nothing_the_others_need(rig: Rig) -> None:
     alpha_video, beta_video = rig.video("alpha"), rig.video("beta")
     gamma_video = rig.video("gamma")
-    wait_until(lambda: holders(rig) == 0, SETTLE_S, "no slot held before")
+    wait_until(lambda: rig.holders() == 0, SETTLE_S, "no slot held before")
     with contextlib.ExitStack() as stack:
         for sock in stall(rig, "alpha", alpha_video, MAX_TEAM_DOWNLOADS):
             stack.enter_context(sock)
@@ -180,7 +132,7 @@ def test_stalled_downloads_of_one_team_take_nothing_the_others_need(rig: Rig) ->
                 assert created.status_code == 200, created.text
                 video_id = created.json()["id"]
                 # Nobody retrieves it: the tracker must free the slot when the job ends.
-                wait_until(lambda: holders(rig) == 0, SETTLE_S, "the tracker freed the slot")
+                wait_until(lambda: rig.holders() == 0, SETTLE_S, "the tracker freed the slot")
                 retrieved = beta.get(f"/v1/videos/{video_id}")
                 assert retrieved.status_code == 200, retrieved.text
                 assert retrieved.json()["status"] == "completed"
@@ -228,13 +180,13 @@ def test_a_stalled_download_holds_no_more_memory_than_the_readme_says(rig: Rig) 
             SETTLE_S,
             "the warm-up downloads ended",
         )
-    before = rig.rss()
+    before = rss(rig)
     with contextlib.ExitStack() as stack:
         for sock in stall(rig, "alpha", video_id, STALLED):
             stack.enter_context(sock)
         # Every download has filled what it can hold: upstream's bytes stop moving.
         upstream_settled(rig)
-        grown = rig.rss() - before
+        grown = rss(rig) - before
     assert grown <= STALLED * PER_STALLED_DOWNLOAD_BYTES, (
         f"{STALLED} stalled downloads grew the replica by {grown / 2**20:.1f} MiB "
         f"({grown / STALLED / 1024:.0f} KiB each)"
@@ -247,10 +199,10 @@ def test_a_stalled_download_holds_no_more_memory_than_the_readme_says(rig: Rig) 
 def test_a_download_whose_client_has_gone_stops_pulling_upstream(
     rig: Rig, server: tuple[str, ...]
 ) -> None:
-    gateway = start_gateway(rig.workdir, rig.config, extra_args=server)
+    gateway = rig.start_gateway(extra_args=server, **GATEWAY)
     try:
         video_id = rig.video("beta")
-        before = rig.sent()
+        before = sent(rig)
         taken = 0
         clients = 5
         for _ in range(clients):

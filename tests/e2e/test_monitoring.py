@@ -31,15 +31,14 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 import yaml
 from prometheus_client.multiprocess import MultiProcessCollector
-from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.embedded_store import EmbeddedRedis, free_port
-from gateway.store import BEATS, HOLDERS
-from support.processes import Process, start_gateway, start_simulator, wait_until, write_config
-from support.stack import gateway_config
+from gateway.embedded_store import free_port
+from gateway.store import BEATS
+from support.metrics import scrape
+from support.processes import Process, wait_until, write_config
+from support.stack import Rig
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "sora-gateway.json"
@@ -166,49 +165,52 @@ def start_prometheus(tmp: Path, targets: list[str]) -> Prometheus:
 # -- the rig: one store, one simulator, two replicas (one with two workers) ---------------------
 
 
-@dataclass
-class Rig:
-    store: EmbeddedRedis
-    simulator: Process
-    multi: Process  # serve --workers 2
-    single: Process
-    metrics_dir: Path  # the multi replica's PROMETHEUS_MULTIPROC_DIR
-    keys: dict[str, str]
-    redis: redis.Redis
-    prometheus: Prometheus | None
+class Replicas(Rig):
+    """The rig with its two replicas, `multi` (`serve --workers 2`) and `single`, and
+    Prometheus scraping both where it is installed."""
+
+    metrics_dir: Path  # the multi replica's PROMETHEUS_MULTIPROC_DIR, once started
+    prometheus: Prometheus | None = None
+
+    def start_replicas(self) -> None:
+        config: dict[str, Any] = {
+            "quota": {"max_in_flight": LIMIT, "wait_s": WAIT_S},
+            "tracker": {"poll_interval_s": POLL_S, "lease_s": LEASE_S},
+            "team_caps": {"gamma": 1},
+        }
+        # The worker processes' metric files go to a fresh directory under TMPDIR.
+        worker_tmp = self.workdir / "multi-tmp"
+        worker_tmp.mkdir()
+        self.start_gateway(
+            name="gateway --workers 2",
+            env={"TMPDIR": str(worker_tmp)},
+            extra_args=("--workers", "2"),
+            **config,
+        )
+        self.start_gateway(**config)
+        (self.metrics_dir,) = worker_tmp.glob("sgw-metrics-*")
+        if PROMETHEUS is not None:
+            targets = [f"127.0.0.1:{gateway.port}" for gateway in self.gateways]
+            self.prometheus = start_prometheus(self.workdir, targets)
+
+    def close(self) -> None:
+        if self.prometheus is not None:
+            self.prometheus.stop()
+        super().close()
 
     @property
-    def gateways(self) -> tuple[Process, Process]:
-        return self.multi, self.single
+    def multi(self) -> Process:
+        return self.gateways[0]
 
-    def client(self, gateway: Process, team: str) -> httpx.Client:
-        return httpx.Client(
-            base_url=gateway.url,
-            headers={"authorization": f"Bearer {self.keys[team]}"},
-            timeout=30.0,
-        )
-
-    def sim(self, path: str, **body: Any) -> None:
-        httpx.post(self.simulator.url + path, json=body, timeout=10.0).raise_for_status()
-
-    def holders(self) -> int:
-        return int(self.redis.zcard(HOLDERS))
-
-    def scrape(self, gateway: Process) -> dict[str, list[tuple[dict[str, str], float]]]:
-        """One /metrics page, on a new connection (so the workers take turns)."""
-        reply = httpx.get(gateway.url + "/metrics", timeout=10.0)
-        assert reply.status_code == 200, reply.text
-        samples: dict[str, list[tuple[dict[str, str], float]]] = {}
-        for family in text_string_to_metric_families(reply.text):
-            for sample in family.samples:
-                samples.setdefault(sample.name, []).append((sample.labels, sample.value))
-        return samples
+    @property
+    def single(self) -> Process:
+        return self.gateways[1]
 
     def jobs_ended(self) -> dict[tuple[str, str, str], float]:
         """`jobs_total` by (team, kind, outcome), summed over both replicas."""
         totals: dict[tuple[str, str, str], float] = {}
         for gateway in self.gateways:
-            for labels, value in self.scrape(gateway).get("sora_gateway_jobs_total", []):
+            for labels, value in scrape(gateway).get("sora_gateway_jobs_total", []):
                 key = (labels["team"], labels["kind"], labels["outcome"])
                 totals[key] = totals.get(key, 0.0) + value
         return totals
@@ -230,58 +232,10 @@ class Rig:
 
 
 @pytest.fixture(scope="module")
-def rig(
-    tmp_path_factory: pytest.TempPathFactory, team_keys: dict[str, str], upstream_token: str
-) -> Iterator[Rig]:
-    tmp = tmp_path_factory.mktemp("monitoring")
-    store = EmbeddedRedis(tmp / "store", persistent=False).start()
-    started: list[Any] = []
-    try:
-        simulator = start_simulator(tmp, upstream_token, queue_s=QUEUE_S, run_s=RUN_S)
-        started.append(simulator)
-        config = gateway_config(simulator.url, store.url, upstream_token, team_keys)
-        config["quota"] = {"max_in_flight": LIMIT, "wait_s": WAIT_S}
-        config["tracker"] = {"poll_interval_s": POLL_S, "lease_s": LEASE_S}
-        for team in config["teams"]:
-            if team["name"] == "gamma":
-                team["max_in_flight"] = 1
-        port = free_port()
-        config_path = write_config(tmp / f"gateway-{port}.yaml", config)
-        # The worker processes' metric files go to a fresh directory under TMPDIR.
-        worker_tmp = tmp / "multi-tmp"
-        worker_tmp.mkdir()
-        multi = Process(
-            "gateway --workers 2",
-            ["serve", "--config", str(config_path), "--port", str(port), "--workers", "2"],
-            port,
-            tmp / f"gateway-{port}.log",
-            env={"TMPDIR": str(worker_tmp)},
-        )
-        started.append(multi)
-        multi.start("/readyz")
-        single = start_gateway(tmp, config)
-        started.append(single)
-        (metrics_dir,) = worker_tmp.glob("sgw-metrics-*")
-        prometheus = None
-        if PROMETHEUS is not None:
-            prometheus = start_prometheus(
-                tmp, [f"127.0.0.1:{multi.port}", f"127.0.0.1:{single.port}"]
-            )
-            started.append(prometheus)
-        yield Rig(
-            store,
-            simulator,
-            multi,
-            single,
-            metrics_dir,
-            team_keys,
-            redis.Redis.from_url(store.url),
-            prometheus,
-        )
-    finally:
-        for process in reversed(started):
-            process.stop()
-        store.cleanup()
+def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
+    with Replicas.open(tmp_path_factory.mktemp("monitoring"), queue_s=QUEUE_S, run_s=RUN_S) as rig:
+        rig.start_replicas()
+        yield rig
 
 
 def create(client: httpx.Client, prompt: str = PROMPT) -> str:
@@ -312,20 +266,20 @@ def error_code(reply: httpx.Response, status: int) -> str:
 # -- the metrics themselves, on every replica and worker -----------------------------------------
 
 
-def test_slots_in_use_is_the_ledger_count_on_every_replica_and_worker(rig: Rig) -> None:
+def test_slots_in_use_is_the_ledger_count_on_every_replica_and_worker(rig: Replicas) -> None:
     # Both jobs are admitted by `single`: `multi`'s workers only know them from the store.
-    rig.sim("/_sim/config", run_s=LONG_RUN_S)
+    rig.sim("POST", "/_sim/config", json={"run_s": LONG_RUN_S})
     try:
-        with rig.client(rig.single, "alpha") as alpha, rig.client(rig.single, "beta") as beta:
+        with rig.client("alpha", rig.single) as alpha, rig.client("beta", rig.single) as beta:
             running = [create(alpha), create(beta)]
     finally:
-        rig.sim("/_sim/config", run_s=RUN_S)
+        rig.sim("POST", "/_sim/config", json={"run_s": RUN_S})
     assert rig.holders() == LIMIT
     served_before = rig.scrapes_by_worker()
     readings: list[tuple[str, float, int]] = []
 
     def read(gateway: Process) -> None:
-        samples = rig.scrape(gateway)
+        samples = scrape(gateway)
         ledger = rig.holders()
         ((_, in_use),) = samples["sora_gateway_slots_in_use"]
         ((_, limit),) = samples["sora_gateway_slots_limit"]
@@ -344,21 +298,21 @@ def test_slots_in_use_is_the_ledger_count_on_every_replica_and_worker(rig: Rig) 
 
     wait_until(both_workers_answered, 20, "both workers of `multi` answered /metrics", 0)
 
-    with rig.client(rig.multi, "alpha") as alpha, rig.client(rig.multi, "beta") as beta:
+    with rig.client("alpha", rig.multi) as alpha, rig.client("beta", rig.multi) as beta:
         assert alpha.delete(f"/v1/videos/{running[0]}").status_code == 200
         assert beta.delete(f"/v1/videos/{running[1]}").status_code == 200
     assert rig.holders() == 0
 
     def all_zero() -> bool:
         return all(
-            rig.scrape(gateway)["sora_gateway_slots_in_use"][0][1] == 0
+            scrape(gateway)["sora_gateway_slots_in_use"][0][1] == 0
             for gateway in [rig.multi, rig.multi, rig.multi, rig.single]
         )
 
     wait_until(all_zero, 5, "every replica and worker shows the freed slots")
 
 
-def test_jobs_total_counts_each_ended_job_once_over_all_replicas(rig: Rig) -> None:
+def test_jobs_total_counts_each_ended_job_once_over_all_replicas(rig: Replicas) -> None:
     before = rig.jobs_ended()
     jobs = [
         ("alpha", "a calm lake at dawn"),
@@ -367,7 +321,7 @@ def test_jobs_total_counts_each_ended_job_once_over_all_replicas(rig: Rig) -> No
         ("alpha", "a kite over a beach"),
     ]
     clients = {
-        (gateway.name, team): rig.client(gateway, team)
+        (gateway.name, team): rig.client(team, gateway)
         for gateway in rig.gateways
         for team in ("alpha", "beta", "gamma")
     }
@@ -418,14 +372,14 @@ def test_jobs_total_counts_each_ended_job_once_over_all_replicas(rig: Rig) -> No
 # -- dashboard and alerts against Prometheus ------------------------------------------------------
 
 
-def drive_every_series(rig: Rig) -> None:
+def drive_every_series(rig: Replicas) -> None:
     """A workload after which every dashboard series exists on some replica."""
     multi, single = rig.gateways
     with (
-        rig.client(multi, "alpha") as alpha_m,
-        rig.client(single, "alpha") as alpha_s,
-        rig.client(single, "beta") as beta_s,
-        rig.client(multi, "gamma") as gamma_m,
+        rig.client("alpha", multi) as alpha_m,
+        rig.client("alpha", single) as alpha_s,
+        rig.client("beta", single) as beta_s,
+        rig.client("gamma", multi) as gamma_m,
     ):
         # Creates that complete (and one that fails), each retrieved on the other replica.
         done = create(alpha_m, "a lighthouse at dusk")
@@ -441,12 +395,12 @@ def drive_every_series(rig: Rig) -> None:
         assert error_code(unknown, 400) == "invalid_video_id"
 
         # Two long jobs fill both slots; gamma (capped at 1) holds one of them.
-        rig.sim("/_sim/config", run_s=LONG_RUN_S)
+        rig.sim("POST", "/_sim/config", json={"run_s": LONG_RUN_S})
         try:
             running = create(beta_s, "a long tracking shot")
             capped = create(gamma_m, "another long tracking shot")
         finally:
-            rig.sim("/_sim/config", run_s=RUN_S)
+            rig.sim("POST", "/_sim/config", json={"run_s": RUN_S})
         busy = beta_s.post(f"/v1/videos/{running}/remix", json={"prompt": "too early"})
         assert error_code(busy, 400) == "video_not_completed"
         full = alpha_m.post("/v1/videos", json={"prompt": PROMPT})
@@ -459,17 +413,17 @@ def drive_every_series(rig: Rig) -> None:
 
         # Upstream's own 429 on a create, then a 5xx on a retrieve. No slot is held, so no
         # tracker talks to upstream and the fault hits the request it is meant for.
-        rig.sim("/_sim/faults", rate_limit_next=1)
+        rig.faults(rate_limit_next=1)
         limited = alpha_s.post("/v1/videos", json={"prompt": PROMPT})
         assert error_code(limited, 429) == "upstream_rate_limited"
         assert rig.holders() == 0
-        rig.sim("/_sim/faults", fail_next=1)
+        rig.faults(fail_next=1)
         assert error_code(alpha_m.get(f"/v1/videos/{done}"), 502) == "upstream_error"
         assert alpha_s.get("/v1/videos").status_code == 200
 
 
 @pytest.fixture(scope="module")
-def prometheus(rig: Rig) -> Prometheus:
+def prometheus(rig: Replicas) -> Prometheus:
     """Prometheus, once the workload ran and both replicas are scraped."""
     if rig.prometheus is None:
         pytest.skip(MISSING.format("prometheus"))

@@ -20,20 +20,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import redis
-from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.auth import new_key
-from gateway.embedded_store import EmbeddedRedis
-from gateway.store import BEATS, HOLDERS, SLOTS
-from support.processes import Process, start_gateway, start_simulator, wait_until
-from support.stack import gateway_config
+from support.metrics import scrape
+from support.processes import Process, wait_until
+from support.stack import Rig
 
 TEAMS = ("alpha", "beta", "gamma")
 LIMIT = 2
@@ -46,8 +40,6 @@ PINNED_S = 600.0  # a job that runs until its test deletes it
 MARGIN_S = 1.5  # scheduling slack on a busy machine; far below any failure mode's delay
 RUNNING = ("queued", "in_progress")
 
-WAITERS = BEATS  # every waiter has a heartbeat
-
 ENVELOPE_FIELDS = {"message", "type", "param", "code"}
 QUOTA_CODES = ("concurrency_limit_exceeded", "team_concurrency_limit_exceeded")
 
@@ -55,106 +47,44 @@ QUOTA_CODES = ("concurrency_limit_exceeded", "team_concurrency_limit_exceeded")
 # -- the rig: one store, one simulator, gateways started per test ----------------------------
 
 
-@dataclass
-class Rig:
-    workdir: Path
-    store: EmbeddedRedis
-    simulator: Process
-    token: str
-    keys: dict[str, str]
-    redis: redis.Redis
-    gateways: list[Process] = field(default_factory=list)
+def start_replicas(
+    rig: Rig,
+    count: int,
+    *,
+    wait_s: float,
+    poll_s: float = POLL_S,
+    lease_s: float = LEASE_S,
+    gamma_cap: int | None = None,
+    **upstream: Any,
+) -> list[Process]:
+    """`count` replicas sharing the quota of LIMIT; `gamma_cap` caps team gamma alone."""
+    return rig.start_gateways(
+        count,
+        upstream=upstream,
+        quota={"max_in_flight": LIMIT, "wait_s": wait_s},
+        tracker={"poll_interval_s": poll_s, "lease_s": lease_s},
+        team_caps=None if gamma_cap is None else {"gamma": gamma_cap},
+    )
 
-    def start_gateways(
-        self,
-        count: int,
-        *,
-        wait_s: float,
-        poll_s: float = POLL_S,
-        lease_s: float = LEASE_S,
-        gamma_cap: int | None = None,
-        **upstream: Any,
-    ) -> list[Process]:
-        config = gateway_config(
-            self.simulator.url, self.store.url, self.token, self.keys, **upstream
-        )
-        config["quota"] = {"max_in_flight": LIMIT, "wait_s": wait_s}
-        config["tracker"] = {"poll_interval_s": poll_s, "lease_s": lease_s}
-        if gamma_cap is not None:
-            for team in config["teams"]:
-                if team["name"] == "gamma":
-                    team["max_in_flight"] = gamma_cap
-        started = []
-        for _ in range(count):
-            process = start_gateway(self.workdir, config)
-            self.gateways.append(process)
-            started.append(process)
-        return started
 
-    # the simulator's control routes and its own /v1 (with the real token)
+def create_posts(rig: Rig) -> list[dict[str, Any]]:
+    """Every `POST /v1/videos` upstream received, oldest first."""
+    log = rig.upstream_requests()
+    return [r for r in log if r["method"] == "POST" and r["path"] == "/v1/videos"]
 
-    def sim(self, method: str, path: str, **kwargs: Any) -> Any:
-        reply = httpx.request(method, self.simulator.url + path, timeout=10.0, **kwargs)
-        reply.raise_for_status()
-        return reply.json()
 
-    def stats(self) -> dict[str, Any]:
-        return self.sim("GET", "/_sim/stats")
+def posted_ids(rig: Rig) -> list[str]:
+    return [r["headers"].get("x-request-id", "") for r in create_posts(rig)]
 
-    def create_posts(self) -> list[dict[str, Any]]:
-        """Every `POST /v1/videos` upstream received, oldest first."""
-        log = self.sim("GET", "/_sim/requests", params={"limit": 1000})
-        return [r for r in log if r["method"] == "POST" and r["path"] == "/v1/videos"]
 
-    def posted_ids(self) -> list[str]:
-        return [r["headers"].get("x-request-id", "") for r in self.create_posts()]
-
-    def upstream_jobs(self) -> list[dict[str, Any]]:
-        return self.sim(
-            "GET",
-            "/v1/videos",
-            params={"limit": 100},
-            headers={"authorization": f"Bearer {self.token}"},
-        )["data"]
-
-    def upstream_job(self, prompt: str) -> dict[str, Any] | None:
-        return next((job for job in self.upstream_jobs() if job["prompt"] == prompt), None)
-
-    # the store
-
-    def holders(self) -> int:
-        return int(self.redis.zcard(HOLDERS))
-
-    def waiting(self) -> int:
-        return int(self.redis.zcard(WAITERS))
-
-    def held_slots(self) -> list[dict[str, Any]]:
-        """The records of the slots counted in `holders` (one transaction)."""
-        with self.redis.pipeline(transaction=True) as pipe:
-            pipe.zrange(HOLDERS, 0, -1)
-            pipe.hgetall(SLOTS)
-            held, records = pipe.execute()
-        return [json.loads(records[slot]) for slot in held if slot in records]
+def upstream_job(rig: Rig, prompt: str) -> dict[str, Any] | None:
+    return next((job for job in rig.upstream_jobs() if job["prompt"] == prompt), None)
 
 
 @pytest.fixture(scope="module")
 def rig_base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
-    workdir = tmp_path_factory.mktemp("quota")
-    token = "upstream-" + secrets.token_urlsafe(24)
-    store = EmbeddedRedis(workdir / "store", persistent=False).start()
-    try:
-        simulator = start_simulator(workdir, token, queue_s=QUEUE_S, run_s=RUN_S)
-    except BaseException:
-        store.cleanup()
-        raise
-    client = redis.Redis.from_url(store.url, decode_responses=True)
-    keys = {team: new_key() for team in TEAMS}
-    try:
-        yield Rig(workdir, store, simulator, token, keys, client)
-    finally:
-        client.close()
-        simulator.stop()
-        store.cleanup()
+    with Rig.open(tmp_path_factory.mktemp("quota"), queue_s=QUEUE_S, run_s=RUN_S) as rig:
+        yield rig
 
 
 @pytest.fixture
@@ -165,8 +95,7 @@ def rig(rig_base: Rig) -> Iterator[Rig]:
     try:
         yield rig_base
     finally:
-        while rig_base.gateways:
-            rig_base.gateways.pop().stop()
+        rig_base.stop_gateways()
 
 
 # -- client side ------------------------------------------------------------------------------
@@ -213,18 +142,8 @@ def assert_quota_429(reply: httpx.Response, codes: tuple[str, ...] = QUOTA_CODES
     return error["code"]
 
 
-def metric_samples(gateway: Process) -> dict[str, list[tuple[dict[str, str], float]]]:
-    reply = httpx.get(gateway.url + "/metrics", timeout=5.0)
-    assert reply.status_code == 200, reply.text
-    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for family in text_string_to_metric_families(reply.text):
-        for sample in family.samples:
-            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
-    return samples
-
-
 def gauge(gateway: Process, name: str) -> float | None:
-    values = metric_samples(gateway).get(name)
+    values = scrape(gateway).get(name)
     return values[0][1] if values else None
 
 
@@ -233,7 +152,7 @@ def slots_in_use_everywhere(gateways: list[Process]) -> list[float | None]:
 
 
 def jobs_ended(gateway: Process, outcome: str) -> float:
-    samples = metric_samples(gateway).get("sora_gateway_jobs_total", [])
+    samples = scrape(gateway).get("sora_gateway_jobs_total", [])
     return sum(value for labels, value in samples if labels.get("outcome") == outcome)
 
 
@@ -291,7 +210,7 @@ def test_burst_over_three_replicas_keeps_the_shared_and_team_limits(rig: Rig) ->
     # the shared limit is what refused it. So gamma's first job runs until this test
     # deletes it, after every wait has ended: gamma is at its cap for each of its waits,
     # whichever way the burst interleaves, while the other shared slot turns over.
-    replicas = rig.start_gateways(3, wait_s=1.5, gamma_cap=1)
+    replicas = start_replicas(rig, 3, wait_s=1.5, gamma_cap=1)
     sampler = SlotSampler(rig)
     sampler.start()
     results: list[tuple[str, httpx.Response, float]] = []
@@ -376,7 +295,7 @@ def test_waiters_reach_upstream_in_arrival_order(rig: Rig) -> None:
     # time (a client's retrieve that shows a job's end frees its slot at once): two slots
     # freed in the same instant would let two waiters race to upstream, which says
     # nothing about the order they were admitted in.
-    replicas = rig.start_gateways(2, wait_s=30, poll_s=30, lease_s=60)
+    replicas = start_replicas(rig, 2, wait_s=30, poll_s=30, lease_s=60)
     count = 8
     request_ids = [new_request_id(f"order{n}") for n in range(count)]
     teams = [("alpha", "beta")[(n // 2) % 2] for n in range(count)]  # each team via both
@@ -399,11 +318,11 @@ def test_waiters_reach_upstream_in_arrival_order(rig: Rig) -> None:
         for k in range(count - LIMIT):
             # Both slots held, nobody else admitted; free the oldest job's slot only.
             wait_until(
-                lambda k=k: len(rig.create_posts()) == k + LIMIT,
+                lambda k=k: len(create_posts(rig)) == k + LIMIT,
                 10,
                 f"{k + LIMIT} creates upstream",
             )
-            oldest = rig.posted_ids()[k]
+            oldest = posted_ids(rig)[k]
             n, future = by_request_id[oldest]
             reply = future.result(timeout=10)
             assert reply.status_code == 200, reply.text
@@ -424,7 +343,7 @@ def test_waiters_reach_upstream_in_arrival_order(rig: Rig) -> None:
     for request_id, reply in replies.items():
         assert reply.status_code == 200, reply.text  # none got a 429 with wait_s 30
         assert reply.headers["x-request-id"] == request_id
-    assert rig.posted_ids() == request_ids
+    assert posted_ids(rig) == request_ids
     stats = rig.stats()
     assert stats["limit_hits"] == 0, stats
     assert stats["max_concurrency"] <= LIMIT, stats
@@ -436,7 +355,7 @@ def test_waiters_reach_upstream_in_arrival_order(rig: Rig) -> None:
 def test_killed_replicas_slots_are_adopted_and_freed_by_the_survivors(rig: Rig) -> None:
     run_s = 4.0
     rig.sim("POST", "/_sim/config", json={"run_s": run_s})
-    doomed, *survivors = rig.start_gateways(3, wait_s=0.5)
+    doomed, *survivors = start_replicas(rig, 3, wait_s=0.5)
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = [
             pool.submit(create, doomed, rig.keys[team], f"doomed {team}") for team in TEAMS[:2]
@@ -461,7 +380,7 @@ def test_killed_replicas_slots_are_adopted_and_freed_by_the_survivors(rig: Rig) 
     turned_away_id = new_request_id("while_dead")
     reply = create(survivors[0], rig.keys["gamma"], "while the slots are orphaned", turned_away_id)
     assert_quota_429(reply, ("concurrency_limit_exceeded",))
-    assert turned_away_id not in rig.posted_ids()
+    assert turned_away_id not in posted_ids(rig)
     assert rig.stats()["jobs_created"] == LIMIT
 
     # The survivors adopt the slots once the lease runs out, with no client polling.
@@ -507,14 +426,14 @@ def test_killed_replicas_slots_are_adopted_and_freed_by_the_survivors(rig: Rig) 
 
 
 def test_a_create_answered_500_keeps_its_slot_until_the_tracker_finds_its_job(rig: Rig) -> None:
-    replicas = rig.start_gateways(2, wait_s=10)
+    replicas = start_replicas(rig, 2, wait_s=10)
     rig.sim("POST", "/_sim/faults", json={"create_then_500_next": 1})
     lost_prompt = f"lost answer {secrets.token_hex(4)}"
 
     lost = create(replicas[0], rig.keys["alpha"], lost_prompt)
     assert_envelope(lost, 502, ("upstream_error",))
     assert lost.headers.get("x-should-retry") == "false", lost.headers
-    job = rig.upstream_job(lost_prompt)
+    job = upstream_job(rig, lost_prompt)
     assert job is not None and job["status"] in RUNNING, job  # the job does exist upstream
     assert rig.holders() == 1, rig.held_slots()  # and it stays counted
 
@@ -559,7 +478,7 @@ def test_a_create_answered_500_keeps_its_slot_until_the_tracker_finds_its_job(ri
 def test_a_hung_create_times_out_and_keeps_its_slot_until_its_job_ends(rig: Rig) -> None:
     run_s = 3.0
     rig.sim("POST", "/_sim/config", json={"run_s": run_s})
-    (gateway,) = rig.start_gateways(1, wait_s=10, timeout_s=1)
+    (gateway,) = start_replicas(rig, 1, wait_s=10, timeout_s=1)
     rig.sim("POST", "/_sim/faults", json={"create_then_hang_next": 1})
     hung_prompt = f"hung answer {secrets.token_hex(4)}"
 
@@ -568,7 +487,7 @@ def test_a_hung_create_times_out_and_keeps_its_slot_until_its_job_ends(rig: Rig)
     assert time.monotonic() - started >= 0.9
     assert_envelope(hung, 504, ("upstream_timeout",))
     assert hung.headers.get("x-should-retry") == "false", hung.headers
-    job = rig.upstream_job(hung_prompt)
+    job = upstream_job(rig, hung_prompt)
     assert job is not None and job["status"] in RUNNING, job
     held = rig.held_slots()
     assert len(held) == 1 and held[0]["team"] == "alpha", held
@@ -584,7 +503,7 @@ def test_a_hung_create_times_out_and_keeps_its_slot_until_its_job_ends(rig: Rig)
             return any(s["video"] == job["id"] and s["state"] == "bound" for s in rig.held_slots())
 
         eventually(found, 5, "the hung create's job bound to its slot", rig.held_slots)
-        assert rig.upstream_job(hung_prompt)["status"] in RUNNING
+        assert upstream_job(rig, hung_prompt)["status"] in RUNNING
         replies = [f.result(timeout=30) for f in futures]
     for reply in replies:
         assert reply.status_code == 200, reply.text
@@ -593,7 +512,7 @@ def test_a_hung_create_times_out_and_keeps_its_slot_until_its_job_ends(rig: Rig)
     assert stats["limit_hits"] == 0, stats
     assert stats["max_concurrency"] <= LIMIT, stats
     wait_until(lambda: rig.holders() == 0, 2 * (QUEUE_S + run_s) + MARGIN_S, "every slot freed")
-    assert rig.upstream_job(hung_prompt)["status"] == "completed"
+    assert upstream_job(rig, hung_prompt)["status"] == "completed"
     assert gauge(gateway, "sora_gateway_slots_in_use") == 0
 
 
@@ -602,7 +521,7 @@ def test_a_hung_create_times_out_and_keeps_its_slot_until_its_job_ends(rig: Rig)
 
 def test_a_waiting_client_that_disconnects_leaves_the_queue(rig: Rig) -> None:
     rig.sim("POST", "/_sim/config", json={"run_s": 30})
-    holder, waiter = rig.start_gateways(2, wait_s=30)
+    holder, waiter = start_replicas(rig, 2, wait_s=30)
     videos = []
     for team in ("alpha", "beta"):
         reply = create(holder, rig.keys[team], f"long job {team}")
@@ -639,7 +558,7 @@ def test_a_waiting_client_that_disconnects_leaves_the_queue(rig: Rig) -> None:
     fresh_id = new_request_id("fresh")
     fresh = create(waiter, rig.keys["gamma"], "after the abandoned one", fresh_id)
     assert fresh.status_code == 200, fresh.text
-    posted = rig.posted_ids()
+    posted = posted_ids(rig)
     assert abandoned_id not in posted
     assert posted[-1] == fresh_id
     assert rig.stats()["jobs_created"] == LIMIT + 1

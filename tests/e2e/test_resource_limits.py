@@ -24,7 +24,6 @@ whose timing matters. Every wait polls with a deadline.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import secrets
 import select
@@ -38,16 +37,12 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-import redis
 
-from gateway.auth import new_key
-from gateway.embedded_store import EmbeddedRedis
-from gateway.store import BEATS, HOLDERS, QUEUED_TEAMS, SLOTS, WAITER_TEAM, queue_key, video_key
-from support.processes import Process, start_gateway, start_simulator, wait_until
+from gateway.store import SLOTS
+from support.processes import wait_until
 from support.raw_http import read_head
-from support.stack import gateway_config
+from support.stack import Rig
 
-TEAMS = ("alpha", "beta", "gamma")
 LIMIT = 2
 MAX_BODY = 64 * 1024
 BODY_TIMEOUT_S = 1.0
@@ -64,76 +59,18 @@ GATEWAY_HOLDS = 1 << 20  # a held-back download's bytes in the gateway's own buf
 # -- the rig ---------------------------------------------------------------------------------
 
 
-@dataclass
-class Rig:
-    workdir: Path
-    store: EmbeddedRedis
-    simulator: Process
-    gateway: Process
-    token: str
-    keys: dict[str, str]
-    redis: redis.Redis
+def posts(rig: Rig) -> int:
+    return sum(1 for r in rig.upstream_requests() if r["method"] == "POST")
 
-    def client(self, team: str = "alpha") -> httpx.Client:
-        return httpx.Client(
-            base_url=self.gateway.url,
-            headers={"authorization": f"Bearer {self.keys[team]}"},
-            timeout=20.0,
-        )
 
-    def sim(self, method: str, path: str, **kwargs: Any) -> Any:
-        reply = httpx.request(method, self.simulator.url + path, timeout=10.0, **kwargs)
-        reply.raise_for_status()
-        return reply.json()
-
-    def stats(self) -> dict[str, Any]:
-        return self.sim("GET", "/_sim/stats")
-
-    def posts(self) -> int:
-        log = self.sim("GET", "/_sim/requests", params={"limit": 1000})
-        return sum(1 for r in log if r["method"] == "POST")
-
-    def upstream_jobs(self) -> list[dict[str, Any]]:
-        return self.sim(
-            "GET",
-            "/v1/videos",
-            params={"limit": 100},
-            headers={"authorization": f"Bearer {self.token}"},
-        )["data"]
-
-    def ledger(self) -> dict[str, int]:
-        with self.redis.pipeline(transaction=True) as pipe:
-            pipe.zcard(HOLDERS)
-            pipe.hlen(SLOTS)
-            pipe.zcard(BEATS)
-            pipe.hlen(WAITER_TEAM)
-            pipe.scard(QUEUED_TEAMS)
-            for team in TEAMS:
-                pipe.zcard(queue_key(team))
-            holders, slots, beats, waiter_team, queued_teams, *fifos = pipe.execute()
-        return {
-            "holders": holders,
-            "slots": slots,
-            "queue": sum(fifos),  # waiters in the teams' FIFOs
-            "queued_teams": queued_teams,
-            "beats": beats,
-            "waiter_team": waiter_team,
-        }
-
-    def owner(self, video_id: str) -> str | None:
-        return self.redis.hget(video_key(video_id), "team")
-
-    def footprint(self) -> Footprint:
-        return Footprint.of(self)
-
-    def upstream_ports(self) -> set[int]:
-        """The local ports of the gateway's connections to upstream, in any state."""
-        process = psutil.Process(self.gateway.pid())
-        return {
-            c.laddr.port
-            for c in process.net_connections(kind="tcp")
-            if c.raddr and c.raddr.port == self.simulator.port
-        }
+def upstream_ports(rig: Rig) -> set[int]:
+    """The local ports of the gateway's connections to upstream, in any state."""
+    process = psutil.Process(rig.gateway.pid())
+    return {
+        c.laddr.port
+        for c in process.net_connections(kind="tcp")
+        if c.raddr and c.raddr.port == rig.simulator.port
+    }
 
 
 @dataclass(frozen=True)
@@ -177,29 +114,21 @@ class Footprint:
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     workdir = tmp_path_factory.mktemp("resource-limits")
-    token = "upstream-" + secrets.token_urlsafe(24)
-    keys = {team: new_key() for team in TEAMS}
-    with contextlib.ExitStack() as stack:
-        store = EmbeddedRedis(workdir / "store", persistent=False).start()
-        stack.callback(store.cleanup)
-        simulator = start_simulator(
-            workdir, token, queue_s=0.2, run_s=0.8, content_bytes=CONTENT_BYTES
+    with Rig.open(
+        workdir, client_timeout=20.0, queue_s=0.2, run_s=0.8, content_bytes=CONTENT_BYTES
+    ) as rig:
+        rig.start_gateway(
+            upstream={"timeout_s": TIMEOUT_S},
+            tracker={"poll_interval_s": 0.3, "lease_s": 2},
+            quota={"max_in_flight": LIMIT, "wait_s": 20},
+            limits={
+                "max_body_bytes": MAX_BODY,
+                "body_timeout_s": BODY_TIMEOUT_S,
+                # Longer than the slow reader's pauses, shorter than the stopped one's wait.
+                "client_idle_timeout_s": CLIENT_IDLE_S,
+            },
         )
-        stack.callback(simulator.stop)
-        config = gateway_config(simulator.url, store.url, token, keys, timeout_s=TIMEOUT_S)
-        config["tracker"] = {"poll_interval_s": 0.3, "lease_s": 2}
-        config["quota"] = {"max_in_flight": LIMIT, "wait_s": 20}
-        config["limits"] = {
-            "max_body_bytes": MAX_BODY,
-            "body_timeout_s": BODY_TIMEOUT_S,
-            # Longer than the slow reader's pauses, shorter than the stopped one's wait.
-            "client_idle_timeout_s": CLIENT_IDLE_S,
-        }
-        gateway = start_gateway(workdir, config)
-        stack.callback(gateway.stop)
-        client = redis.Redis.from_url(store.url, decode_responses=True)
-        stack.callback(client.close)
-        yield Rig(workdir, store, simulator, gateway, token, keys, client)
+        yield rig
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +160,7 @@ def completed(rig: Rig) -> str:
 def baseline(rig: Rig, completed: str) -> Footprint:
     """The footprint once warm and idle, every client gone."""
     return wait_until(
-        lambda: (lambda f: f if f.clients == 0 and f.close_wait == 0 else None)(rig.footprint()),
+        lambda: (lambda f: f if f.clients == 0 and f.close_wait == 0 else None)(Footprint.of(rig)),
         CLOSE_S,
         "the warm-up clients' sockets closed",
     )
@@ -284,7 +213,7 @@ def assert_no_leak(rig: Rig, baseline: Footprint) -> None:
     seen: list[Footprint] = []
 
     def back() -> bool:
-        seen.append(rig.footprint())
+        seen.append(Footprint.of(rig))
         return seen[-1].within(baseline)
 
     wait_until(back, CLOSE_S, f"back to the baseline {baseline} (last {seen[-1:]})", 0.1)
@@ -362,7 +291,7 @@ def test_a_chunked_upload_over_the_cap_is_refused_while_the_client_still_sends(
     fresh: Rig, baseline: Footprint
 ) -> None:
     rig = fresh
-    posts_before = rig.posts()
+    posts_before = posts(rig)
     total = 16 * MAX_BODY
     piece = 8 * 1024
     sent = 0
@@ -405,7 +334,7 @@ def test_a_chunked_upload_over_the_cap_is_refused_while_the_client_still_sends(
         )
         status, _, body = read_answer(sock)
     assert_envelope(status, body, 413, "request_too_large")
-    assert rig.posts() == posts_before
+    assert posts(rig) == posts_before
     assert rig.ledger()["holders"] == 0
     assert_no_leak(rig, baseline)
 
@@ -416,7 +345,7 @@ def test_a_slow_upload_is_408_and_takes_no_slot(fresh: Rig, baseline: Footprint,
     body that keeps trickling in is cut off as surely as one that stopped."""
     rig = fresh
     jobs_before = rig.stats()["jobs_created"]
-    posts_before = rig.posts()
+    posts_before = posts(rig)
     body = json.dumps({"prompt": "a slow upload"}).encode()
     with connect(rig) as sock:
         sock.sendall(
@@ -449,7 +378,7 @@ def test_a_slow_upload_is_408_and_takes_no_slot(fresh: Rig, baseline: Footprint,
     assert_envelope(status, answer, 408, "request_timeout")
     assert BODY_TIMEOUT_S * 0.9 <= elapsed <= BODY_TIMEOUT_S + 2.0, elapsed
     assert rig.stats()["jobs_created"] == jobs_before
-    assert rig.posts() == posts_before
+    assert posts(rig) == posts_before
     assert rig.ledger()["holders"] == 0
     assert_no_leak(rig, baseline)
 
@@ -522,11 +451,11 @@ def test_a_reader_that_stops_reading_is_let_go_within_a_bound(
             let_go = False
             deadline = time.monotonic() + STALL_BOUND_S
             while time.monotonic() < deadline:  # the client reads nothing from here on
-                if rig.footprint().clients == 0 and not held & rig.upstream_ports():
+                if Footprint.of(rig).clients == 0 and not held & upstream_ports(rig):
                     let_go = True
                     break
                 time.sleep(0.1)  # polling the gateway's sockets
-            stalled = (rig.footprint(), upstream_backlog(rig))
+            stalled = (Footprint.of(rig), upstream_backlog(rig))
         assert_no_leak(rig, baseline)  # closing the client frees everything at once
         assert let_go, f"still held {STALL_BOUND_S}s after the reader stopped: {stalled}"
         assert "cut off a download whose client stopped reading" in rig.gateway.log()

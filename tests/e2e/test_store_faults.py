@@ -33,20 +33,15 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-import redis
 
-from gateway.auth import new_key
-from gateway.embedded_store import EmbeddedRedis
 from gateway.ledger import BIND_SCRIPT
 from gateway.registry import RECORD_SCRIPT
-from gateway.store import BEATS, HOLDERS, SLOTS, WAITER_TEAM, video_key
-from support.processes import Process, start_gateway, start_simulator, wait_until
-from support.stack import gateway_config
+from gateway.store import BEATS
+from support.processes import wait_until
+from support.stack import Rig
 
 TEAMS = ("alpha", "beta", "gamma")
 LIMIT = 2
@@ -232,91 +227,43 @@ class StoreProxy:
 # -- the rig ---------------------------------------------------------------------------------
 
 
-@dataclass
-class Rig:
-    workdir: Path
-    store: EmbeddedRedis
-    proxy: StoreProxy
-    simulator: Process
-    gateway: Process
-    token: str
-    keys: dict[str, str]
-    redis: redis.Redis
+class ProxiedRig(Rig):
+    """The shared rig with a `StoreProxy` between its gateway and the store."""
 
-    def client(self, team: str, timeout: float = ANSWER_BOUND_S + 10) -> httpx.Client:
-        return httpx.Client(
-            base_url=self.gateway.url,
-            headers={"authorization": f"Bearer {self.keys[team]}"},
-            timeout=timeout,
-        )
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.proxy = StoreProxy(self.store.port)
+        self.store_url = self.proxy.url
 
-    def sim(self, method: str, path: str, **kwargs: Any) -> Any:
-        reply = httpx.request(method, self.simulator.url + path, timeout=10.0, **kwargs)
-        reply.raise_for_status()
-        return reply.json()
+    def close(self) -> None:
+        super().close()  # the gateway first, while its store is still there
+        self.proxy.close()
 
-    def stats(self) -> dict[str, Any]:
-        return self.sim("GET", "/_sim/stats")
 
-    def upstream_jobs(self) -> list[dict[str, Any]]:
-        return self.sim(
-            "GET",
-            "/v1/videos",
-            params={"limit": 100},
-            headers={"authorization": f"Bearer {self.token}"},
-        )["data"]
-
-    def ledger(self) -> dict[str, int]:
-        """The store's own counts, read beside the proxy."""
-        with self.redis.pipeline(transaction=True) as pipe:
-            pipe.zcard(HOLDERS)
-            pipe.hlen(SLOTS)
-            pipe.hlen(WAITER_TEAM)  # one entry per waiter in the teams' FIFOs
-            pipe.zcard(BEATS)
-            holders, slots, queue, beats = pipe.execute()
-        return {"holders": holders, "slots": slots, "queue": queue, "beats": beats}
-
-    def waiters_expired(self) -> bool:
-        """Every queued waiter's heartbeat is past (by the store's clock)."""
-        seconds, micros = self.redis.time()
-        now_ms = seconds * 1000 + micros // 1000
-        beats = self.redis.zrange(BEATS, 0, -1, withscores=True)
-        return all(deadline <= now_ms for _, deadline in beats)
-
-    def owner(self, video_id: str) -> str | None:
-        return self.redis.hget(video_key(video_id), "team")
-
-    def ready(self) -> bool:
-        try:
-            return httpx.get(self.gateway.url + "/readyz", timeout=5.0).status_code == 200
-        except httpx.HTTPError:
-            return False
+def waiters_expired(rig: ProxiedRig) -> bool:
+    """Every queued waiter's heartbeat is past (by the store's clock)."""
+    seconds, micros = rig.redis.time()
+    now_ms = seconds * 1000 + micros // 1000
+    beats = rig.redis.zrange(BEATS, 0, -1, withscores=True)
+    return all(deadline <= now_ms for _, deadline in beats)
 
 
 @pytest.fixture(scope="module")
-def rig_base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+def rig_base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxiedRig]:
     workdir = tmp_path_factory.mktemp("store-faults")
-    token = "upstream-" + secrets.token_urlsafe(24)
-    keys = {team: new_key() for team in TEAMS}
-    with contextlib.ExitStack() as stack:
-        store = EmbeddedRedis(workdir / "store", persistent=False).start()
-        stack.callback(store.cleanup)
-        proxy = StoreProxy(store.port)
-        stack.callback(proxy.close)
-        simulator = start_simulator(workdir, token, queue_s=0.2, run_s=0.8)
-        stack.callback(simulator.stop)
-        config = gateway_config(simulator.url, proxy.url, token, keys, timeout_s=UPSTREAM_TIMEOUT_S)
-        config["tracker"] = dict(TRACKER)
-        config["quota"] = {"max_in_flight": LIMIT, "wait_s": 1}
-        gateway = start_gateway(workdir, config)
-        stack.callback(gateway.stop)
-        client = redis.Redis.from_url(store.url, decode_responses=True)
-        stack.callback(client.close)
-        yield Rig(workdir, store, proxy, simulator, gateway, token, keys, client)
+    with ProxiedRig.open(
+        workdir, client_timeout=ANSWER_BOUND_S + 10, queue_s=0.2, run_s=0.8
+    ) as rig:
+        rig.start_gateway(
+            upstream={"timeout_s": UPSTREAM_TIMEOUT_S},
+            tracker=TRACKER,
+            quota={"max_in_flight": LIMIT, "wait_s": 1},
+        )
+        yield rig
 
 
 @pytest.fixture
-def rig(rig_base: Rig) -> Iterator[Rig]:
+def rig(rig_base: ProxiedRig) -> Iterator[ProxiedRig]:
     """The proxy healed, the ledger empty and the simulator fresh before each test."""
     rig_base.proxy.heal()
     wait_until(rig_base.ready, RECOVERY_S, "the gateway ready before the test")
@@ -343,7 +290,7 @@ class Answer:
     message: str = ""
 
 
-def create_once(rig: Rig, team: str, prompt: str) -> Answer:
+def create_once(rig: ProxiedRig, team: str, prompt: str) -> Answer:
     started = time.monotonic()
     with rig.client(team) as client:
         reply = client.post("/v1/videos", json={"prompt": prompt})
@@ -360,7 +307,7 @@ def create_once(rig: Rig, team: str, prompt: str) -> Answer:
     return Answer(team, prompt, reply.status_code, code, elapsed, video_id, headers, message)
 
 
-def drive(rig: Rig, seconds: float, tag: str) -> list[Answer]:
+def drive(rig: ProxiedRig, seconds: float, tag: str) -> list[Answer]:
     """THREADS clients creating jobs back to back for `seconds`; every answer, in order."""
     answers: list[Answer] = []
     failures: list[BaseException] = []
@@ -403,13 +350,13 @@ def check_answers(answers: list[Answer]) -> None:
         assert answer.elapsed <= ANSWER_BOUND_S, answer
 
 
-def check_recovered_and_nothing_lost(rig: Rig, answers: list[Answer]) -> None:
+def check_recovered_and_nothing_lost(rig: ProxiedRig, answers: list[Answer]) -> None:
     """After the fault: ready, admitting, every upstream job owned, every slot freed."""
     wait_until(rig.ready, RECOVERY_S, "/readyz 200 once the fault is lifted")
     # A waiter whose leaving the queue failed (the store was unreachable) stays queued
     # until its heartbeat runs out and the next admission drops it; the probe below is
     # that admission once every such heartbeat has run out.
-    wait_until(rig.waiters_expired, HEARTBEAT_S + 2, "stale waiters' heartbeats ran out")
+    wait_until(lambda: waiters_expired(rig), HEARTBEAT_S + 2, "stale waiters' heartbeats ran out")
     recovered: list[Answer] = []
 
     def admitted() -> bool:
@@ -427,7 +374,8 @@ def check_recovered_and_nothing_lost(rig: Rig, answers: list[Answer]) -> None:
 
     wait_until(settled, SETTLE_S, f"every slot freed (ledger {rig.ledger()})", interval=0.2)
     ledger = rig.ledger()
-    assert ledger == {"holders": 0, "slots": 0, "queue": 0, "beats": 0}, ledger
+    counts = {name: ledger[name] for name in ("holders", "slots", "waiter_team", "beats")}
+    assert counts == {"holders": 0, "slots": 0, "waiter_team": 0, "beats": 0}, ledger
     jobs = rig.upstream_jobs()
     assert len(jobs) == rig.stats()["jobs_created"]
     # Every job upstream made is some team's: the one that asked for it.
@@ -459,7 +407,7 @@ def outcome(answers: list[Answer]) -> dict[tuple[int, str | None], int]:
 # -- the faults ------------------------------------------------------------------------------
 
 
-def test_a_slow_store_below_the_socket_timeout_only_slows_admission(rig: Rig) -> None:
+def test_a_slow_store_below_the_socket_timeout_only_slows_admission(rig: ProxiedRig) -> None:
     rig.proxy.set(latency_s=0.15)  # 0.3 s a round trip: every script call feels it
     answers = drive(rig, FAULT_WINDOW_S, "slow store")
     rig.proxy.heal()
@@ -470,7 +418,7 @@ def test_a_slow_store_below_the_socket_timeout_only_slows_admission(rig: Rig) ->
     check_recovered_and_nothing_lost(rig, answers)
 
 
-def test_a_store_slower_than_the_socket_timeout_is_503_within_the_bound(rig: Rig) -> None:
+def test_a_store_slower_than_the_socket_timeout_is_503_within_the_bound(rig: ProxiedRig) -> None:
     rig.proxy.set(latency_s=1.2)  # 2.4 s a round trip: past the 2 s socket timeout
     answers = drive(rig, FAULT_WINDOW_S, "very slow store")
     rig.proxy.heal()
@@ -479,7 +427,7 @@ def test_a_store_slower_than_the_socket_timeout_is_503_within_the_bound(rig: Rig
     check_recovered_and_nothing_lost(rig, answers)
 
 
-def test_connections_cut_mid_command_and_mid_answer(rig: Rig) -> None:
+def test_connections_cut_mid_command_and_mid_answer(rig: ProxiedRig) -> None:
     """Every connection dies after 1 to 3000 bytes one way or the other: inside a script
     call (it never runs) or inside its answer (it ran, and the gateway cannot know).
 
@@ -495,7 +443,7 @@ def test_connections_cut_mid_command_and_mid_answer(rig: Rig) -> None:
     check_recovered_and_nothing_lost(rig, answers)
 
 
-def test_a_black_holed_store_is_503_within_the_bound_and_recovers(rig: Rig) -> None:
+def test_a_black_holed_store_is_503_within_the_bound_and_recovers(rig: ProxiedRig) -> None:
     """A partition: connections are accepted, nothing is forwarded or answered, and what
     was sent is delivered when it heals (as TCP would), long after the gateway gave up
     on it: an admission may then land for a request already answered 503, a slot that
@@ -510,7 +458,7 @@ def test_a_black_holed_store_is_503_within_the_bound_and_recovers(rig: Rig) -> N
     check_recovered_and_nothing_lost(rig, answers)
 
 
-def test_a_black_hole_while_creates_wait_on_upstream_loses_no_job(rig: Rig) -> None:
+def test_a_black_hole_while_creates_wait_on_upstream_loses_no_job(rig: ProxiedRig) -> None:
     """The store goes dark after admission, while upstream is answering the creates: the
     jobs exist, the gateway cannot bind them (503, do not retry), and once the store is
     back the tracker finds each job and gives it to its team. The partition ends with
@@ -543,7 +491,7 @@ def script_digest(script: str) -> bytes:
     return hashlib.sha1(script.encode()).hexdigest().encode()
 
 
-def warm_up(rig: Rig) -> None:
+def warm_up(rig: ProxiedRig) -> None:
     """One job through, so every script is loaded and later called by its digest."""
     warm = create_once(rig, "alpha", f"warm-up {secrets.token_hex(4)}")
     assert warm.status == 200, warm
@@ -551,7 +499,7 @@ def warm_up(rig: Rig) -> None:
     rig.sim("POST", "/_sim/reset")
 
 
-def test_a_connection_lost_between_binding_and_recording_loses_no_job(rig: Rig) -> None:
+def test_a_connection_lost_between_binding_and_recording_loses_no_job(rig: ProxiedRig) -> None:
     """The bind runs; the connection dies in the middle of the record that follows it."""
     warm_up(rig)
     rig.proxy.set(cut_on=script_digest(RECORD_SCRIPT))
@@ -563,7 +511,7 @@ def test_a_connection_lost_between_binding_and_recording_loses_no_job(rig: Rig) 
     check_recovered_and_nothing_lost(rig, [answer])
 
 
-def test_a_lost_answer_to_the_bind_loses_no_job(rig: Rig) -> None:
+def test_a_lost_answer_to_the_bind_loses_no_job(rig: ProxiedRig) -> None:
     """The bind runs in the store, and the connection dies before its answer is back:
     the gateway cannot tell it from a bind that never ran."""
     warm_up(rig)

@@ -17,24 +17,18 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import secrets
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import redis
 
-from gateway.auth import new_key
-from gateway.embedded_store import EmbeddedRedis
 from gateway.store import JOBS
 from support.api import create, ok
-from support.processes import Process, start_gateway, start_simulator, wait_until
-from support.stack import gateway_config
+from support.processes import wait_until
+from support.stack import Rig
 
 TEAMS = ("alpha", "beta")
 LIMIT = 2
@@ -48,56 +42,19 @@ MARGIN_S = 0.5  # scheduling slack for the loaded machine the flood makes
 JOB_TIMEOUT_S = 20.0
 
 
-@dataclass
-class Rig:
-    store: EmbeddedRedis
-    simulator: Process
-    gateway: Process
-    token: str
-    keys: dict[str, str]
-    redis: redis.Redis
-
-    def client(self, team: str) -> httpx.Client:
-        return httpx.Client(
-            base_url=self.gateway.url,
-            headers={"authorization": f"Bearer {self.keys[team]}"},
-            timeout=30.0,
-        )
-
-    def upstream_status(self, video_id: str) -> str:
-        reply = httpx.get(
-            f"{self.simulator.url}/v1/videos/{video_id}",
-            headers={"authorization": f"Bearer {self.token}"},
-            timeout=10.0,
-        )
-        return str(ok(reply)["status"])
-
-    def holds(self, video_id: str) -> bool:
-        return self.redis.hget(JOBS, video_id) is not None
-
-
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
-    workdir: Path = tmp_path_factory.mktemp("store-load")
-    token = "upstream-" + secrets.token_urlsafe(24)
-    keys = {team: new_key() for team in TEAMS}
-    store = EmbeddedRedis(workdir / "store", persistent=False).start()
-    simulator = gateway = None
-    try:
-        simulator = start_simulator(workdir, token, queue_s=0.2, run_s=1.0)
-        config = gateway_config(simulator.url, store.url, token, keys)
-        config["tracker"] = {"poll_interval_s": POLL_S, "lease_s": 5}
-        config["quota"] = {"max_in_flight": LIMIT, "wait_s": WAIT_S}
-        gateway = start_gateway(workdir, config)
-        client = redis.Redis.from_url(store.url, decode_responses=True)
-        yield Rig(store, simulator, gateway, token, keys, client)
-        client.close()
-    finally:
-        if gateway is not None:
-            gateway.stop()
-        if simulator is not None:
-            simulator.stop()
-        store.cleanup()
+    workdir = tmp_path_factory.mktemp("store-load")
+    with Rig.open(workdir, teams=TEAMS, queue_s=0.2, run_s=1.0) as rig:
+        rig.start_gateway(
+            tracker={"poll_interval_s": POLL_S, "lease_s": 5},
+            quota={"max_in_flight": LIMIT, "wait_s": WAIT_S},
+        )
+        yield rig
+
+
+def holds(rig: Rig, video_id: str) -> bool:
+    return rig.redis.hget(JOBS, video_id) is not None
 
 
 class ReadyzFlood:
@@ -192,7 +149,7 @@ def completed_upstream(rig: Rig, video_id: str) -> float:
     """When the job was first seen completed, asking upstream directly: no retrieve
     through the gateway, which would free the slot itself."""
     wait_until(
-        lambda: rig.upstream_status(video_id) == "completed",
+        lambda: rig.upstream_video(video_id)["status"] == "completed",
         JOB_TIMEOUT_S,
         f"{video_id} completed upstream",
         interval=0.02,
@@ -208,7 +165,7 @@ def test_a_readyz_flood_starves_neither_admission_nor_the_tracker(
         for video in videos:
             ended_at = completed_upstream(rig, video["id"])
             wait_until(
-                lambda video_id=video["id"]: not rig.holds(video_id),
+                lambda video_id=video["id"]: not holds(rig, video_id),
                 2 * POLL_S + MARGIN_S - (time.monotonic() - ended_at),
                 f"the tracker freed {video['id']}'s slot within 2 x poll_interval_s",
                 interval=0.02,

@@ -17,25 +17,19 @@ adopt these slots). Every wait polls with a deadline.
 
 from __future__ import annotations
 
-import contextlib
 import secrets
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-import redis
 
-from gateway.auth import new_key
-from gateway.embedded_store import EmbeddedRedis
-from gateway.store import HOLDERS, SLOTS, WAITER_TEAM, video_key
-from support.processes import Process, start_gateway, start_simulator, wait_until
-from support.stack import gateway_config
+from gateway.store import SLOTS, WAITER_TEAM
+from support.processes import wait_until
+from support.stack import Rig
 
 TEAMS = ("alpha", "beta", "gamma")
 LIMIT = 2
@@ -54,81 +48,22 @@ QUOTA_CODES = ("concurrency_limit_exceeded", "team_concurrency_limit_exceeded")
 # -- the rig ---------------------------------------------------------------------------------
 
 
-@dataclass
-class Rig:
-    workdir: Path
-    store: EmbeddedRedis
-    simulator: Process
-    gateway: Process
-    token: str
-    keys: dict[str, str]
-    redis: redis.Redis
-
-    def client(self, team: str = "alpha", timeout: float = ANSWER_BOUND_S + 10) -> httpx.Client:
-        return httpx.Client(
-            base_url=self.gateway.url,
-            headers={"authorization": f"Bearer {self.keys[team]}"},
-            timeout=timeout,
-        )
-
-    def sim(self, method: str, path: str, **kwargs: Any) -> Any:
-        reply = httpx.request(method, self.simulator.url + path, timeout=10.0, **kwargs)
-        reply.raise_for_status()
-        return reply.json()
-
-    def faults(self, **knobs: float) -> None:
-        self.sim("POST", "/_sim/faults", json=knobs)
-
-    def stats(self) -> dict[str, Any]:
-        return self.sim("GET", "/_sim/stats")
-
-    def direct(self) -> httpx.Client:
-        """The simulator's own /v1 with the real token: what upstream itself says."""
-        return httpx.Client(
-            base_url=self.simulator.url + "/v1",
-            headers={"authorization": f"Bearer {self.token}"},
-            timeout=10.0,
-        )
-
-    def upstream_jobs(self) -> list[dict[str, Any]]:
-        with self.direct() as direct:
-            return direct.get("/videos", params={"limit": 100}).json()["data"]
-
-    def holders(self) -> int:
-        return int(self.redis.zcard(HOLDERS))
-
-    def owner(self, video_id: str) -> str | None:
-        return self.redis.hget(video_key(video_id), "team")
-
-    def healthy(self) -> bool:
-        try:
-            health = httpx.get(self.gateway.url + "/healthz", timeout=5.0)
-            ready = httpx.get(self.gateway.url + "/readyz", timeout=5.0)
-        except httpx.HTTPError:
-            return False
-        return health.status_code == 200 and ready.status_code == 200
-
-
 @pytest.fixture(scope="module")
 def rig_base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     workdir = tmp_path_factory.mktemp("upstream-faults")
-    token = "upstream-" + secrets.token_urlsafe(24)
-    keys = {team: new_key() for team in TEAMS}
-    with contextlib.ExitStack() as stack:
-        store = EmbeddedRedis(workdir / "store", persistent=False).start()
-        stack.callback(store.cleanup)
-        simulator = start_simulator(
-            workdir, token, queue_s=0.2, run_s=0.8, content_bytes=CONTENT_BYTES
+    with Rig.open(
+        workdir,
+        client_timeout=ANSWER_BOUND_S + 10,
+        queue_s=0.2,
+        run_s=0.8,
+        content_bytes=CONTENT_BYTES,
+    ) as rig:
+        rig.start_gateway(
+            upstream={"timeout_s": TIMEOUT_S},
+            tracker=TRACKER,
+            quota={"max_in_flight": LIMIT, "wait_s": WAIT_S},
         )
-        stack.callback(simulator.stop)
-        config = gateway_config(simulator.url, store.url, token, keys, timeout_s=TIMEOUT_S)
-        config["tracker"] = dict(TRACKER)
-        config["quota"] = {"max_in_flight": LIMIT, "wait_s": WAIT_S}
-        gateway = start_gateway(workdir, config)
-        stack.callback(gateway.stop)
-        client = redis.Redis.from_url(store.url, decode_responses=True)
-        stack.callback(client.close)
-        yield Rig(workdir, store, simulator, gateway, token, keys, client)
+        yield rig
 
 
 @pytest.fixture
@@ -497,10 +432,11 @@ def test_a_client_gone_while_upstream_stalls_frees_its_download_at_once(rig: Rig
     """A gateway that would wait a minute on the stalled upstream: the client's leaving
     must end the download (its budget claim, its upstream connection) now, not then."""
     created = completed_video(rig)
-    config = gateway_config(rig.simulator.url, rig.store.url, rig.token, rig.keys, timeout_s=60.0)
-    config["tracker"] = dict(TRACKER)
-    config["limits"] = {"max_downloads": 1, "max_team_downloads": 1}
-    gateway = start_gateway(rig.workdir, config)
+    gateway = rig.start_gateway(
+        upstream={"timeout_s": 60.0},
+        tracker=TRACKER,
+        limits={"max_downloads": 1, "max_team_downloads": 1},
+    )
     try:
         rig.faults(stall_next=1)
         request = (

@@ -11,21 +11,16 @@ wait polls with a deadline on what the simulator or the gateway has seen.
 
 from __future__ import annotations
 
-import contextlib
 import re
-import secrets
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import httpx
 import pytest
 
-from gateway.auth import new_key
-from gateway.embedded_store import EmbeddedRedis
 from gateway.pools import API_CONNECTIONS
-from support.processes import Process, start_gateway, start_simulator, wait_until
-from support.stack import gateway_config
+from support.processes import wait_until
+from support.stack import Rig
 
 TEAM_CALLS = 100  # limits.max_team_upstream_calls
 OVER = 4  # alpha's calls past its share
@@ -35,58 +30,37 @@ SETTLE_S = 20.0
 STARVED = re.compile(r'^sora_gateway_upstream_pool_starved_total\{pool="api"\} (\S+)$', re.M)
 
 
-@dataclass
-class Rig:
-    simulator: Process
-    gateway: Process
-    keys: dict[str, str]
-
-    def get(self, team: str, path: str) -> httpx.Response:
-        headers = {"authorization": f"Bearer {self.keys[team]}"}
-        return httpx.get(self.gateway.url + path, headers=headers, timeout=LATENCY_MS / 1000 + 30)
-
-    def video(self, team: str) -> str:
-        created = httpx.post(
-            self.gateway.url + "/v1/videos",
-            json={"prompt": f"a video of {team}"},
-            headers={"authorization": f"Bearer {self.keys[team]}"},
-            timeout=20,
-        )
-        assert created.status_code == 200, created.text
-        video_id = created.json()["id"]
-        wait_until(
-            lambda: self.get(team, f"/v1/videos/{video_id}").json()["status"] == "completed",
-            SETTLE_S,
-            "the video completed",
-        )
-        return video_id
-
-    def upstream_saw(self, path: str) -> int:
-        """How many GETs of `path` upstream has received."""
-        log = httpx.get(self.simulator.url + "/_sim/requests", timeout=10).json()
-        return sum(1 for r in log if r["method"] == "GET" and r["path"] == "/v1/" + path)
-
-    def starved_calls(self) -> float:
-        match = STARVED.search(httpx.get(self.gateway.url + "/metrics", timeout=10).text)
-        assert match is not None
-        return float(match.group(1))
-
-
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     workdir = tmp_path_factory.mktemp("upstream-pools")
-    token = "upstream-" + secrets.token_urlsafe(24)
-    keys = {team: new_key() for team in ("alpha", "beta")}
-    with contextlib.ExitStack() as stack:
-        store = EmbeddedRedis(workdir / "store", persistent=False).start()
-        stack.callback(store.cleanup)
-        simulator = start_simulator(workdir, token, queue_s=0.2, run_s=0.5)
-        stack.callback(simulator.stop)
-        config = gateway_config(simulator.url, store.url, token, keys, timeout_s=60.0)
-        config["limits"] = {"max_team_upstream_calls": TEAM_CALLS}
-        gateway = start_gateway(workdir, config)
-        stack.callback(gateway.stop)
-        yield Rig(simulator, gateway, keys)
+    with Rig.open(
+        workdir,
+        teams=("alpha", "beta"),
+        client_timeout=LATENCY_MS / 1000 + 30,
+        queue_s=0.2,
+        run_s=0.5,
+    ) as rig:
+        rig.start_gateway(
+            upstream={"timeout_s": 60.0}, limits={"max_team_upstream_calls": TEAM_CALLS}
+        )
+        yield rig
+
+
+def get(rig: Rig, team: str, path: str) -> httpx.Response:
+    with rig.client(team) as client:
+        return client.get(path)
+
+
+def upstream_saw(rig: Rig, path: str) -> int:
+    """How many GETs of `path` upstream has received."""
+    log = rig.upstream_requests()
+    return sum(1 for r in log if r["method"] == "GET" and r["path"] == "/v1/" + path)
+
+
+def starved_calls(rig: Rig) -> float:
+    match = STARVED.search(httpx.get(rig.gateway.url + "/metrics", timeout=10).text)
+    assert match is not None
+    return float(match.group(1))
 
 
 def code(reply: httpx.Response) -> str | None:
@@ -94,12 +68,12 @@ def code(reply: httpx.Response) -> str | None:
 
 
 def test_one_team_gets_its_share_and_a_full_api_pool_keeps_the_replica_ready(rig: Rig) -> None:
-    alpha_video, beta_video = rig.video("alpha"), rig.video("beta")
+    alpha_video, beta_video = rig.video("alpha", SETTLE_S), rig.video("beta", SETTLE_S)
     alpha_path, beta_path = f"videos/{alpha_video}", f"videos/{beta_video}"
-    seen = {path: rig.upstream_saw(path) for path in (alpha_path, beta_path)}
+    seen = {path: upstream_saw(rig, path) for path in (alpha_path, beta_path)}
 
     def new_calls(path: str) -> int:
-        return rig.upstream_saw(path) - seen[path]
+        return upstream_saw(rig, path) - seen[path]
 
     def refusals() -> list[httpx.Response] | None:
         done = [f.result() for f in alpha if f.done()]
@@ -111,7 +85,8 @@ def test_one_team_gets_its_share_and_a_full_api_pool_keeps_the_replica_ready(rig
     try:
         with ThreadPoolExecutor(TEAM_CALLS + OVER + BETA_CALLS) as pool:
             alpha = [
-                pool.submit(rig.get, "alpha", "/v1/" + alpha_path) for _ in range(TEAM_CALLS + OVER)
+                pool.submit(get, rig, "alpha", "/v1/" + alpha_path)
+                for _ in range(TEAM_CALLS + OVER)
             ]
             # Past its share, alpha is refused at once, while its other calls are held.
             refused = wait_until(refusals, SETTLE_S, "alpha's calls past its share refused")
@@ -119,11 +94,11 @@ def test_one_team_gets_its_share_and_a_full_api_pool_keeps_the_replica_ready(rig
             assert all(r.status_code == 429 and r.headers["retry-after"].isdigit() for r in refused)
             wait_until(lambda: new_calls(alpha_path) == TEAM_CALLS, SETTLE_S, "alpha's share")
             # Beta still gets what is left of the pool; two of its calls must wait for it.
-            beta = [pool.submit(rig.get, "beta", "/v1/" + beta_path) for _ in range(BETA_CALLS)]
+            beta = [pool.submit(get, rig, "beta", "/v1/" + beta_path) for _ in range(BETA_CALLS)]
             wait_until(lambda: new_calls(beta_path) == BETA_CALLS - 2, SETTLE_S, "the pool full")
             # Until a waiting call gets its connection (and is counted), the replica is
             # starved for connections, and ready all the same.
-            while rig.starved_calls() == 0:
+            while starved_calls(rig) == 0:
                 ready = httpx.get(rig.gateway.url + "/readyz", timeout=10)
                 assert ready.status_code == 200, ready.text
                 assert all(not f.done() for f in beta)
@@ -133,6 +108,6 @@ def test_one_team_gets_its_share_and_a_full_api_pool_keeps_the_replica_ready(rig
     codes = [code(r) for r in answers]
     assert codes.count(None) == TEAM_CALLS + BETA_CALLS
     assert codes.count("too_many_requests") == OVER
-    assert rig.starved_calls() == 2
+    assert starved_calls(rig) == 2
     lines = [line for line in rig.gateway.log().splitlines() if "the pool is exhausted" in line]
     assert len(lines) == 1 and '"pool": "api"' in lines[0], lines

@@ -127,11 +127,10 @@ def start_gateway(
     config: dict[str, Any],
     env: dict[str, str] | None = None,
     extra_args: tuple[str, ...] = (),
+    name: str = "gateway",
 ) -> Process:
     """A gateway replica; `extra_args` are more `serve` options (e.g. `--loop asyncio`)."""
     port = free_port()
     config_path = write_config(tmp / f"gateway-{port}.yaml", config)
     args = ["serve", "--config", str(config_path), "--port", str(port), *extra_args]
-    return Process("gateway", args, port, tmp / f"gateway-{port}.log", env=env or {}).start(
-        "/readyz"
-    )
+    return Process(name, args, port, tmp / f"gateway-{port}.log", env=env or {}).start("/readyz")
