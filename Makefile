@@ -29,7 +29,7 @@ test: $(DEV) lint
 	$(BIN)/python -m pytest
 
 bench: $(DEV)
-	$(BIN)/python tests/bench/run_all.py
+	PYTHONPATH=tests $(BIN)/python -m bench.run_all
 
 lint: $(DEV)
 	$(BIN)/ruff check .

@@ -40,11 +40,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+import psutil
+import redis
 
-import psutil  # noqa: E402
-import redis  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 RESULTS_DIR = ROOT / "tests" / "bench" / "results"
 VIDEO_PROMPT = "bench: a cat on a windowsill watching the rain"
@@ -405,7 +404,8 @@ class PythonUpstream:
             [
                 *taskset(self.cpus),
                 sys.executable,
-                __file__,
+                "-m",
+                "bench.common",
                 "--serve-upstream",
                 str(self.port),
                 str(self.content_path),

@@ -1,7 +1,7 @@
 """Benchmark: what the gateway adds to a retrieve and a create, against a fast upstream.
 
-    python tests/bench/overhead.py [--seconds 5] [--rounds 3] [--latency-requests 5000]
-                                   [--no-profile]
+    PYTHONPATH=tests python -m bench.overhead [--seconds 5] [--rounds 3]
+                                              [--latency-requests 5000] [--no-profile]
 
 Starts its own Redis, a fast upstream (Debian's nginx answering from its config: a
 video object for `GET /v1/videos/{id}`, a fresh id from `$request_id` for
@@ -52,9 +52,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from common import (  # noqa: E402
+from bench.common import (
     CHANGING,
     RESULTS_DIR,
     ROOT,

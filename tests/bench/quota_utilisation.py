@@ -1,6 +1,7 @@
 """Benchmark: how much of the upstream's shared quota the gateway keeps busy.
 
-    python tests/bench/quota_utilisation.py [--seconds 60] [--replicas 2] [--clients 6]
+    PYTHONPATH=tests python -m bench.quota_utilisation [--seconds 60] [--replicas 2]
+                                                       [--clients 6]
 
 Starts its own store, simulator (2-second jobs) and gateway replica(s) with a fast
 tracker, then drives a saturating load for `--seconds`: `--clients` loops that create
@@ -48,10 +49,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+import httpx
 
-import httpx  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 TARGET_UTILISATION = 0.97
 LIMIT = 2
@@ -109,9 +109,10 @@ def start_simulator(workdir: Path, token: str, queue_s: float, run_s: float) -> 
     from support.processes import wait_until
 
     port = free_port()
+    serve = ["--serve-simulator", str(port), token, str(queue_s), str(run_s)]
     log = (workdir / "simulator.log").open("ab")
     popen = subprocess.Popen(
-        [sys.executable, __file__, "--serve-simulator", str(port), token, str(queue_s), str(run_s)],
+        [sys.executable, "-m", "bench.quota_utilisation", *serve],
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=subprocess.STDOUT,

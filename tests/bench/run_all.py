@@ -1,8 +1,9 @@
 """Run every benchmark in tests/bench and print one combined table.
 
-    python tests/bench/run_all.py [--only overhead,stream,quota,scale] [--quick]
+    PYTHONPATH=tests python -m bench.run_all [--only overhead,stream,quota,scale] [--quick]
 
-Each bench runs as its own process with its defaults (the quota bench with
+(from the repository's root, as `make bench` does). Each bench runs as its own process
+(`python -m bench.<module>`, in the same environment) with its defaults (the quota bench with
 `--seconds 60`), prints its own detailed table and writes its JSON under
 tests/bench/results/; this script then reads those files and prints every figure in
 one table, each with its reference measured in the same run, its ratio to it, the
@@ -24,21 +25,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench.common import RESULTS_DIR, ROOT, ForeignLoad, machine_note, render_rows, row
 
-from common import RESULTS_DIR, ForeignLoad, machine_note, render_rows, row  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
 BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
-    # name -> (script, arguments, --quick arguments)
+    # name -> (module, arguments, --quick arguments)
     "overhead": (
-        "overhead.py",
+        "bench.overhead",
         [],
         ["--seconds", "2", "--rounds", "1", "--latency-requests", "500", "--profile-seconds", "3"],
     ),
-    "stream": ("stream.py", [], ["--rounds", "1"]),
-    "quota": ("quota_utilisation.py", ["--seconds", "60"], ["--seconds", "10"]),
-    "scale": ("scale.py", [], ["--seconds", "3", "--rounds", "1", "--idle-seconds", "3"]),
+    "stream": ("bench.stream", [], ["--rounds", "1"]),
+    "quota": ("bench.quota_utilisation", ["--seconds", "60"], ["--seconds", "10"]),
+    "scale": ("bench.scale", [], ["--seconds", "3", "--rounds", "1", "--idle-seconds", "3"]),
 }
 RESULT_FILES = {
     "overhead": "overhead.json",
@@ -109,15 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     statuses: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
     for name in chosen:
-        script, normal, quick = BENCHES[name]
+        module, normal, quick = BENCHES[name]
         output = RESULTS_DIR / RESULT_FILES[name]
         output.unlink(missing_ok=True)  # never report a stale figure as this run's
-        cmd = [sys.executable, str(HERE / script), *(quick if args.quick else normal)]
+        cmd = [sys.executable, "-m", module, *(quick if args.quick else normal)]
         print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.monotonic()
         foreign = ForeignLoad()
         try:
-            code = subprocess.run(cmd, timeout=BENCH_TIMEOUT_S, check=False).returncode
+            code = subprocess.run(cmd, cwd=ROOT, timeout=BENCH_TIMEOUT_S, check=False).returncode
         except subprocess.TimeoutExpired:
             code = "timeout"
         statuses[name] = {

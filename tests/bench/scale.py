@@ -1,6 +1,6 @@
 """Benchmark: retrieves with 1, 2 and 4 uvicorn workers and with 2 replicas on one Redis.
 
-    python tests/bench/scale.py [--seconds 10] [--rounds 2] [--idle-seconds 10]
+    PYTHONPATH=tests python -m bench.scale [--seconds 10] [--rounds 2] [--idle-seconds 10]
 
 Starts its own Redis and a fast upstream (Debian's nginx answering a video object for
 `GET /v1/videos/{id}`), then one configuration at a time: `serve --workers 1`, `2`,
@@ -40,10 +40,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import redis
 
-import redis  # noqa: E402
-from common import (  # noqa: E402
+from bench.common import (
     CHANGING,
     RESULTS_DIR,
     ForeignLoad,

@@ -1,6 +1,6 @@
 """Soak: many clients on every route for minutes; nothing leaks, nothing is lost.
 
-    python tests/bench/soak.py [--seconds 180] [--clients 200]
+    PYTHONPATH=tests python -m bench.soak [--seconds 180] [--clients 200]
 
 Starts its own store, simulator (1-second jobs, the account's limit of 2) and two gateway
 replicas (`quota.max_in_flight` 2 to match, `quota.wait_s` 1 s: most creates are answered
@@ -70,13 +70,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
+import psutil
+
+from gateway.simulator import fingerprint
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-import httpx  # noqa: E402
-import psutil  # noqa: E402
-
-from gateway.simulator import fingerprint  # noqa: E402
 
 RESULTS = ROOT / "tests" / "bench" / "results" / "soak.json"
 TEAMS = ("red", "green", "blue")

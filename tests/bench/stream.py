@@ -1,6 +1,6 @@
 """Benchmark: a 1 GiB content download through the gateway, against a fast upstream.
 
-    python tests/bench/stream.py [--rounds 3] [--bytes 1073741824]
+    PYTHONPATH=tests python -m bench.stream [--rounds 3] [--bytes 1073741824]
 
 Starts its own Redis, a fast upstream (Debian's nginx serving a sparse file of
 `--bytes` for `GET /v1/videos/{id}/content`, with sendfile), one gateway (1 uvicorn
@@ -36,10 +36,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import psutil
 
-import psutil  # noqa: E402
-from common import (  # noqa: E402
+from bench.common import (
     BIG_BUFFERS,
     RESULTS_DIR,
     CoreMeter,

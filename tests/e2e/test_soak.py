@@ -13,24 +13,9 @@ message, not asserted.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 
-
-def _load_soak() -> ModuleType:
-    """tests/bench is not collected nor a package: load the benchmark by its path."""
-    path = Path(__file__).resolve().parents[1] / "bench" / "soak.py"
-    spec = importlib.util.spec_from_file_location("soak_bench", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-soak = _load_soak()
+from bench import soak
 
 SHORT = soak.SoakConfig(
     seconds=12,
