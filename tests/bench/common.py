@@ -1146,7 +1146,7 @@ def row(
 def fmt(value: float | None, unit: str = "") -> str:
     if value is None:
         return "-"
-    if isinstance(value, int) or float(value).is_integer() and abs(value) >= 100:
+    if isinstance(value, int) or (float(value).is_integer() and abs(value) >= 100):
         return f"{value:,.0f} {unit}".rstrip()
     if abs(value) >= 1000:
         text = f"{value:,.0f}"

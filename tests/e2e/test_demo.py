@@ -174,10 +174,13 @@ def test_the_demo_snippet_runs_as_printed_and_ctrl_c_stops_the_demo(demo, tmp_pa
     assert run.returncode == 0, f"{run.stdout}\n{run.stderr}"
     printed = run.stdout.splitlines()
     assert printed[-1] == "saved remix.mp4", run.stdout
-    assert printed[0].startswith("created video_") and printed[0].endswith(" completed")
-    assert printed[1].startswith("remixed video_") and " completed from video_" in printed[1]
+    assert printed[0].startswith("created video_")
+    assert printed[0].endswith(" completed")
+    assert printed[1].startswith("remixed video_")
+    assert " completed from video_" in printed[1]
     video = (workdir / "remix.mp4").read_bytes()
-    assert len(video) > 8 and video[4:8] == b"ftyp", video[:16]
+    assert len(video) > 8, video[:16]
+    assert video[4:8] == b"ftyp", video[:16]
 
     children = psutil.Process(demo.popen.pid).children(recursive=True)
     demo.interrupt()

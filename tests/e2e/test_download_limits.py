@@ -112,7 +112,8 @@ def assert_too_many(client: httpx.Client, video_id: str) -> None:
         reply.read()
     assert reply.headers["retry-after"].isdigit()
     body = reply.json()
-    assert list(body) == ["error"] and set(body["error"]) == {"message", "type", "param", "code"}
+    assert list(body) == ["error"]
+    assert set(body["error"]) == {"message", "type", "param", "code"}
     assert body["error"]["code"] == "too_many_downloads", body
 
 

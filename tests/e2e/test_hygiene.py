@@ -186,7 +186,8 @@ class Upstream:
                 request
             )
             assert headers["host"] == f"127.0.0.1:{self.stack.simulator.port}", request
-            assert "\r" not in request["path"] and "\n" not in request["path"], request
+            assert "\r" not in request["path"], request
+            assert "\n" not in request["path"], request
         return sent
 
 
@@ -798,7 +799,8 @@ def test_nul_bytes_are_refused_everywhere(healthy: Stack) -> None:
             [("Host", "gw"), ("Authorization", f"Bearer {key}"), ("Connection", "close")],
         ),
     )
-    assert response.status == 400 and response.json()["error"]["code"] == "invalid_request"
+    assert response.status == 400
+    assert response.json()["error"]["code"] == "invalid_request"
     upstream.assert_nothing_sent()
 
 
@@ -1061,7 +1063,8 @@ def assert_clean_for_client(response: httpx.Response, *, streaming: bool = False
     """Only allow-listed and the gateway's own headers; nothing of upstream's secrets."""
     names = [name.lower() for name in response.headers]
     assert set(names) <= CLIENT_HEADERS, set(names) - CLIENT_HEADERS
-    assert "set-cookie" not in names and not response.cookies
+    assert "set-cookie" not in names
+    assert not response.cookies
     for name, value in response.headers.items():
         assert UPSTREAM_MARKER not in value, (name, value)
         assert "X-Secret-Internal".lower() not in value.lower(), (name, value)

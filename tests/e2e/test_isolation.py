@@ -131,7 +131,8 @@ def test_list_shows_only_the_callers_videos(stack, alphas_video):
             False,
         )
         ascending = beta.get("/v1/videos", params={"order": "asc", "limit": 100})
-        assert alphas_video["id"] not in ascending.text and ascending.status_code == 200
+        assert alphas_video["id"] not in ascending.text
+        assert ascending.status_code == 200
         for after in (alphas_video["id"], UNKNOWN):
             reply = beta.get("/v1/videos", params={"after": after})
             assert_error(reply, 400, "invalid_request", "after")
@@ -141,7 +142,8 @@ def test_list_shows_only_the_callers_videos(stack, alphas_video):
     with stack.client("alpha") as alpha:
         assert [v["id"] for v in ok(alpha.get("/v1/videos"))["data"]] == [alphas_video["id"]]
         page = ok(alpha.get("/v1/videos", params={"after": alphas_video["id"]}))
-        assert page["data"] == [] and page["has_more"] is False
+        assert page["data"] == []
+        assert page["has_more"] is False
     watch.assert_nothing_sent()
 
 
@@ -157,7 +159,8 @@ def test_limit_zero_is_an_empty_page_that_says_whether_videos_exist(stack, alpha
             "has_more": True,
         }
         after = ok(alpha.get("/v1/videos", params={"limit": 0, "after": alphas_video["id"]}))
-        assert after["data"] == [] and after["has_more"] is False
+        assert after["data"] == []
+        assert after["has_more"] is False
         for bad in (
             "101",
             "-1",

@@ -387,7 +387,8 @@ def drive_every_series(rig: Replicas) -> None:
         assert settle(alpha_s, done) == "completed"
         assert settle(alpha_m, flop) == "failed"
         download = alpha_s.get(f"/v1/videos/{done}/content")
-        assert download.status_code == 200 and download.content
+        assert download.status_code == 200
+        assert download.content
         remix = alpha_m.post(f"/v1/videos/{done}/remix", json={"prompt": "the same, at night"})
         assert remix.status_code == 200, remix.text
         assert settle(alpha_s, remix.json()["id"]) == "completed"
@@ -709,12 +710,16 @@ def test_each_alert_fires_in_its_situation(tmp_path: Path) -> None:
 def test_dashboard_is_provisionable_grafana_10_json() -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     assert dashboard["schemaVersion"] >= 38
-    assert dashboard["uid"] and dashboard["title"]
+    assert dashboard["uid"]
+    assert dashboard["title"]
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     source = variables["DS_PROMETHEUS"]
-    assert source["type"] == "datasource" and source["query"] == "prometheus"
+    assert source["type"] == "datasource"
+    assert source["query"] == "prometheus"
     team = variables["team"]
-    assert team["type"] == "query" and team["multi"] and team["includeAll"]
+    assert team["type"] == "query"
+    assert team["multi"]
+    assert team["includeAll"]
     query = "label_values(sora_gateway_requests_total, team)"
     assert team["query"] == team["definition"] == query
     expected_source = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
@@ -725,7 +730,8 @@ def test_dashboard_is_provisionable_grafana_10_json() -> None:
     assert provisioned["type"] == "prometheus"
     assert source["current"]["value"] == provisioned["uid"]
     (provider,) = yaml.safe_load(DASHBOARD_PROVIDERS.read_text())["providers"]
-    assert provider["type"] == "file" and provider["options"]["path"]
+    assert provider["type"] == "file"
+    assert provider["options"]["path"]
 
     rows = [p["title"] for p in dashboard["panels"] if p["type"] == "row"]
     assert rows == ["Overview", "Traffic", "Quota", "Jobs", "Refusals and errors"]
@@ -734,7 +740,9 @@ def test_dashboard_is_provisionable_grafana_10_json() -> None:
         assert panel["id"] not in ids
         ids.add(panel["id"])
         pos = panel["gridPos"]
-        assert pos["x"] >= 0 and pos["x"] + pos["w"] <= 24 and pos["h"] > 0, panel["title"]
+        assert pos["x"] >= 0, panel["title"]
+        assert pos["x"] + pos["w"] <= 24, panel["title"]
+        assert pos["h"] > 0, panel["title"]
         for x in range(pos["x"], pos["x"] + pos["w"]):
             for y in range(pos["y"], pos["y"] + pos["h"]):
                 assert (x, y) not in cells, f"{panel['title']} overlaps another panel"
@@ -744,7 +752,8 @@ def test_dashboard_is_provisionable_grafana_10_json() -> None:
         assert panel["type"] in {"timeseries", "stat", "bargauge", "gauge", "table"}
         assert panel["datasource"] == expected_source, panel["title"]
         refs = [target["refId"] for target in panel["targets"]]
-        assert refs and len(refs) == len(set(refs)), panel["title"]
+        assert refs, panel["title"]
+        assert len(refs) == len(set(refs)), panel["title"]
         for target in panel["targets"]:
             assert target["datasource"] == expected_source, panel["title"]
             names = set(re.findall(r"sora_gateway_\w+", target["expr"]))

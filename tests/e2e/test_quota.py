@@ -122,11 +122,14 @@ def assert_envelope(reply: httpx.Response, status: int, codes: tuple[str, ...]) 
     assert reply.headers.get("content-type", "").startswith("application/json"), reply.headers
     assert reply.headers.get("x-request-id"), reply.headers
     body = reply.json()
-    assert isinstance(body, dict) and list(body) == ["error"], body
+    assert isinstance(body, dict), body
+    assert list(body) == ["error"], body
     error = body["error"]
     assert set(error) == ENVELOPE_FIELDS, error
-    assert isinstance(error["message"], str) and error["message"], error
-    assert isinstance(error["type"], str) and error["type"], error
+    assert isinstance(error["message"], str), error
+    assert error["message"], error
+    assert isinstance(error["type"], str), error
+    assert error["type"], error
     assert error["code"] in codes, error
     return error
 
@@ -136,8 +139,10 @@ def assert_quota_429(reply: httpx.Response, codes: tuple[str, ...] = QUOTA_CODES
     error = assert_envelope(reply, 429, codes)
     retry_after = reply.headers.get("retry-after", "")
     retry_after_ms = reply.headers.get("retry-after-ms", "")
-    assert retry_after.isdigit() and int(retry_after) >= 1, reply.headers
-    assert retry_after_ms.isdigit() and int(retry_after_ms) >= 1, reply.headers
+    assert retry_after.isdigit(), reply.headers
+    assert int(retry_after) >= 1, reply.headers
+    assert retry_after_ms.isdigit(), reply.headers
+    assert int(retry_after_ms) >= 1, reply.headers
     assert int(retry_after) * 1000 >= int(retry_after_ms), reply.headers
     return error["code"]
 
@@ -365,7 +370,8 @@ def test_killed_replicas_slots_are_adopted_and_freed_by_the_survivors(rig: Rig) 
     for reply in created:
         assert reply.status_code == 200, reply.text
     held = rig.held_slots()
-    assert len(held) == LIMIT and all(s["state"] == "bound" for s in held), held
+    assert len(held) == LIMIT, held
+    assert all(s["state"] == "bound" for s in held), held
     doomed_pid = doomed.pid()
     assert all(f":{doomed_pid}:" in s["owner"] for s in held), held
     assert rig.stats()["running"] == LIMIT
@@ -434,7 +440,8 @@ def test_a_create_answered_500_keeps_its_slot_until_the_tracker_finds_its_job(ri
     assert_envelope(lost, 502, ("upstream_error",))
     assert lost.headers.get("x-should-retry") == "false", lost.headers
     job = upstream_job(rig, lost_prompt)
-    assert job is not None and job["status"] in RUNNING, job  # the job does exist upstream
+    assert job is not None, job  # the job does exist upstream
+    assert job["status"] in RUNNING, job
     assert rig.holders() == 1, rig.held_slots()  # and it stays counted
 
     # Two more creates at once: only one slot is free until the lost job ends.
@@ -488,9 +495,11 @@ def test_a_hung_create_times_out_and_keeps_its_slot_until_its_job_ends(rig: Rig)
     assert_envelope(hung, 504, ("upstream_timeout",))
     assert hung.headers.get("x-should-retry") == "false", hung.headers
     job = upstream_job(rig, hung_prompt)
-    assert job is not None and job["status"] in RUNNING, job
+    assert job is not None, job
+    assert job["status"] in RUNNING, job
     held = rig.held_slots()
-    assert len(held) == 1 and held[0]["team"] == "alpha", held
+    assert len(held) == 1, held
+    assert held[0]["team"] == "alpha", held
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = [

@@ -280,7 +280,8 @@ def read_answer(sock: socket.socket) -> tuple[int, dict[str, str], dict[str, Any
 
 def assert_envelope(status: int, body: dict[str, Any], expected: int, code: str) -> None:
     assert status == expected, body
-    assert list(body) == ["error"] and set(body["error"]) == {"message", "type", "param", "code"}
+    assert list(body) == ["error"]
+    assert set(body["error"]) == {"message", "type", "param", "code"}
     assert body["error"]["code"] == code, body
 
 
@@ -364,7 +365,8 @@ def test_a_slow_upload_is_408_and_takes_no_slot(fresh: Rig, baseline: Footprint,
         # The body is on its way: nothing waits for a slot or holds one.
         while time.monotonic() - started < BODY_TIMEOUT_S + 3:
             ledger = rig.ledger()
-            assert ledger["holders"] == 0 and ledger["queue"] == 0, ledger
+            assert ledger["holders"] == 0, ledger
+            assert ledger["queue"] == 0, ledger
             readable, _, _ = select.select([sock], [], [], 0.1)
             if readable:
                 answered = True
@@ -544,7 +546,8 @@ def test_a_client_gone_mid_create_leaves_its_slot_to_the_job_then_nothing(
     assert rig.ledger()["slots"] == 0
     with rig.client("beta") as client:
         video = client.get(f"/v1/videos/{job['id']}")
-    assert video.status_code == 200 and video.json()["status"] == "completed", video.text
+    assert video.status_code == 200, video.text
+    assert video.json()["status"] == "completed", video.text
     assert_no_leak(rig, baseline)
 
 

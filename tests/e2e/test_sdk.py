@@ -56,11 +56,13 @@ def upstream_posts(stack: Any) -> list[dict[str, Any]]:
 
 
 def assert_mp4(data: bytes) -> None:
-    assert len(data) > 8 and data[4:8] == b"ftyp", data[:16]
+    assert len(data) > 8, data[:16]
+    assert data[4:8] == b"ftyp", data[:16]
 
 
 def assert_webp(data: bytes) -> None:
-    assert data[:4] == b"RIFF" and data[8:12] == b"WEBP", data[:16]
+    assert data[:4] == b"RIFF", data[:16]
+    assert data[8:12] == b"WEBP", data[:16]
 
 
 def assert_jpeg(data: bytes) -> None:
@@ -104,7 +106,8 @@ def test_sdk_create_with_an_input_reference_file(stack, sdk):
 def test_json_create_as_older_sdks_send_it(stack):
     with stack.client("alpha") as client:
         video = ok(client.post("/v1/videos", json={"prompt": "a glass of milk", "seconds": "4"}))
-        assert video["id"].startswith("video_") and video["object"] == "video"
+        assert video["id"].startswith("video_")
+        assert video["object"] == "video"
         (post,) = upstream_posts(stack)
         assert post["headers"]["content-type"].startswith("application/json")
         assert settle(client, video["id"])["status"] == "completed"
@@ -114,13 +117,15 @@ def test_sdk_retrieve_and_create_and_poll(stack, sdk):
     video = sdk.videos.create_and_poll(prompt="a heron in reeds")
     assert video.status == "completed"
     assert video.progress == 100
-    assert video.expires_at is not None and video.completed_at is not None
+    assert video.expires_at is not None
+    assert video.completed_at is not None
     raw = sdk.videos.with_raw_response.retrieve(video.id)
     # Upstream's poll hint is passed through, so the SDK's poll follows it.
     assert raw.headers["openai-poll-after-ms"] == str(POLL_AFTER_MS)
     assert raw.headers["x-request-id"]
     again = raw.parse()
-    assert again.id == video.id and again.status == "completed"
+    assert again.id == video.id
+    assert again.status == "completed"
 
 
 def test_sdk_list_auto_paginates_this_teams_videos_newest_first(stack, sdk):

@@ -105,7 +105,8 @@ def run_workload(stack: Any, client: httpx.Client, sdk: OpenAI) -> dict[str, htt
             == 200
         )
     ranged = client.get(f"/v1/videos/{video_id}/content", headers={"range": "bytes=0-15"})
-    assert ranged.status_code == 206 and len(ranged.content) == 16
+    assert ranged.status_code == 206
+    assert len(ranged.content) == 16
     jobs = [
         client.post(f"/v1/videos/{video_id}/remix", json={"prompt": "remix by path"}),
         client.post("/v1/videos/remix", json={"video_id": video_id, "prompt": "remix by body"}),
@@ -131,7 +132,7 @@ def run_workload(stack: Any, client: httpx.Client, sdk: OpenAI) -> dict[str, htt
     # The official SDK, with organisation and project set (it sends them as headers).
     made = sdk.videos.create_and_poll(prompt="through the sdk", poll_interval_ms=20)
     assert made.status == "completed"
-    assert [v.id for v in sdk.videos.list(limit=2)][0] == made.id
+    assert next(v.id for v in sdk.videos.list(limit=2)) == made.id
     assert sdk.videos.download_content(made.id, variant="thumbnail").content[:4] == b"RIFF"
     assert sdk.videos.delete(made.id).deleted is True
 
@@ -234,7 +235,8 @@ def test_workload_keeps_every_secret_in_its_place(stack):
         assert headers.get("connection", "keep-alive") == "keep-alive", where
         flat = repr(request)
         for key in team_keys:  # the simulator shows credentials as fingerprints
-            assert key not in flat and fingerprint(key) not in flat, where
+            assert key not in flat, where
+            assert fingerprint(key) not in flat, where
         for leaked in ("secret", "203.0.113", "evil.example", "cookie"):
             assert leaked not in flat.lower(), (where, leaked)
 

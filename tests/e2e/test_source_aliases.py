@@ -60,19 +60,19 @@ def test_json_aliases_of_the_source_are_refused(stack, videos):
                 path,
                 {"json": {"prompt": p, "video": {"id": own}, "video[id]": other}},
                 "video[id]",
-            ),  # noqa: E501
+            ),
             (
                 f"{route}: video[]",
                 path,
                 {"json": {"prompt": p, "video": {"id": own}, "video[]": other}},
                 "video[]",
-            ),  # noqa: E501
+            ),
             (
                 f"{route}: dotted video.id",
                 path,
                 {"json": {"prompt": p, "video": {"id": own}, "video.id": other}},
                 "video.id",
-            ),  # noqa: E501
+            ),
             (
                 f"{route}: duplicate key",
                 path,
@@ -81,31 +81,31 @@ def test_json_aliases_of_the_source_are_refused(stack, videos):
                     + f', "video": {{"id": "{other}"}}, "video": {{"id": "{own}"}}}}'
                 ),
                 "video",
-            ),  # noqa: E501
+            ),
             (
                 f"{route}: key in another case",
                 path,
                 {"json": {"prompt": p, "video": {"id": own}, "Video": {"id": other}}},
                 "Video",
-            ),  # noqa: E501
+            ),
             (
                 f"{route}: nested key in another case",
                 path,
                 {"json": {"prompt": p, "video": {"id": own, "ID": other}}},
                 "ID",
-            ),  # noqa: E501
+            ),
             (
                 f"{route}: a second source field",
                 path,
                 {"json": {"prompt": p, "video": {"id": own}, "source_video_id": other}},
                 "source_video_id",
-            ),  # noqa: E501
+            ),
             (
                 f"{route}: more inside video",
                 path,
                 {"json": {"prompt": p, "video": {"id": own, "url": other}}},
                 "video.url",
-            ),  # noqa: E501
+            ),
         ]
     assert_refused(stack, cases)
     assert stack.sim_stats()["jobs_created"] == 2
@@ -123,49 +123,49 @@ def test_multipart_aliases_of_the_source_are_refused(stack, videos):
                 path,
                 multipart([p, ("video[id]", own), ("video[id]", other)]),
                 "video[id]",
-            ),  # noqa: E501
+            ),
             (
                 f"{route}: video text beside video[id]",
                 path,
                 multipart([p, ("video[id]", own), ("video", other)]),
                 "video",
-            ),  # noqa: E501
+            ),
             (
                 f"{route}: name in another case",
                 path,
                 multipart([p, ("video[id]", own), ("Video[id]", other)]),
                 "Video[id]",
-            ),  # noqa: E501
+            ),
             (
                 f"{route}: video[]",
                 path,
                 multipart([p, ("video[id]", own), ("video[]", other)]),
                 "video[]",
-            ),  # noqa: E501
+            ),
             (
                 f"{route}: dotted video.id",
                 path,
                 multipart([p, ("video[id]", own), ("video.id", other)]),
                 "video.id",
-            ),  # noqa: E501
+            ),
             (
                 f"{route}: deeper video[id][id]",
                 path,
                 multipart([p, ("video[id]", own), ("video[id][id]", other)]),
                 "video[id][id]",
-            ),  # noqa: E501
+            ),
             (
                 f"{route}: a file beside video[id]",
                 path,
                 multipart([p, ("video[id]", other)], {"video": ("v.mp4", b"\0" * 64, "video/mp4")}),
                 "video",
-            ),  # noqa: E501
+            ),
             (
                 f"{route}: a second source field",
                 path,
                 multipart([p, ("video[id]", own), ("remix_video_id", other)]),
                 "remix_video_id",
-            ),  # noqa: E501
+            ),
         ]
     assert_refused(stack, cases)
     assert stack.sim_stats()["jobs_created"] == 2
@@ -182,25 +182,25 @@ def test_a_source_in_the_body_of_a_route_that_takes_none_there_is_refused(stack,
             "/v1/videos",
             {"json": {"prompt": p, "remix_video_id": other}},
             "remix_video_id",
-        ),  # noqa: E501
+        ),
         (
             "create: video object",
             "/v1/videos",
             {"json": {"prompt": p, "video": {"id": other}}},
             "video.id",
-        ),  # noqa: E501
+        ),
         (
             "create, multipart: video[id]",
             "/v1/videos",
             multipart({"prompt": p, "video[id]": other}),
             "video[id]",
-        ),  # noqa: E501
+        ),
         (
             "create, multipart: Video_Id",
             "/v1/videos",
             multipart({"prompt": p, "Video_Id": other}),
             "Video_Id",
-        ),  # noqa: E501
+        ),
         (
             "remix by path: video_id",
             by_path,
@@ -212,31 +212,31 @@ def test_a_source_in_the_body_of_a_route_that_takes_none_there_is_refused(stack,
             by_path,
             {"json": {"prompt": p, "video": {"id": other}}},
             "video.id",
-        ),  # noqa: E501
+        ),
         (
             "remix by path, multipart: video[id]",
             by_path,
             multipart({"prompt": p, "video[id]": other}),
             "video[id]",
-        ),  # noqa: E501
+        ),
         (
             "remix by body: video[id]",
             "/v1/videos/remix",
             {"json": {"prompt": p, "video_id": own, "video[id]": other}},
             "video[id]",
-        ),  # noqa: E501
+        ),
         (
             "remix by body: remixed_from_video_id",
             "/v1/videos/remix",
             {"json": {"prompt": p, "video_id": own, "remixed_from_video_id": other}},
             "remixed_from_video_id",
-        ),  # noqa: E501
+        ),
         (
             "remix by body: VIDEO_ID twice",
             "/v1/videos/remix",
             {"json": {"prompt": p, "video_id": own, "VIDEO_ID": other}},
             "VIDEO_ID",
-        ),  # noqa: E501
+        ),
     ]
     assert_refused(stack, cases)
     assert stack.sim_stats()["jobs_created"] == 2

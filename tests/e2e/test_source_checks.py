@@ -123,7 +123,8 @@ def test_expired_source_is_video_expired(stack, sim_settings):
     sim_config(stack, queue_s=0.05, run_s=0.1, expire_s=0.5)
     with stack.client("alpha") as client:
         source = settle(client, create(client, "a short-lived take")["id"])
-    assert source["status"] == "completed" and source["expires_at"] is not None
+    assert source["status"] == "completed"
+    assert source["expires_at"] is not None
     wait_until(lambda: time.time() > source["expires_at"] + 0.01, 5, "the source expired")
     assert_all_refused(stack, source["id"], "video_expired")
     assert stack.sim_stats()["jobs_created"] == 1
@@ -266,7 +267,7 @@ def test_source_refreshed_on_every_source_route(stack, quick_jobs, route):
     with stack.client("alpha") as client:
         source = create(client, "polled only upstream")["id"]
         wait_until(lambda: upstream_status(stack, source)["status"] == "completed", 5, "completed")
-        label, path, kwargs = next(r for r in source_requests(source) if r[0] == route)
+        _, path, kwargs = next(r for r in source_requests(source) if r[0] == route)
         job = ok(client.post(path, **kwargs))
         assert settle(client, job["id"])["status"] == "completed"
     assert stack.sim_stats()["jobs_created"] == 2

@@ -391,4 +391,5 @@ def test_a_create_answered_during_the_outage_keeps_its_slot_until_settled(durabl
     wait_until(lambda: node.slots_in_use() == 0, RELEASE_S, "the settled job's slot released")
     assert _completed(node) == completed_before + 1
     stats = node.sim_stats()
-    assert stats["jobs_created"] == 1 and stats["limit_hits"] == 0
+    assert stats["jobs_created"] == 1
+    assert stats["limit_hits"] == 0

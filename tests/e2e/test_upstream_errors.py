@@ -33,8 +33,10 @@ def assert_error(
     assert list(body) == ["error"]
     error = body["error"]
     assert set(error) == {"message", "type", "param", "code"}
-    assert isinstance(error["message"], str) and error["message"]
-    assert isinstance(error["type"], str) and error["type"]
+    assert isinstance(error["message"], str)
+    assert error["message"]
+    assert isinstance(error["type"], str)
+    assert error["type"]
     assert error["code"] == code
     assert error["param"] == param
     return error

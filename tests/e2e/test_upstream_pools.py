@@ -110,4 +110,5 @@ def test_one_team_gets_its_share_and_a_full_api_pool_keeps_the_replica_ready(rig
     assert codes.count("too_many_requests") == OVER
     assert starved_calls(rig) == 2
     lines = [line for line in rig.gateway.log().splitlines() if "the pool is exhausted" in line]
-    assert len(lines) == 1 and '"pool": "api"' in lines[0], lines
+    assert len(lines) == 1, lines
+    assert '"pool": "api"' in lines[0], lines

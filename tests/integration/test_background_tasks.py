@@ -40,7 +40,8 @@ async def test_an_unexpected_check_failure_is_logged_and_the_checks_go_on(
         )
         assert not task.done(), "the readiness task ended"
         [failure] = messages(caplog, "readiness check failed unexpectedly")
-        assert failure.exc_info is not None and failure.exc_info[0] is LookupError
+        assert failure.exc_info is not None
+        assert failure.exc_info[0] is LookupError
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -58,7 +59,8 @@ async def test_a_background_task_that_dies_is_logged_at_once(
     await asyncio.sleep(0)  # done-callbacks run one loop step after the task ends
     [death] = messages(caplog, "background task tracker died")
     assert death.levelno == logging.ERROR
-    assert death.exc_info is not None and death.exc_info[0] is RuntimeError
+    assert death.exc_info is not None
+    assert death.exc_info[0] is RuntimeError
 
 
 async def test_a_cancelled_background_task_is_a_normal_end(

@@ -143,7 +143,8 @@ async def test_concurrent_updates_after_the_scripts_were_flushed_all_land(client
     assert done[:3] == [True, True, True]
     for video_id in ids:
         record = await registry.get(video_id)
-        assert record is not None and record.status == "completed"
+        assert record is not None
+        assert record.status == "completed"
 
 
 async def test_the_registry_reads_through_the_batcher(client):

@@ -62,7 +62,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.lost: dict[str, str | None] = {}  # slot of a lost answer -> its job, if any
         self.in_flight: dict[str, tuple[str, str]] = {}  # slot -> (replica, team)
 
-    def run(self, coro):  # noqa: ANN001, ANN201 - a tiny bridge to the async ledger
+    def run(self, coro):  # a tiny bridge to the async ledger
         return self.loop.run_until_complete(coro)
 
     def teardown(self) -> None:

@@ -183,7 +183,8 @@ async def test_with_no_free_connection_every_method_raises_store_busy(
             await narrow.aclose()
 
     assert seen == dict.fromkeys(CALLS, (StoreBusy, "NoFreeConnection"))
-    assert is_busy(StoreBusy()) and not is_busy(StoreUnavailable())
+    assert is_busy(StoreBusy())
+    assert not is_busy(StoreUnavailable())
 
 
 async def test_a_script_error_is_a_bug_not_a_store_failure(

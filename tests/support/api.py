@@ -23,11 +23,15 @@ def assert_envelope(reply: httpx.Response) -> dict[str, Any]:
     """The body is exactly the OpenAI error envelope; returns its `error` object."""
     assert reply.headers.get("content-type", "").startswith("application/json"), reply.headers
     body = reply.json()
-    assert isinstance(body, dict) and list(body) == ["error"], body
+    assert isinstance(body, dict), body
+    assert list(body) == ["error"], body
     error = body["error"]
-    assert isinstance(error, dict) and set(error) == ENVELOPE_FIELDS, error
-    assert isinstance(error["message"], str) and error["message"], error
-    assert isinstance(error["type"], str) and error["type"], error
+    assert isinstance(error, dict), error
+    assert set(error) == ENVELOPE_FIELDS, error
+    assert isinstance(error["message"], str), error
+    assert error["message"], error
+    assert isinstance(error["type"], str), error
+    assert error["type"], error
     assert error["param"] is None or isinstance(error["param"], str), error
     assert error["code"] is None or isinstance(error["code"], str), error
     return error

@@ -37,7 +37,10 @@ def wait_until(predicate: Any, timeout: float, message: str, interval: float = 0
 
 
 async def wait_until_async(
-    predicate: Any, timeout: float, message: str, interval: float = 0.02
+    predicate: Any,
+    timeout: float,  # noqa: ASYNC109  a poll's deadline, named in its failure as wait_until's
+    message: str,
+    interval: float = 0.02,
 ) -> Any:
     """`wait_until` for tests whose subject runs on the test's own event loop."""
     deadline = time.monotonic() + timeout

@@ -62,7 +62,8 @@ def test_new_keys_are_long_random_and_prefixed():
     for key in keys:
         assert key.startswith(KEY_PREFIX)
         assert len(key) >= len(KEY_PREFIX) + 43  # 256 bits, url-safe base64
-        assert key.strip() == key and " " not in key
+        assert key.strip() == key
+        assert " " not in key
 
 
 def test_bearer_key_finds_its_team(directory):

@@ -40,7 +40,7 @@ def make_request(
     chunks: Iterable[bytes],
     content_type: str | None = "application/json",
     *,
-    content_length: int | None | str = "auto",
+    content_length: int | str | None = "auto",
     disconnect: bool = False,
 ) -> tuple[Request, FakeReceive]:
     chunks = list(chunks)
@@ -139,7 +139,8 @@ async def test_a_body_that_is_neither_json_nor_multipart_is_400(ctype):
 
 async def test_an_empty_body_has_no_fields():
     body = await read(b"")
-    assert body.fields == {} and body.size == 0
+    assert body.fields == {}
+    assert body.size == 0
     assert await replayed(body) == b""
 
 

@@ -58,7 +58,8 @@ def problems(config: dict[str, Any] | str, environ: dict[str, str] | None = None
         parse(config, environ)
     error = caught.value
     assert error.problems, "a ConfigError must list its problems"
-    assert TOKEN not in str(error) and TOKEN not in error.report()
+    assert TOKEN not in str(error)
+    assert TOKEN not in error.report()
     # The report names the file with every problem.
     assert error.report() == "\n".join(f"test.yaml: {p}" for p in error.problems)
     return error.problems
@@ -403,7 +404,9 @@ def test_new_key_prints_the_key_then_the_entry_with_its_digest(capsys):
     out = capsys.readouterr().out
     first, *rest = out.splitlines()
     key = first.strip()
-    assert key and " " not in key and len(key) >= 32
+    assert key
+    assert " " not in key
+    assert len(key) >= 32
     entry = "\n".join(rest)
     assert "key_sha256" in rest[0] or "key_sha256" in rest[1]
     digest = hashlib.sha256(key.encode()).hexdigest()
@@ -428,7 +431,8 @@ def test_new_key_makes_a_fresh_key_each_time(capsys):
     main(["new-key", "a"])
     lines = capsys.readouterr().out.splitlines()
     keys = lines[0::2]
-    assert len(keys) == 2 and keys[0] != keys[1]
+    assert len(keys) == 2
+    assert keys[0] != keys[1]
 
 
 # -- secrets from files, Sentinel, logging, metrics -------------------------------------------
@@ -462,7 +466,8 @@ def test_sentinel_settings_are_parsed():
         store={"sentinel": {"master_name": "main", "hosts": ["s1:26379", "10.0.0.2:26380"]}}
     )
     store = parse(config).store
-    assert store.sentinel is not None and not store.embedded
+    assert store.sentinel is not None
+    assert not store.embedded
     assert store.sentinel.master_name == "main"
     assert store.sentinel.hosts == (("s1", 26379), ("10.0.0.2", 26380))
 
@@ -516,7 +521,8 @@ def test_a_lease_shorter_than_two_polls_is_refused():
 def test_a_yaml_error_reports_its_position_and_kind_never_the_text(line, tmp_path, capsys):
     text = f"upstream:\n  base_url: https://api.example.com/v1\n{line}\nteams: []\n"
     found = problems(text)
-    assert len(found) == 1 and re.match(r"not valid YAML at line [34], column \d+: \w", found[0])
+    assert len(found) == 1
+    assert re.match(r"not valid YAML at line [34], column \d+: \w", found[0])
     for fragment in (TOKEN, TOKEN[:6], TOKEN[-6:]):
         assert fragment not in found[0]
     # check-config prints the same, and only that.
@@ -524,7 +530,8 @@ def test_a_yaml_error_reports_its_position_and_kind_never_the_text(line, tmp_pat
     path.write_text(text)
     assert main(["check-config", str(path)]) == 1
     out, err = capsys.readouterr()
-    assert err.strip() == f"{path}: {found[0]}" and out == ""
+    assert err.strip() == f"{path}: {found[0]}"
+    assert out == ""
 
 
 def test_a_yaml_error_in_a_reload_is_logged_without_the_text(tmp_path, caplog):
@@ -536,7 +543,8 @@ def test_a_yaml_error_in_a_reload_is_logged_without_the_text(tmp_path, caplog):
     [record] = [r for r in caplog.records if r.name == "gateway.reload"]
     logged = repr(record.__dict__)
     assert "not valid YAML at line" in logged
-    assert TOKEN not in logged and TOKEN[:6] not in logged
+    assert TOKEN not in logged
+    assert TOKEN[:6] not in logged
 
 
 def test_deeply_nested_yaml_is_a_config_error():
@@ -557,7 +565,8 @@ def test_credentials_in_base_url_are_never_printed(tmp_path, capsys):
     assert main(["check-config", str(write(tmp_path, config))]) == 0
     out, err = capsys.readouterr()
     assert "upstream https://***@api.example.com/v1" in out
-    assert TOKEN not in out + err and "ops" not in out + err
+    assert TOKEN not in out + err
+    assert "ops" not in out + err
     # Nor in the error for a URL that is not http(s).
     bad = problems(minimal(upstream={"base_url": f"ftp://ops:{TOKEN}@x/v1", "token": "t"}))
     assert bad == ["upstream.base_url: expected an http(s) URL, got 'ftp://***@x/v1'"]
@@ -667,7 +676,8 @@ def test_every_default_in_the_readme_table_is_the_schema_s():
         elif words == "none":  # optional: no value, or a field of the optional Sentinel section
             assert info.default is None or path.startswith("store.sentinel."), path
         else:
-            assert not info.is_required() and yaml.safe_load(words) == info.default, path
+            assert not info.is_required(), path
+            assert yaml.safe_load(words) == info.default, path
 
 
 def test_the_example_config_lists_each_default_as_the_schema_has_it():
@@ -681,7 +691,8 @@ def test_the_example_config_lists_each_default_as_the_schema_has_it():
     for path, default in defaults.items():
         section, key = path.split(".")
         value = example[section][key]
-        assert value == default and type(value) in (type(default), int), path
+        assert value == default, path
+        assert type(value) in (type(default), int), path
 
 
 def test_settings_built_in_code_take_positions_and_stay_frozen_tuples():
@@ -689,13 +700,15 @@ def test_settings_built_in_code_take_positions_and_stay_frozen_tuples():
     assert (team.name, team.key_sha256, team.max_in_flight) == ("research", (D2,), 2)
     upstream = UpstreamSettings("https://api.example.com/v1/", TOKEN, timeout_s=5)
     assert upstream.base_url == "https://api.example.com/v1"
-    assert upstream.timeout_s == 5.0 and isinstance(upstream.timeout_s, float)
+    assert upstream.timeout_s == 5.0
+    assert isinstance(upstream.timeout_s, float)
     sentinel = SentinelSettings("main", (("s1", 26379),))
     assert sentinel.hosts == (("s1", 26379),)
     assert not StoreSettings(sentinel=sentinel).embedded
     assert StoreSettings(sentinel=None).embedded  # None from code is no Sentinel
     settings = Settings(upstream, (team,))
-    assert settings.quota == QuotaSettings() and settings.limits == LimitsSettings()
+    assert settings.quota == QuotaSettings()
+    assert settings.limits == LimitsSettings()
     assert dataclasses.replace(settings, teams=(team,)) == settings
     with pytest.raises(dataclasses.FrozenInstanceError):
         settings.upstream.token = "other"  # type: ignore[misc]
@@ -743,7 +756,8 @@ def test_no_value_is_coerced_and_each_refusal_is_worded(where, value, expected):
 def test_an_empty_section_means_its_defaults_but_an_empty_sentinel_is_no_sentinel():
     text = yaml.safe_dump(minimal()) + "quota:\nmetrics:\n  # bearer_token: x\n"
     settings = parse(text)
-    assert settings.quota == QuotaSettings() and settings.metrics.bearer_token is None
+    assert settings.quota == QuotaSettings()
+    assert settings.metrics.bearer_token is None
     assert sorted(problems(minimal(store={"sentinel": None}))) == [
         "store.sentinel.hosts: expected a list of host:port",
         "store.sentinel.master_name: required",

@@ -141,7 +141,8 @@ def test_compose_services_ports_and_volumes_agree_with_the_config_files() -> Non
 
     # The gateway config the replicas mount loads, and points at the stack's services.
     mounted = services["gateway-1"]["volumes"][0].split(":")
-    assert mounted[1] == "/etc/sora-gateway/gateway.yaml" and mounted[2] == "ro"
+    assert mounted[1] == "/etc/sora-gateway/gateway.yaml"
+    assert mounted[2] == "ro"
     # Without SORA_UPSTREAM_TOKEN the replicas get the simulator's token under that name.
     replica_env = {"SORA_UPSTREAM_TOKEN": COMPOSE_ENV["SORA_SIMULATOR_TOKEN"]}
     settings = parse_settings(
@@ -185,7 +186,8 @@ def test_the_deployment_is_production_shaped() -> None:
     assert spec["replicas"] == 3
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert container["resources"]["requests"] and container["resources"]["limits"]
+    assert container["resources"]["requests"]
+    assert container["resources"]["limits"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     # Long enough for the gateway's own 30 s graceful shutdown plus the preStop pause.
     assert pod["terminationGracePeriodSeconds"] >= 35
@@ -231,8 +233,10 @@ def test_the_configmap_is_a_config_the_gateway_loads_with_the_mounted_secret(
 def test_the_dockerfile_is_multi_stage_slim_non_root_with_a_healthcheck() -> None:
     lines = [line.strip() for line in (DEPLOY / "Dockerfile").read_text().splitlines()]
     stages = [line for line in lines if line.startswith("FROM ")]
-    assert len(stages) >= 2 and all("python:3.11-slim" in line for line in stages)
+    assert len(stages) >= 2
+    assert all("python:3.11-slim" in line for line in stages)
     user = [line for line in lines if line.startswith("USER ")]
-    assert user and user[-1] not in ("USER root", "USER 0")
+    assert user
+    assert user[-1] not in ("USER root", "USER 0")
     assert any(line.startswith("HEALTHCHECK") for line in lines)
     assert any("/healthz" in line for line in lines)

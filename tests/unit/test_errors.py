@@ -53,7 +53,8 @@ def test_the_envelope_has_exactly_the_four_openai_fields():
 def test_param_and_code_may_be_null_but_are_always_present():
     status, body, _ = rendered(GatewayError(500, None, "boom"))
     assert status == 500
-    assert body["param"] is None and body["code"] is None
+    assert body["param"] is None
+    assert body["code"] is None
     assert body["type"] == "server_error"
 
 
@@ -136,22 +137,26 @@ def test_upstream_4xx_not_in_the_envelope_is_rewrapped():
     status, body, _ = rendered(error_from_reply(reply(422, {"detail": "bad size"}), scrub))
     assert status == 422
     assert body["message"] == "bad size"
-    assert body["code"] is None and body["param"] is None
+    assert body["code"] is None
+    assert body["param"] is None
 
     status, body, _ = rendered(error_from_reply(reply(400, b"<html>Bad Request</html>"), scrub))
     assert status == 400
     assert "Bad Request" in body["message"]
 
     status, body, _ = rendered(error_from_reply(reply(400, b""), scrub))
-    assert status == 400 and "400" in body["message"]
+    assert status == 400
+    assert "400" in body["message"]
 
 
 def test_upstream_4xx_with_odd_field_types_still_gives_a_valid_envelope():
     upstream = {"error": {"message": 12, "code": ["x"], "param": {"a": 1}, "type": None}}
     status, body, _ = rendered(error_from_reply(reply(400, upstream), scrub))
     assert status == 400
-    assert isinstance(body["message"], str) and body["message"]
-    assert body["code"] is None and body["param"] is None
+    assert isinstance(body["message"], str)
+    assert body["message"]
+    assert body["code"] is None
+    assert body["param"] is None
     assert isinstance(body["type"], str)
 
 

@@ -86,7 +86,8 @@ def test_a_remix_fixes_its_source_and_inherits_the_sources_fields():
         {"id": "video_src", "model": "sora-2-pro", "size": "1280x720", "seconds": "8"}
     )
     want = wanted("remix", {"prompt": "same prompt"}, "video_src", source)
-    assert want["source"] == "video_src" and want["size"] == "1280x720"
+    assert want["source"] == "video_src"
+    assert want["size"] == "1280x720"
     remix = job(
         "video_r",
         model="sora-2-pro",
@@ -103,7 +104,8 @@ def test_a_remix_fixes_its_source_and_inherits_the_sources_fields():
 def test_an_extension_does_not_fix_the_stitched_seconds():
     source = json.dumps({"id": "video_src", "model": "sora-2", "size": "720x1280", "seconds": "8"})
     want = wanted("extension", {"prompt": "same prompt", "seconds": "4"}, "video_src", source)
-    assert "seconds" not in want and "source" not in want
+    assert "seconds" not in want
+    assert "source" not in want
     assert could_be(want, job("video_e", seconds="12"))
 
 
@@ -153,7 +155,8 @@ def test_an_edit_or_remix_by_id_fixes_the_fields_its_request_sent():
     assert "seconds" not in extension
     # A remix takes only a prompt: a size it sends may or may not be used upstream.
     remix = wanted("remix", {"prompt": "same prompt", "size": "1280x720"}, "video_src", source)
-    assert "size" not in remix and remix["model"] == "sora-2"
+    assert "size" not in remix
+    assert remix["model"] == "sora-2"
     same = wanted("remix", {"prompt": "same prompt", "size": "720x1280"}, "video_src", source)
     assert same["size"] == "720x1280"
 

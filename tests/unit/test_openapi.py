@@ -42,4 +42,5 @@ def test_v1_operations_need_a_key_and_ids_have_the_contract_syntax() -> None:
             for parameter in operation["parameters"]:
                 if parameter["in"] == "path":
                     assert parameter["schema"]["pattern"] == "^[A-Za-z0-9_-]{1,128}$"
-            assert "400" in operation["responses"] and "200" in operation["responses"]
+            assert "400" in operation["responses"]
+            assert "200" in operation["responses"]

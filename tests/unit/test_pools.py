@@ -47,15 +47,18 @@ async def test_waiters_are_served_in_order_and_the_oldest_wait_is_exact() -> Non
     clock.now += 0.8
     second = asyncio.create_task(call(2))
     await settle()
-    assert pool.oldest_wait_s() == pytest.approx(0.8) and not pool.starved
+    assert pool.oldest_wait_s() == pytest.approx(0.8)
+    assert not pool.starved
     clock.now += STARVED_AFTER_S  # the first waiter is now past the bound, the second not
-    assert pool.starved and pool.oldest_wait_s() == pytest.approx(1.8)
+    assert pool.starved
+    assert pool.oldest_wait_s() == pytest.approx(1.8)
     held[0].release()
     held[0].release()  # counted once
     await asyncio.gather(first, second)
     assert served == [1, 2]
     assert starved._value.get() == 1  # the first waited 1.8 s, the second 1.0 s
-    assert pool.oldest_wait_s() == 0 and pool.in_use == 1
+    assert pool.oldest_wait_s() == 0
+    assert pool.in_use == 1
     held[1].release()
     assert pool.in_use == 0
 
@@ -79,7 +82,8 @@ async def test_a_team_past_its_share_is_refused_at_once_and_others_go_on() -> No
     alpha = [await pool.claim("alpha"), await pool.claim("alpha")]
     with pytest.raises(GatewayError) as refused:
         await pool.claim("alpha")
-    assert refused.value.status == 429 and refused.value.code == "too_many_requests"
+    assert refused.value.status == 429
+    assert refused.value.code == "too_many_requests"
     assert refused.value.headers["retry-after"].isdigit()
     beta = await pool.claim("beta")  # the pool's rest is the others'
     alpha[0].release()
