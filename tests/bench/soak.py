@@ -74,6 +74,7 @@ import httpx
 import psutil
 
 from gateway.simulator import fingerprint
+from support.api import multipart
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -221,31 +222,6 @@ class Stats:
 
 
 Expect = dict[int, set[str] | None]  # status -> allowed error codes (None: any body)
-
-
-def multipart(
-    fields: dict[str, str], files: dict[str, tuple[str, bytes, str]] | None = None
-) -> dict[str, Any]:
-    """`content` and `headers` of a multipart/form-data body (what the SDKs send)."""
-    boundary = "soak-" + secrets.token_hex(12)
-    parts = [
-        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
-        + value.encode()
-        + b"\r\n"
-        for name, value in fields.items()
-    ]
-    for name, (filename, data, content_type) in (files or {}).items():
-        head = (
-            f"--{boundary}\r\n"
-            f'Content-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
-            f"Content-Type: {content_type}\r\n\r\n"
-        )
-        parts.append(head.encode() + data + b"\r\n")
-    parts.append(f"--{boundary}--\r\n".encode())
-    return {
-        "content": b"".join(parts),
-        "headers": {"content-type": f"multipart/form-data; boundary={boundary}"},
-    }
 
 
 def error_code(reply: httpx.Response) -> str | None:
