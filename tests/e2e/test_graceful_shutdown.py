@@ -218,7 +218,7 @@ def _direct_sha256(simulator: Process, token: str, video_id: str) -> tuple[int, 
 # -- the test ------------------------------------------------------------------------------------
 
 
-def test_sigterm_drains_the_download_and_hands_the_running_jobs_to_the_other_replica(
+def test_sigterm_drains_the_download_and_hands_the_running_jobs_to_the_other_replica(  # noqa: PLR0915  one shutdown, told in order: the download, the hand-over, the counts
     replicas: tuple[Process, Process],
     store: EmbeddedRedis,
     simulator: Process,

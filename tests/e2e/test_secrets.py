@@ -176,7 +176,7 @@ def run_workload(stack: Any, client: httpx.Client, sdk: OpenAI) -> dict[str, htt
     return errors
 
 
-def test_workload_keeps_every_secret_in_its_place(stack):
+def test_workload_keeps_every_secret_in_its_place(stack):  # noqa: C901  one workload, then every place a secret could leak, checked in turn
     sim_config(stack, queue_s=0.05, run_s=0.1, poll_after_ms=20)
     recorder = Recorder()
     client = stack.client("alpha", event_hooks={"response": [recorder]})
