@@ -9,7 +9,7 @@ and one that may exist upstream stays counted as `unknown` with a no-retry answe
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -23,12 +23,6 @@ from gateway.store_clients import connect
 from gateway.upstream import Reply
 
 NO_RETRY = ("x-should-retry", "false")
-
-
-@pytest.fixture(scope="module")
-def private_store() -> Iterator[EmbeddedRedis]:
-    with EmbeddedRedis(persistent=False) as server:
-        yield server
 
 
 @pytest.fixture

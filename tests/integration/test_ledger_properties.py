@@ -12,9 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Iterator
 
-import pytest
 import redis
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -236,13 +234,6 @@ class LedgerMachine(RuleBasedStateMachine):
         for slot, record in self._slots().items():
             if record["owner"] == replica:
                 self.sync.zadd(HOLDERS, {slot: 0}, xx=True)
-
-
-@pytest.fixture(scope="module")
-def private_store() -> Iterator[EmbeddedRedis]:
-    """A server of its own: no gateway's tracker may adopt the machine's slots."""
-    with EmbeddedRedis(persistent=False) as server:
-        yield server
 
 
 def test_ledger_keeps_every_running_job_counted(private_store: EmbeddedRedis) -> None:

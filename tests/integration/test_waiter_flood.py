@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -37,12 +37,6 @@ from gateway.upstream import Upstream
 from support.processes import wait_until_async
 
 LIMIT = 1
-
-
-@pytest.fixture(scope="module")
-def private_store() -> Iterator[EmbeddedRedis]:
-    with EmbeddedRedis(persistent=False) as server:
-        yield server
 
 
 @pytest.fixture

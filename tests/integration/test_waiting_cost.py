@@ -10,7 +10,7 @@ same FIFOs.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import redis
@@ -22,13 +22,6 @@ from gateway.store_clients import connect
 
 LIMIT = 2
 CAPS = {"capped": 1}
-
-
-@pytest.fixture(scope="module")
-def private_store() -> Iterator[EmbeddedRedis]:
-    """A server of its own: its command counts are this test's alone."""
-    with EmbeddedRedis(persistent=False) as server:
-        yield server
 
 
 @pytest.fixture
