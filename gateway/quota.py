@@ -119,14 +119,17 @@ class Ticket:
         would otherwise retry the create blindly and pay for a duplicate job.
         """
         fate = fate_of(outcome)
+        rate_limited = isinstance(outcome, Reply) and outcome.status == 429
+        if rate_limited:
+            # Upstream's own limit: our count is wrong somewhere. Worth an alert, counted
+            # even if the release below fails.
+            self._slots.metrics.quota_rejected(self.team.name, "upstream_429")
         if fate is SlotFate.RELEASE:
             await self.release()
         if isinstance(outcome, UpstreamError):
             outcome.no_retry = fate is SlotFate.KEEP
             raise outcome
-        if fate is SlotFate.RELEASE and outcome.status == 429:
-            # Upstream's own limit: our count is wrong somewhere. Worth an alert.
-            self._slots.metrics.quota_rejected(self.team.name, "upstream_429")
+        if rate_limited:
             raise upstream_rate_limited(outcome.headers)
         if fate is not SlotFate.BIND:
             error = error_from_reply(outcome, outcome.scrub)
