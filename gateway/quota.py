@@ -18,6 +18,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 from .answers import video_object
@@ -30,7 +31,7 @@ from .errors import (
     team_concurrency_limit_exceeded,
     upstream_rate_limited,
 )
-from .ledger import SlotLedger
+from .ledger import Admission, SlotLedger
 from .logs import note
 from .metrics import GatewayMetrics
 from .store import StoreBusy, StoreFailure, StoreUnavailable
@@ -207,8 +208,9 @@ class JobSlots:
     ) -> None:
         """Wait in the queue until admitted; any other way out leaves the queue."""
         wake = self._wakeups.join(team.name, slot_id)
+        attempt = partial(self.ledger.try_acquire, slot_id, team.name, kind, want)
         try:
-            await self._wait_for_admission(slot_id, team, kind, want, disconnected, wake)
+            await self._wait_for_admission(team, attempt, disconnected, wake)
         except BaseException:
             try:
                 await _shielded(self.ledger.abandon(slot_id))
@@ -222,15 +224,14 @@ class JobSlots:
 
     async def _wait_for_admission(
         self,
-        slot_id: str,
         team: Team,
-        kind: str,
-        want: Mapping[str, str],
+        attempt: Callable[[int | None], Awaitable[Admission]],
         disconnected: Callable[[], Awaitable[bool]],
         wake: asyncio.Event,
     ) -> None:
-        """Try, and between tries wait for a release (`wake`) or RECHECK_S, until
-        admitted or `wait_s` has passed (then 429)."""
+        """`attempt` (one acquire, given the place the last one returned), and between
+        attempts wait for a release (`wake`) or RECHECK_S, until admitted or `wait_s`
+        has passed (then 429)."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         deadline = started + self.wait_s
@@ -238,7 +239,7 @@ class JobSlots:
         while True:
             wake.clear()  # a release from here on wakes the wait below at once
             try:
-                admission = await self.ledger.try_acquire(slot_id, team.name, kind, want, arrival)
+                admission = await attempt(arrival)
             except StoreUnavailable:
                 self.metrics.quota_rejected(team.name, "store_unavailable")
                 raise

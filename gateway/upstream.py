@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, Unpack
 
 import aiohttp
 from starlette.datastructures import Headers
@@ -323,6 +323,15 @@ class Upstream:
         return error
 
 
+class CallOptions(TypedDict, total=False):
+    """What a JSON call may carry besides its method and path (see `UpstreamCalls.open`)."""
+
+    params: Mapping[str, str] | None
+    content: bytes | AsyncIterable[bytes] | None
+    content_type: str | None
+    content_length: int | None
+
+
 class UpstreamCalls:
     """Calls upstream for one caller: a client request, or the tracker.
 
@@ -390,25 +399,9 @@ class UpstreamCalls:
             team=self._team if pool == "api" else None,
         )
 
-    async def call(
-        self,
-        method: str,
-        path: str,
-        *,
-        params: Mapping[str, str] | None = None,
-        content: bytes | AsyncIterable[bytes] | None = None,
-        content_type: str | None = None,
-        content_length: int | None = None,
-    ) -> Reply:
-        """Send a request and read the whole (small, JSON) answer."""
-        download = await self.open(
-            method,
-            path,
-            params=params,
-            content=content,
-            content_type=content_type,
-            content_length=content_length,
-        )
+    async def call(self, method: str, path: str, **request: Unpack[CallOptions]) -> Reply:
+        """Send a request (options as `open`'s) and read the whole (small, JSON) answer."""
+        download = await self.open(method, path, **request)
         try:
             body = await download.read()
         finally:
