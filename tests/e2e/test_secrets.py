@@ -20,7 +20,13 @@ from openai import OpenAI
 
 from gateway.simulator import fingerprint
 from support.api import assert_envelope, assert_error, multipart, ok, settle
-from support.simulator import sim_config, sim_faults, sim_requests, sim_stats
+from support.simulator import (
+    UPSTREAM_REQUEST_HEADERS,
+    sim_config,
+    sim_faults,
+    sim_requests,
+    sim_stats,
+)
 from support.stack import Rig
 
 MiB = 1 << 20
@@ -30,20 +36,7 @@ BODY_CAP = 4 * MiB  # limits.max_body_bytes in the test stack's config
 pytestmark = pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")
 
 # Every header the gateway may send upstream: its own allow-list plus what httpx adds.
-UPSTREAM_HEADER_ALLOW_LIST = {
-    "host",
-    "accept",
-    "accept-encoding",
-    "connection",
-    "user-agent",
-    "content-type",
-    "content-length",
-    "x-request-id",
-    "authorization",
-    "range",
-    "if-range",
-    "openai-beta",
-}
+UPSTREAM_HEADER_ALLOW_LIST = UPSTREAM_REQUEST_HEADERS | {"connection"}
 
 
 def leaky_headers(stack: Any) -> dict[str, str]:
