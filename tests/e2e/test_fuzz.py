@@ -26,7 +26,7 @@ against exactly what reached upstream for that call (calls are sequential):
 
 The fuzzing gateway is this module's own (`quota.wait_s: 0`, so a full quota answers 429
 at once; a 64 KiB body cap, so 413 is reachable) in front of its own simulator with
-short jobs, sharing only the session's store.
+short jobs, on its own store (a `Rig`: nothing is shared with the session stack).
 """
 
 from __future__ import annotations
@@ -38,23 +38,20 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from copy import deepcopy
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
 
 import httpx
 import pytest
-import redis
 import requests
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.embedded_store import EmbeddedRedis
 from gateway.simulator import fingerprint
 from support.api import ENVELOPE_FIELDS, completed, create, multipart, ok, settle
-from support.processes import Process, start_gateway, start_simulator, wait_until
-from support.stack import gateway_config
+from support.processes import Process, wait_until
+from support.stack import Rig
 
 CALL_TIMEOUT_S = 10.0
 MAX_EXAMPLES = 50  # per operation, in schemathesis's fuzzing phase
@@ -158,36 +155,22 @@ class FuzzTarget:
 
 
 @pytest.fixture(scope="module")
-def fuzz_target(
-    workdir: Path,
-    store_server: EmbeddedRedis,
-    team_keys: dict[str, str],
-    upstream_token: str,
-) -> Iterator[FuzzTarget]:
-    redis.Redis.from_url(store_server.url).flushall()
-    simulator = start_simulator(workdir, upstream_token, queue_s=0.1, run_s=0.3)
-    config = gateway_config(simulator.url, store_server.url, upstream_token, team_keys)
-    config["quota"] = {"max_in_flight": 2, "wait_s": 0}
-    config["limits"] = {"max_body_bytes": BODY_CAP, "body_timeout_s": 5}
-    config["metrics"] = {"bearer_token": METRICS_TOKEN}
-    try:
-        gateway = start_gateway(workdir, config)
-    except BaseException:
-        simulator.stop()
-        raise
-    sim = httpx.Client(base_url=simulator.url, timeout=10.0)
-    client = httpx.Client(base_url=gateway.url, timeout=CALL_TIMEOUT_S)
-    target = FuzzTarget(
-        gateway, simulator, team_keys["alpha"], upstream_token, team_keys, sim, client
-    )
-    try:
-        target.seeds = _seed(target)
-        yield target
-    finally:
-        client.close()
-        sim.close()
-        gateway.stop()
-        simulator.stop()
+def fuzz_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzTarget]:
+    with Rig.open(tmp_path_factory.mktemp("fuzz"), queue_s=0.1, run_s=0.3) as rig:
+        gateway = rig.start_gateway(
+            quota={"max_in_flight": 2, "wait_s": 0},
+            limits={"max_body_bytes": BODY_CAP, "body_timeout_s": 5},
+            metrics={"bearer_token": METRICS_TOKEN},
+        )
+        with (
+            httpx.Client(base_url=rig.simulator.url, timeout=10.0) as sim,
+            httpx.Client(base_url=gateway.url, timeout=CALL_TIMEOUT_S) as client,
+        ):
+            target = FuzzTarget(
+                gateway, rig.simulator, rig.keys["alpha"], rig.token, rig.keys, sim, client
+            )
+            target.seeds = _seed(target)
+            yield target
 
 
 def _code(observed: Observed) -> str | None:

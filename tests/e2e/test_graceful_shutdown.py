@@ -7,7 +7,7 @@ counted (the upstream still runs them), and §7 has another replica take them ov
 within `tracker.lease_s` + `tracker.poll_interval_s` and free each slot when its job
 ends, with no client polling.
 
-The module runs its own store, its own simulator and its own gateways: nothing is
+The module runs its own store, simulator and gateways (a `Rig`): nothing is
 shared with the session stack, whose gateway would otherwise adopt these slots. Every
 wait polls with a deadline; the only sleeps pace the download's reader (they slow the
 client down, they synchronise nothing).
@@ -16,8 +16,6 @@ client down, they synchronise nothing).
 from __future__ import annotations
 
 import hashlib
-import json
-import secrets
 import signal
 import socket
 import subprocess
@@ -25,20 +23,14 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import httpx
 import psutil
 import pytest
-import redis
 
-from gateway.auth import new_key
-from gateway.embedded_store import EmbeddedRedis
 from gateway.serve import GRACEFUL_SHUTDOWN_S
-from gateway.store import HOLDERS, SLOTS
-from support.processes import Process, start_gateway, start_simulator, wait_until
-from support.stack import gateway_config
+from support.processes import Process, wait_until
+from support.stack import Rig
 
 TRACKER = {"poll_interval_s": 0.3, "lease_s": 2}
 LIMIT = 2
@@ -56,58 +48,24 @@ RELEASE_S = 2 * TRACKER["poll_interval_s"] + SLACK_S
 EXIT_AFTER_DRAIN_S = 10.0  # from the last response to the process gone
 
 
-# -- module fixtures: one store, one simulator, two gateways -------------------------------
+# -- module fixtures: one rig (store, simulator), two gateways a test -----------------------
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("graceful")
-
-
-@pytest.fixture(scope="module")
-def keys() -> dict[str, str]:
-    return {"alpha": new_key()}
-
-
-@pytest.fixture(scope="module")
-def token() -> str:
-    return "upstream-" + secrets.token_urlsafe(24)
-
-
-@pytest.fixture(scope="module")
-def store(workdir: Path) -> Iterator[EmbeddedRedis]:
-    server = EmbeddedRedis(workdir / "store", persistent=False).start()
-    try:
-        yield server
-    finally:
-        server.cleanup()
-
-
-@pytest.fixture(scope="module")
-def simulator(workdir: Path, token: str) -> Iterator[Process]:
-    process = start_simulator(workdir, token, queue_s=QUEUE_S, run_s=SHORT_RUN_S)
-    try:
-        yield process
-    finally:
-        process.stop(signal.SIGKILL)
+def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    workdir = tmp_path_factory.mktemp("graceful")
+    with Rig.open(workdir, teams=("alpha",), queue_s=QUEUE_S, run_s=SHORT_RUN_S) as rig:
+        yield rig
 
 
 @pytest.fixture
-def replicas(
-    workdir: Path, store: EmbeddedRedis, simulator: Process, keys: dict[str, str], token: str
-) -> Iterator[tuple[Process, Process]]:
+def replicas(rig: Rig) -> Iterator[tuple[Process, Process]]:
     """Gateways A and B on the module's store; whatever the test left running is killed."""
-    config = gateway_config(simulator.url, store.url, token, keys)
-    config["tracker"] = dict(TRACKER)
-    config["quota"] = {"max_in_flight": LIMIT, "wait_s": 1.0}
-    started: list[Process] = []
     try:
-        started.append(start_gateway(workdir, config))
-        started.append(start_gateway(workdir, config))
-        yield started[0], started[1]
+        a, b = rig.start_gateways(2, tracker=TRACKER, quota={"max_in_flight": LIMIT, "wait_s": 1.0})
+        yield a, b
     finally:
-        for gateway in started:
-            gateway.stop(signal.SIGKILL)
+        rig.stop_gateways(signal.SIGKILL)
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -118,33 +76,8 @@ def _owner_prefix(gateway: Process) -> str:
     return f"{socket.gethostname()}:{gateway.pid()}:"
 
 
-def _held(store: EmbeddedRedis) -> dict[str, dict[str, Any]]:
-    """Slot id -> its record, for every slot the ledger counts."""
-    client = redis.Redis.from_url(store.url, decode_responses=True)
-    try:
-        held = client.zrange(HOLDERS, 0, -1)
-        records = client.hgetall(SLOTS)
-    finally:
-        client.close()
-    return {slot: json.loads(records[slot]) for slot in held if slot in records}
-
-
-def _holders(store: EmbeddedRedis) -> int:
-    client = redis.Redis.from_url(store.url)
-    try:
-        return int(client.zcard(HOLDERS))
-    finally:
-        client.close()
-
-
-def _sim(simulator: Process, method: str, path: str, **kwargs: Any) -> Any:
-    reply = httpx.request(method, simulator.url + path, timeout=10.0, **kwargs)
-    reply.raise_for_status()
-    return reply.json()
-
-
-def _assert_account_never_over(simulator: Process) -> None:
-    stats = _sim(simulator, "GET", "/_sim/stats")
+def _assert_account_never_over(rig: Rig) -> None:
+    stats = rig.stats()
     assert stats["limit_hits"] == 0, stats
     assert stats["max_concurrency"] <= LIMIT, stats
 
@@ -198,14 +131,14 @@ class Download:
             self.done.set()
 
 
-def _direct_sha256(simulator: Process, token: str, video_id: str) -> tuple[int, str]:
+def _direct_sha256(rig: Rig, video_id: str) -> tuple[int, str]:
     """Length and digest of the video as upstream serves it, read with the real token."""
     digest = hashlib.sha256()
     size = 0
     with httpx.stream(
         "GET",
-        f"{simulator.url}/v1/videos/{video_id}/content",
-        headers={"authorization": f"Bearer {token}"},
+        f"{rig.simulator.url}/v1/videos/{video_id}/content",
+        headers={"authorization": f"Bearer {rig.token}"},
         timeout=30.0,
     ) as reply:
         assert reply.status_code == 200, reply.read()
@@ -219,18 +152,14 @@ def _direct_sha256(simulator: Process, token: str, video_id: str) -> tuple[int, 
 
 
 def test_sigterm_drains_the_download_and_hands_the_running_jobs_to_the_other_replica(  # noqa: PLR0915  one shutdown, told in order: the download, the hand-over, the counts
-    replicas: tuple[Process, Process],
-    store: EmbeddedRedis,
-    simulator: Process,
-    keys: dict[str, str],
-    token: str,
+    replicas: tuple[Process, Process], rig: Rig
 ) -> None:
     a, b = replicas
-    auth = {"authorization": f"Bearer {keys['alpha']}"}
-    _sim(simulator, "POST", "/_sim/config", json={"content_bytes": CONTENT_BYTES})
+    auth = {"authorization": f"Bearer {rig.keys['alpha']}"}
+    rig.sim("POST", "/_sim/config", json={"content_bytes": CONTENT_BYTES})
 
     # A finished video, created and polled through A (the retrieve frees its slot).
-    with httpx.Client(base_url=a.url, headers=auth, timeout=20.0) as client:
+    with rig.client("alpha", a, timeout=20.0) as client:
         reply = client.post("/v1/videos", json={"prompt": "a harbour at dawn"})
         assert reply.status_code == 200, reply.text
         finished = reply.json()["id"]
@@ -240,22 +169,22 @@ def test_sigterm_drains_the_download_and_hands_the_running_jobs_to_the_other_rep
             "the first job completed",
             interval=0.1,
         )
-    wait_until(lambda: _holders(store) == 0, RELEASE_S, "the completed job's slot freed")
-    expected_size, expected_sha = _direct_sha256(simulator, token, finished)
+    wait_until(lambda: rig.holders() == 0, RELEASE_S, "the completed job's slot freed")
+    expected_size, expected_sha = _direct_sha256(rig, finished)
     assert expected_size == CONTENT_BYTES
 
     # Two long jobs through A: A owns both slots.
-    _sim(simulator, "POST", "/_sim/config", json={"run_s": LONG_RUN_S})
+    rig.sim("POST", "/_sim/config", json={"run_s": LONG_RUN_S})
     running = []
-    with httpx.Client(base_url=a.url, headers=auth, timeout=20.0) as client:
+    with rig.client("alpha", a, timeout=20.0) as client:
         for n in range(LIMIT):
             reply = client.post("/v1/videos", json={"prompt": f"a long voyage {n}"})
             assert reply.status_code == 200, reply.text
             running.append(reply.json()["id"])
     jobs_end_at = time.monotonic() + QUEUE_S + LONG_RUN_S
-    held = _held(store)
-    assert sorted(r["video"] for r in held.values()) == sorted(running)
-    assert all(r["owner"].startswith(_owner_prefix(a)) for r in held.values()), held
+    held = rig.held_slots()
+    assert sorted(r["video"] for r in held) == sorted(running)
+    assert all(r["owner"].startswith(_owner_prefix(a)) for r in held), held
     a_pid, b_prefix = a.pid(), _owner_prefix(b)
 
     # The download through A is under way when A is told to stop.
@@ -292,9 +221,9 @@ def test_sigterm_drains_the_download_and_hands_the_running_jobs_to_the_other_rep
     assert download.received == CONTENT_BYTES
     assert download.sha256 == expected_sha
     # While it drained, A still looked after its jobs: nobody adopted them early.
-    held = _held(store)
+    held = rig.held_slots()
     assert len(held) == LIMIT, held
-    assert all(not r["owner"].startswith(b_prefix) for r in held.values()), held
+    assert all(not r["owner"].startswith(b_prefix) for r in held), held
 
     # Then A exits on its own, without being killed.
     try:
@@ -308,45 +237,39 @@ def test_sigterm_drains_the_download_and_hands_the_running_jobs_to_the_other_rep
     assert not psutil.pid_exists(a_pid) or psutil.Process(a_pid).status() == "zombie"
 
     # A's jobs stay counted, then B adopts them, while they still run upstream.
-    assert sorted(r["video"] for r in _held(store).values()) == sorted(running)
+    assert sorted(r["video"] for r in rig.held_slots()) == sorted(running)
 
     def adopted() -> bool:
-        now = _held(store)
-        assert sorted(r["video"] for r in now.values()) == sorted(running), now
-        return all(r["owner"].startswith(b_prefix) for r in now.values())
+        now = rig.held_slots()
+        assert sorted(r["video"] for r in now) == sorted(running), now
+        return all(r["owner"].startswith(b_prefix) for r in now)
 
     wait_until(adopted, ADOPT_S, "B adopted A's running jobs", interval=0.05)
     assert time.monotonic() < jobs_end_at, "the jobs ended before the adoption was seen"
-    assert _sim(simulator, "GET", "/_sim/stats")["running"] == LIMIT
+    assert rig.stats()["running"] == LIMIT
 
     # B frees them when they end: nobody polls them but B's tracker.
     wait_until(
-        lambda: _holders(store) == 0,
+        lambda: rig.holders() == 0,
         max(0.0, jobs_end_at - time.monotonic()) + RELEASE_S,
         "B freed the jobs' slots once they ended",
     )
     for video_id in running:
-        status = httpx.get(
-            f"{simulator.url}/v1/videos/{video_id}",
-            headers={"authorization": f"Bearer {token}"},
-            timeout=10.0,
-        ).json()["status"]
+        status = rig.upstream_video(video_id)["status"]
         assert status == "completed", (video_id, status)
-    _assert_account_never_over(simulator)
+    _assert_account_never_over(rig)
     # B admits again.
-    with httpx.Client(base_url=b.url, headers=auth, timeout=20.0) as client:
+    with rig.client("alpha", b, timeout=20.0) as client:
         reply = client.post("/v1/videos", json={"prompt": "after the handover"})
     assert reply.status_code == 200, reply.text
     assert time.monotonic() - exited_at < LONG_RUN_S + ADOPT_S + RELEASE_S
 
 
-def test_sigterm_exits_0_and_stops_the_embedded_store(
-    workdir: Path, simulator: Process, keys: dict[str, str], token: str
-) -> None:
-    config = gateway_config(simulator.url, "redis://unused", token, keys)
-    config["store"] = {"data_dir": str(workdir / "embedded")}  # no URL: serve() starts one
-    config["tracker"] = dict(TRACKER)
-    gateway = start_gateway(workdir, config)
+def test_sigterm_exits_0_and_stops_the_embedded_store(rig: Rig) -> None:
+    gateway = rig.start_gateway(
+        store={"data_dir": str(rig.workdir / "embedded")},  # no URL: serve() starts one
+        tracker=TRACKER,
+    )
     children: list[psutil.Process] = []
     try:
         children = psutil.Process(gateway.pid()).children(recursive=True)

@@ -36,24 +36,9 @@ from gateway.simulator import fingerprint
 from gateway.upstream import FORWARDED_RESPONSE_HEADERS, STREAM_RESPONSE_HEADERS
 from support.api import assert_error, completed, multipart, ok, settle
 from support.processes import Process, start_gateway
-from support.simulator import sim_config
+from support.simulator import UPSTREAM_REQUEST_HEADERS, sim_config
 from support.stack import Stack, gateway_config
 
-# What the gateway may send upstream: its allow-list, its credential, and the framing
-# headers its HTTP client adds.
-UPSTREAM_HEADERS = {
-    "host",
-    "accept",
-    "accept-encoding",
-    "user-agent",
-    "content-type",
-    "content-length",
-    "x-request-id",
-    "authorization",
-    "range",
-    "if-range",
-    "openai-beta",
-}
 # What a client may see: upstream's allow-listed headers, and the gateway's own.
 CLIENT_HEADERS = {
     *FORWARDED_RESPONSE_HEADERS,
@@ -181,7 +166,10 @@ class Upstream:
         sent = self.new()
         for request in sent:
             headers = request["headers"]
-            assert set(headers) <= UPSTREAM_HEADERS, (request, set(headers) - UPSTREAM_HEADERS)
+            assert set(headers) <= UPSTREAM_REQUEST_HEADERS, (
+                request,
+                set(headers) - UPSTREAM_REQUEST_HEADERS,
+            )
             assert headers.get("authorization") == f"Bearer {fingerprint(self.stack.token)}", (
                 request
             )
@@ -1133,7 +1121,7 @@ def test_upstream_cookies_and_hop_by_hop_headers_never_reach_the_client(
     # And the gateway sent this upstream nothing but its allow-list, under its own Host.
     assert hostile.upstream.requests
     for method, path, headers in hostile.upstream.requests:
-        assert set(headers) <= UPSTREAM_HEADERS | {"connection"}, (method, path, headers)
+        assert set(headers) <= UPSTREAM_REQUEST_HEADERS | {"connection"}, (method, path, headers)
         assert headers["host"] == f"127.0.0.1:{hostile.upstream.port}", headers
         assert headers.get("connection", "keep-alive").lower() == "keep-alive", headers
 

@@ -7,7 +7,8 @@ through many routes and answers, stopped) read back from its log file.
   written while a request was handled (a job starting) carry its id too;
 - no line contains a team key (nor a key that was refused) or the upstream token.
 
-The run has its own store and simulator, so its log holds nothing but this workload.
+The run has its own store and simulator (a `Rig`), so its log holds nothing but this
+workload.
 """
 
 from __future__ import annotations
@@ -16,16 +17,14 @@ import json
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from gateway.auth import new_key
-from gateway.embedded_store import EmbeddedRedis, free_port
-from support.processes import Process, start_simulator, wait_until, write_config
-from support.stack import gateway_config
+from support.processes import Process, wait_until
+from support.stack import Rig
 
 VIDEO = "/v1/videos"
 ONE_VIDEO = "/v1/videos/{video_id}"
@@ -94,9 +93,10 @@ class Driver:
         wait_until(ended, 15, f"{video_id} ended")
 
 
-def drive(gateway: Process, simulator: Process, keys: dict[str, str]) -> Driver:
+def drive(rig: Rig) -> Driver:
     """Every route, most answers: successes, refusals, auth failures, upstream failures."""
-    d = Driver(gateway, keys)
+    keys = rig.keys
+    d = Driver(rig.gateway, keys)
     for path in ("/healthz", "/readyz", "/metrics"):
         d.send("GET", path, path, team=None)
 
@@ -197,10 +197,9 @@ def drive(gateway: Process, simulator: Process, keys: dict[str, str]) -> Driver:
     assert reply.headers["x-request-id"] != too_long
 
     # Upstream failing: a 5xx on a retrieve, a 429 on a create.
-    faults = simulator.url + "/_sim/faults"
-    httpx.post(faults, json={"fail_next": 1}).raise_for_status()
+    rig.faults(fail_next=1)
     d.send("GET", f"{VIDEO}/{done}", ONE_VIDEO, expect=502)
-    httpx.post(faults, json={"rate_limit_next": 1}).raise_for_status()
+    rig.faults(rate_limit_next=1)
     d.send("POST", VIDEO, VIDEO, json={"prompt": "x"}, expect=429)
 
     d.send("DELETE", f"{VIDEO}/{remix}", ONE_VIDEO)
@@ -210,38 +209,21 @@ def drive(gateway: Process, simulator: Process, keys: dict[str, str]) -> Driver:
 
 
 @pytest.fixture(scope="module")
-def run(
-    tmp_path_factory: pytest.TempPathFactory, team_keys: dict[str, str], upstream_token: str
-) -> Iterator[Run]:
-    tmp: Path = tmp_path_factory.mktemp("logs")
-    store = EmbeddedRedis(tmp / "store", persistent=False).start()
-    simulator = gateway = None
-    try:
-        simulator = start_simulator(tmp, upstream_token, queue_s=0.1, run_s=0.3)
-        config = gateway_config(simulator.url, store.url, upstream_token, team_keys)
-        config["tracker"] = {"poll_interval_s": 0.3, "lease_s": 2}
-        config["logging"] = {"level": "debug"}  # the most lines there can be
-        port = free_port()
-        path = write_config(tmp / f"gateway-{port}.yaml", config)
-        gateway = Process(
-            "gateway",
-            ["serve", "--config", str(path), "--port", str(port), "--workers", "2"],
-            port,
-            tmp / f"gateway-{port}.log",
-        ).start("/readyz")
-        driver = drive(gateway, simulator, team_keys)
+def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+    with Rig.open(tmp_path_factory.mktemp("logs"), queue_s=0.1, run_s=0.3) as rig:
+        gateway = rig.start_gateway(
+            extra_args=("--workers", "2"),
+            tracker={"poll_interval_s": 0.3, "lease_s": 2},
+            logging={"level": "debug"},  # the most lines there can be
+        )
+        driver = drive(rig)
         gateway.stop()  # the whole run, shutdown lines included
         yield Run(
             lines=gateway.log().splitlines(),
             exchanges=driver.exchanges,
             jobs=driver.jobs,
-            secrets=[upstream_token, *team_keys.values(), *driver.refused],
+            secrets=[rig.token, *rig.keys.values(), *driver.refused],
         )
-    finally:
-        for process in (gateway, simulator):
-            if process is not None:
-                process.stop()
-        store.cleanup()
 
 
 def records(run: Run) -> list[dict[str, Any]]:

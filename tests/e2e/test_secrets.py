@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote, quote_plus
 
@@ -19,12 +18,16 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from gateway.embedded_store import EmbeddedRedis
 from gateway.simulator import fingerprint
 from support.api import assert_envelope, assert_error, multipart, ok, settle
-from support.processes import Process, start_gateway, start_simulator
-from support.simulator import sim_config, sim_faults, sim_requests, sim_stats
-from support.stack import gateway_config
+from support.simulator import (
+    UPSTREAM_REQUEST_HEADERS,
+    sim_config,
+    sim_faults,
+    sim_requests,
+    sim_stats,
+)
+from support.stack import Rig
 
 MiB = 1 << 20
 BODY_CAP = 4 * MiB  # limits.max_body_bytes in the test stack's config
@@ -33,20 +36,7 @@ BODY_CAP = 4 * MiB  # limits.max_body_bytes in the test stack's config
 pytestmark = pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")
 
 # Every header the gateway may send upstream: its own allow-list plus what httpx adds.
-UPSTREAM_HEADER_ALLOW_LIST = {
-    "host",
-    "accept",
-    "accept-encoding",
-    "connection",
-    "user-agent",
-    "content-type",
-    "content-length",
-    "x-request-id",
-    "authorization",
-    "range",
-    "if-range",
-    "openai-beta",
-}
+UPSTREAM_HEADER_ALLOW_LIST = UPSTREAM_REQUEST_HEADERS | {"connection"}
 
 
 def leaky_headers(stack: Any) -> dict[str, str]:
@@ -359,28 +349,18 @@ AWKWARD_TOKEN = 'up/stream+{hex} "quoted" back\\slash&key=value?'
 
 
 @pytest.fixture(scope="module")
-def awkward(
-    workdir: Path, store_server: EmbeddedRedis, team_keys: dict[str, str]
-) -> Iterator[tuple[Process, Process, str]]:
-    """A simulator and a gateway of their own, sharing an awkward upstream token."""
+def awkward(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    """A store, simulator and gateway of their own, sharing an awkward upstream token."""
     token = AWKWARD_TOKEN.format(hex=secrets.token_hex(8))
-    simulator = start_simulator(workdir, token)
-    try:
-        gateway = start_gateway(
-            workdir, gateway_config(simulator.url, store_server.url, token, team_keys)
-        )
-    except BaseException:
-        simulator.stop()
-        raise
-    yield gateway, simulator, token
-    gateway.stop()
-    simulator.stop()
+    with Rig.open(tmp_path_factory.mktemp("awkward-token"), token=token) as rig:
+        rig.start_gateway()
+        yield rig
 
 
 def test_upstream_quoting_the_token_is_scrubbed_from_every_field_in_every_encoding(
-    awkward: tuple[Process, Process, str], team_keys: dict[str, str]
+    awkward: Rig,
 ) -> None:
-    gateway, simulator, token = awkward
+    gateway, token = awkward.gateway, awkward.token
     forms = {
         "plain": token,
         "quote": quote(token, safe=""),
@@ -388,10 +368,8 @@ def test_upstream_quoting_the_token_is_scrubbed_from_every_field_in_every_encodi
         "json": json.dumps(token)[1:-1],
     }
     assert len(set(forms.values())) == 4, "the token must tell the encodings apart"
-    with httpx.Client(base_url=simulator.url) as sim:
-        sim.post("/_sim/faults", json={"quote_credential_next": 1}).raise_for_status()
-    headers = {"authorization": f"Bearer {team_keys['alpha']}"}
-    with httpx.Client(base_url=gateway.url, headers=headers, timeout=30) as client:
+    awkward.faults(quote_credential_next=1)
+    with awkward.client("alpha") as client:
         reply = client.post("/v1/videos", json={"prompt": "a careless upstream"})
         error = assert_envelope(reply)
         assert reply.status_code == 400, reply.text

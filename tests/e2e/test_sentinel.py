@@ -7,8 +7,9 @@ through and hit the account's limit), and must not need a manual step: the gatew
 find the new primary through the Sentinels themselves (`store.sentinel`).
 
 The module runs its own store (a primary, one replica, three Sentinels: the same
-server binary in sentinel mode), its own simulator and its own two gateways; nothing is
-shared with the session stack, whose gateway would otherwise adopt these slots.
+server binary in sentinel mode), and a `Rig` for its own simulator and two gateways;
+nothing is shared with the session stack, whose gateway would otherwise adopt these
+slots. The rig's own store stands idle: the gateways find theirs through the Sentinels.
 
 Sentinel mode needs only this: a config file per Sentinel that the Sentinel can write
 (it rewrites the file with what it learns: the replica, the other Sentinels, the new
@@ -22,7 +23,6 @@ Every wait polls with a deadline; nothing sleeps to synchronise.
 from __future__ import annotations
 
 import json
-import secrets
 import signal
 import subprocess
 import time
@@ -35,12 +35,11 @@ import httpx
 import pytest
 import redis
 
-from gateway.auth import new_key
 from gateway.embedded_store import free_port, server_binary
 from gateway.store import HOLDERS, SLOTS
 from support.api import assert_error
-from support.processes import Process, start_gateway, start_simulator, wait_until
-from support.stack import gateway_config
+from support.processes import Process, wait_until
+from support.stack import Rig
 
 MASTER = "mymaster"
 TRACKER = {"poll_interval_s": 0.3, "lease_s": 2}
@@ -203,63 +202,30 @@ def cluster(workdir: Path) -> Iterator[Cluster]:
 
 
 @pytest.fixture(scope="module")
-def keys() -> dict[str, str]:
-    return {"alpha": new_key(), "beta": new_key()}
+def rig(workdir: Path) -> Iterator[Rig]:
+    with Rig.open(workdir, teams=("alpha", "beta"), queue_s=QUEUE_S, run_s=RUN_S) as rig:
+        yield rig
 
 
 @pytest.fixture(scope="module")
-def token() -> str:
-    return "upstream-" + secrets.token_urlsafe(24)
-
-
-@pytest.fixture(scope="module")
-def simulator(workdir: Path, token: str) -> Iterator[Process]:
-    process = start_simulator(workdir, token, queue_s=QUEUE_S, run_s=RUN_S)
+def gateways(cluster: Cluster, rig: Rig) -> Iterator[list[Process]]:
     try:
-        yield process
+        yield rig.start_gateways(
+            2,
+            store={"sentinel": {"master_name": MASTER, "hosts": cluster.sentinel_hosts}},
+            tracker=TRACKER,
+            quota={"max_in_flight": LIMIT, "wait_s": 1.0},
+        )
     finally:
-        process.stop(signal.SIGKILL)
-
-
-@pytest.fixture(scope="module")
-def gateways(
-    workdir: Path, cluster: Cluster, simulator: Process, keys: dict[str, str], token: str
-) -> Iterator[list[Process]]:
-    config = gateway_config(simulator.url, "redis://unused", token, keys)
-    config["store"] = {"sentinel": {"master_name": MASTER, "hosts": cluster.sentinel_hosts}}
-    config["tracker"] = dict(TRACKER)
-    config["quota"] = {"max_in_flight": LIMIT, "wait_s": 1.0}
-    started: list[Process] = []
-    try:
-        for _ in range(2):
-            started.append(start_gateway(workdir, config))
-        yield started
-    finally:
-        for gateway in started:
-            gateway.stop(signal.SIGKILL)
+        rig.stop_gateways(signal.SIGKILL)
 
 
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def _create(gateway: Process, key: str, prompt: str) -> httpx.Response:
-    return httpx.post(
-        gateway.url + "/v1/videos",
-        json={"prompt": prompt},
-        headers={"authorization": f"Bearer {key}"},
-        timeout=20.0,
-    )
-
-
-def _ready(gateway: Process) -> bool:
-    try:
-        return httpx.get(gateway.url + "/readyz", timeout=5.0).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def _sim_stats(simulator: Process) -> dict[str, Any]:
-    return httpx.get(simulator.url + "/_sim/stats", timeout=10.0).json()
+def _create(rig: Rig, gateway: Process, team: str, prompt: str) -> httpx.Response:
+    with rig.client(team, gateway, timeout=20.0) as client:
+        return client.post("/v1/videos", json={"prompt": prompt})
 
 
 def _held_videos(store: Server) -> set[str]:
@@ -270,8 +236,8 @@ def _held_videos(store: Server) -> set[str]:
     return {json.loads(records[slot])["video"] for slot in held if slot in records}
 
 
-def _assert_account_never_over(simulator: Process) -> dict[str, Any]:
-    stats = _sim_stats(simulator)
+def _assert_account_never_over(rig: Rig) -> dict[str, Any]:
+    stats = rig.stats()
     assert stats["limit_hits"] == 0, stats
     assert stats["max_concurrency"] <= LIMIT, stats
     return stats
@@ -281,16 +247,16 @@ def _assert_account_never_over(simulator: Process) -> dict[str, Any]:
 
 
 def test_a_failover_keeps_the_admitted_jobs_counted_and_needs_no_manual_step(
-    cluster: Cluster, gateways: list[Process], simulator: Process, keys: dict[str, str]
+    cluster: Cluster, gateways: list[Process], rig: Rig
 ) -> None:
     a, b = gateways
     for gateway in gateways:
-        assert _ready(gateway), gateway.log()[-2000:]
+        assert rig.ready(gateway), gateway.log()[-2000:]
 
     # Both slots taken, one job through each replica.
     created = []
     for gateway, team in ((a, "alpha"), (b, "beta")):
-        reply = _create(gateway, keys[team], f"before the failover via {team}")
+        reply = _create(rig, gateway, team, f"before the failover via {team}")
         assert reply.status_code == 200, reply.text
         created.append(reply.json()["id"])
     with cluster.primary.client() as primary:
@@ -312,7 +278,7 @@ def test_a_failover_keeps_the_admitted_jobs_counted_and_needs_no_manual_step(
     cluster.primary.kill(signal.SIGKILL)
 
     # During the failover the gateways fail closed: never a 200 while the count is unknown.
-    during = _create(a, keys["alpha"], "during the failover")
+    during = _create(rig, a, "alpha", "during the failover")
     assert during.status_code in (429, 503), during.text
     assert_error(
         during,
@@ -330,7 +296,7 @@ def test_a_failover_keeps_the_admitted_jobs_counted_and_needs_no_manual_step(
     promoted_s = time.monotonic() - killed_at
     for gateway in gateways:
         wait_until(
-            lambda gateway=gateway: _ready(gateway),
+            lambda gateway=gateway: rig.ready(gateway),
             max(0.1, READY_AFTER_KILL_S - (time.monotonic() - killed_at)),
             f"gateway {gateway.port} /readyz 200 on the new primary "
             f"(promotion took {promoted_s:.1f}s)\n{gateway.log()[-3000:]}",
@@ -345,14 +311,14 @@ def test_a_failover_keeps_the_admitted_jobs_counted_and_needs_no_manual_step(
         assert store.zcard(HOLDERS) == LIMIT
     assert _held_videos(cluster.replica) == set(created)
     # ... while they still run upstream (else this machine is too slow for the test) ...
-    running = _sim_stats(simulator)["running"]
+    running = rig.stats()["running"]
     assert running == LIMIT, f"the jobs ended before the check ({ready_s:.1f}s after the kill)"
     # ... so neither replica admits a third job.
     for gateway, team in ((a, "alpha"), (b, "beta")):
-        reply = _create(gateway, keys[team], f"after the failover via {team}")
+        reply = _create(rig, gateway, team, f"after the failover via {team}")
         assert_error(reply, 429, "concurrency_limit_exceeded")
         assert reply.headers.get("retry-after")
-    stats = _assert_account_never_over(simulator)
+    stats = _assert_account_never_over(rig)
     assert stats["jobs_created"] == LIMIT
 
     # The trackers (no client polling) see the jobs end and free their slots on the new
@@ -364,9 +330,9 @@ def test_a_failover_keeps_the_admitted_jobs_counted_and_needs_no_manual_step(
     ends_in = QUEUE_S + RUN_S - (time.monotonic() - killed_at)
     wait_until(freed, max(0.0, ends_in) + RELEASE_S, "the trackers freed the ended jobs' slots")
     for gateway, team in ((a, "alpha"), (b, "beta")):
-        reply = _create(gateway, keys[team], f"after the jobs ended via {team}")
+        reply = _create(rig, gateway, team, f"after the jobs ended via {team}")
         assert reply.status_code == 200, reply.text
     with cluster.replica.client() as store:
         assert store.zcard(HOLDERS) == LIMIT
-    stats = _assert_account_never_over(simulator)
+    stats = _assert_account_never_over(rig)
     assert stats["jobs_created"] == 2 * LIMIT

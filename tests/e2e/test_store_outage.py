@@ -2,9 +2,9 @@
 `store_unavailable`, fail closed), §3 (a slot is released only on evidence, and jobs are
 tracked by the gateway itself) and §7 (with Redis down every team-scoped route is 503).
 
-Every gateway here runs on its own store, stopped and restarted on the same port by the
-test, in front of this module's own simulator: nothing is shared with the session stack,
-whose gateway would otherwise adopt these slots.
+Every gateway here is a `Rig`'s: on a store of its own, stopped and restarted on the same
+port by the test, in front of a simulator of its own. Nothing is shared with the session
+stack, whose gateway would otherwise adopt these slots.
 
 A store without persistence forgets the ledger when it restarts (nothing can release a
 slot that is no longer recorded), so the tests that follow a job across the outage use
@@ -17,20 +17,17 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.auth import new_key
-from gateway.embedded_store import EmbeddedRedis, free_port
 from support.api import assert_error, multipart
-from support.processes import Process, start_gateway, start_simulator, wait_until
-from support.stack import gateway_config
+from support.metrics import scrape
+from support.processes import wait_until
+from support.stack import Rig
 
+TEAMS = ("alpha", "beta")
 TRACKER = {"poll_interval_s": 0.3, "lease_s": 2}
 RECOVERY_S = 10.0  # the brief's bound for ready-and-admitting after the store is back
 NOT_READY_S = 3.0  # readiness is checked each second, each check bounded to one second
@@ -39,81 +36,12 @@ NOT_READY_S = 3.0  # readiness is checked each second, each check bounded to one
 RELEASE_S = 2 * TRACKER["poll_interval_s"] + 3.0
 
 
-# -- module fixtures: one simulator, and gateways each on a store of its own ----------------
+# -- module fixtures: two rigs, each a gateway on a store of its own -----------------------
 
 
-@pytest.fixture(scope="module")
-def outage_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("store-outage")
-
-
-@pytest.fixture(scope="module")
-def keys() -> dict[str, str]:
-    return {"alpha": new_key(), "beta": new_key()}
-
-
-@pytest.fixture(scope="module")
-def token() -> str:
-    return "upstream-" + secrets.token_urlsafe(24)
-
-
-@pytest.fixture(scope="module")
-def simulator(outage_dir: Path, token: str) -> Iterator[Process]:
-    process = start_simulator(outage_dir, token, queue_s=0.2, run_s=1.0)
-    yield process
-    process.stop()
-
-
-@dataclass
-class Node:
-    """A gateway and the store it alone uses; `store` can be stopped and started."""
-
-    gateway: Process
-    store: EmbeddedRedis
-    simulator: Process
-    keys: dict[str, str]
-    token: str
-
-    def client(self, team: str = "alpha") -> httpx.Client:
-        return httpx.Client(
-            base_url=self.gateway.url,
-            headers={"authorization": f"Bearer {self.keys[team]}"},
-            timeout=15.0,
-        )
-
-    def sim(self) -> httpx.Client:
-        return httpx.Client(base_url=self.simulator.url, timeout=10.0)
-
-    def upstream(self) -> httpx.Client:
-        """The simulator's own /v1 with the real token: what upstream itself says."""
-        return httpx.Client(
-            base_url=self.simulator.url + "/v1",
-            headers={"authorization": f"Bearer {self.token}"},
-            timeout=10.0,
-        )
-
-    def sim_stats(self) -> dict[str, Any]:
-        with self.sim() as sim:
-            return sim.get("/_sim/stats").json()
-
-    def sim_log(self) -> list[dict[str, Any]]:
-        with self.sim() as sim:
-            return sim.get("/_sim/requests").json()
-
-    def metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-        reply = httpx.get(self.gateway.url + "/metrics", timeout=10.0)
-        assert reply.status_code == 200, reply.text
-        samples = {}
-        for family in text_string_to_metric_families(reply.text):
-            for sample in family.samples:
-                samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-        return samples
-
-    def metric(self, name: str, **labels: str) -> float | None:
-        return self.metrics().get(("sora_gateway_" + name, frozenset(labels.items())))
-
-    def slots_in_use(self) -> float | None:
-        return self.metric("slots_in_use")
+class OutageRig(Rig):
+    """A rig whose one gateway alone uses its store, which the test stops and starts on
+    the same port (the address in the gateway's config)."""
 
     def store_down(self) -> None:
         self.store.stop()
@@ -122,67 +50,61 @@ class Node:
         if self.store.process is None:
             self.store.start()
 
+    def metric(self, name: str, **labels: str) -> float | None:
+        """One sample of the gateway's /metrics, by name and exact labels."""
+        samples = scrape(self.gateway).get("sora_gateway_" + name, [])
+        return next((value for found, value in samples if found == labels), None)
 
-def _node(
-    name: str, outage_dir: Path, simulator: Process, keys: dict[str, str], token: str, **store: Any
-) -> Iterator[Node]:
-    # A fixed port: the restarted store must be found where the gateway left it.
-    server = EmbeddedRedis(outage_dir / name, port=free_port(), **store).start()
-    try:
-        config = gateway_config(simulator.url, server.url, token, keys)
-        config["tracker"] = dict(TRACKER)
-        gateway = start_gateway(outage_dir, config)
-    except BaseException:
-        server.cleanup()
-        raise
-    node = Node(gateway, server, simulator, keys, token)
-    try:
-        yield node
-    finally:
-        gateway.stop()
-        server.cleanup()
+    def slots_in_use(self) -> float | None:
+        return self.metric("slots_in_use")
+
+
+def _rig(
+    tmp_path_factory: pytest.TempPathFactory, name: str, *, persistent: bool
+) -> Iterator[OutageRig]:
+    workdir = tmp_path_factory.mktemp(f"store-outage-{name}")
+    with OutageRig.open(
+        workdir, teams=TEAMS, client_timeout=15.0, persistent=persistent, queue_s=0.2, run_s=1.0
+    ) as rig:
+        rig.start_gateway(tracker=TRACKER)
+        yield rig
 
 
 @pytest.fixture(scope="module")
-def volatile_node(outage_dir, simulator, keys, token) -> Iterator[Node]:
+def volatile_rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OutageRig]:
     """A gateway on a throwaway store (no persistence)."""
-    yield from _node("volatile", outage_dir, simulator, keys, token, persistent=False)
+    yield from _rig(tmp_path_factory, "volatile", persistent=False)
 
 
 @pytest.fixture(scope="module")
-def durable_node(outage_dir, simulator, keys, token) -> Iterator[Node]:
+def durable_rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OutageRig]:
     """A gateway on a store with an append-only file, which survives a restart."""
-    yield from _node("durable", outage_dir, simulator, keys, token, persistent=True)
+    yield from _rig(tmp_path_factory, "durable", persistent=True)
 
 
-def _fresh(node: Node) -> Node:
+def _fresh(rig: OutageRig) -> OutageRig:
     """The store up, the gateway ready again, and the simulator back to its start (no
     jobs, no faults, no log). Readiness first: after a store restart, the first command
     on a connection the restart killed fails once, and that must not be a test's create."""
-    node.store_up()
-    wait_until(lambda: _ready(node), RECOVERY_S, "/readyz 200 before the test")
-    with node.sim() as sim:
-        sim.post("/_sim/reset").raise_for_status()
-    return node
+    rig.store_up()
+    wait_until(rig.ready, RECOVERY_S, "/readyz 200 before the test")
+    rig.sim("POST", "/_sim/reset")
+    return rig
 
 
 @pytest.fixture
-def volatile(volatile_node: Node) -> Iterator[Node]:
-    yield _fresh(volatile_node)
-    volatile_node.store_up()
+def volatile(volatile_rig: OutageRig) -> Iterator[OutageRig]:
+    yield _fresh(volatile_rig)
+    volatile_rig.store_up()
 
 
 @pytest.fixture
-def durable(durable_node: Node) -> Iterator[Node]:
-    yield _fresh(durable_node)
-    durable_node.store_up()
+def durable(durable_rig: OutageRig) -> Iterator[OutageRig]:
+    yield _fresh(durable_rig)
+    durable_rig.store_up()
 
 
-def _ready(node: Node) -> bool:
-    return httpx.get(node.gateway.url + "/readyz", timeout=5.0).status_code == 200
-
-
-def _not_ready(node: Node) -> bool:
+def _not_ready(node: OutageRig) -> bool:
     """`/readyz` answers from a check run each second: 503 `store_unavailable` soon."""
     reply = httpx.get(node.gateway.url + "/readyz", timeout=5.0)
     if reply.status_code == 200:
@@ -195,16 +117,13 @@ def _create(client: httpx.Client, prompt: str) -> httpx.Response:
     return client.post("/v1/videos", json={"prompt": prompt})
 
 
-def _completed(node: Node) -> float:
+def _completed(node: OutageRig) -> float:
     """Jobs of team alpha seen to complete, per this gateway's `jobs_total`."""
     return node.metric("jobs_total", team="alpha", kind="create", outcome="completed") or 0.0
 
 
-def _upstream_status(node: Node, video_id: str) -> str:
-    with node.upstream() as upstream:
-        reply = upstream.get(f"/videos/{video_id}")
-    assert reply.status_code == 200, reply.text
-    return reply.json()["status"]
+def _upstream_status(node: OutageRig, video_id: str) -> str:
+    return node.upstream_video(video_id)["status"]
 
 
 # -- the store is down: alive, not ready, and nothing is admitted ---------------------------
@@ -216,8 +135,8 @@ def test_with_the_store_down_the_gateway_is_alive_not_ready_and_fails_closed(vol
         assert _create(client, "before the outage").status_code == 200  # pooled connections
     wait_until(lambda: node.slots_in_use() == 0, 10.0, "the warm-up job's slot freed")
     errors_before = node.metric("store_errors_total") or 0.0
-    before = node.sim_stats()
-    log_before = node.sim_log()
+    before = node.stats()
+    log_before = node.upstream_requests()
 
     node.store_down()
 
@@ -240,10 +159,10 @@ def test_with_the_store_down_the_gateway_is_alive_not_ready_and_fails_closed(vol
             assert_error(client.delete("/v1/videos/video_abc"), 503, "store_unavailable")
 
     # Fail closed: not one request reached upstream, let alone a job-creating one.
-    after = node.sim_stats()
+    after = node.stats()
     assert after["jobs_created"] == before["jobs_created"]
     assert after["requests"] == before["requests"]
-    assert node.sim_log() == log_before
+    assert node.upstream_requests() == log_before
     # The failures are visible to whoever scrapes the gateway.
     assert (node.metric("store_errors_total") or 0.0) > errors_before
 
@@ -252,13 +171,13 @@ def test_with_the_store_down_a_character_is_not_created_upstream(volatile):
     """§7: with Redis down every team-scoped route is 503 (ownership lives in Redis), and
     §2: fail closed. A 503 tells the client nothing happened, so nothing may have."""
     node = volatile
-    before = node.sim_stats()["requests"]
+    before = node.stats()["requests"]
     node.store_down()
     form = multipart({"name": "Mo the cat"}, {"video": ("mo.mp4", b"\0" * 64, "video/mp4")})
     with node.client() as client:
         reply = client.post("/v1/videos/characters", **form)
     assert_error(reply, 503, "store_unavailable")
-    assert node.sim_stats()["requests"] == before
+    assert node.stats()["requests"] == before
 
 
 def test_once_the_store_is_back_the_gateway_recovers_without_a_manual_step(volatile):
@@ -267,11 +186,11 @@ def test_once_the_store_is_back_the_gateway_recovers_without_a_manual_step(volat
     wait_until(lambda: _not_ready(node), NOT_READY_S, "/readyz 503 once the store is down")
     with node.client() as client:
         assert_error(_create(client, "during the outage"), 503, "store_unavailable")
-    assert node.sim_stats()["jobs_created"] == 0
+    assert node.stats()["jobs_created"] == 0
 
     node.store.start()  # same port, same address in the gateway's config
     back = time.monotonic()
-    wait_until(lambda: _ready(node), RECOVERY_S, "/readyz 200 after the store came back")
+    wait_until(node.ready, RECOVERY_S, "/readyz 200 after the store came back")
     created: dict[str, Any] = {}
 
     def admitted() -> bool:
@@ -284,7 +203,7 @@ def test_once_the_store_is_back_the_gateway_recovers_without_a_manual_step(volat
         return True
 
     wait_until(admitted, RECOVERY_S - (time.monotonic() - back), "a create admitted again")
-    assert node.sim_stats()["jobs_created"] == 1
+    assert node.stats()["jobs_created"] == 1
     with node.client() as client:
         listed = client.get("/v1/videos")
     assert listed.status_code == 200, listed.text
@@ -296,7 +215,7 @@ def test_once_the_store_is_back_the_gateway_recovers_without_a_manual_step(volat
         1.2 + RELEASE_S,
         "the new job's slot freed by the tracker",
     )
-    assert node.sim_stats()["limit_hits"] == 0
+    assert node.stats()["limit_hits"] == 0
 
 
 # -- a job across the outage (a store with an append-only file) ----------------------------
@@ -318,7 +237,7 @@ def test_a_job_that_ends_during_the_outage_is_released_once_the_store_is_back(du
     with node.client() as client:
         assert_error(client.get(f"/v1/videos/{video_id}"), 503, "store_unavailable")
         assert_error(_create(client, "not now"), 503, "store_unavailable")
-    assert node.sim_stats()["jobs_created"] == 1
+    assert node.stats()["jobs_created"] == 1
 
     node.store.start()
     # Still counted after the restart until the tracker sees the end, then released once.
@@ -337,9 +256,8 @@ def test_a_create_answered_during_the_outage_keeps_its_slot_until_settled(durabl
     node = durable
     completed_before = _completed(node)
     prompt = f"a lantern festival {secrets.token_hex(4)}"
-    with node.sim() as sim:
-        sim.post("/_sim/config", json={"run_s": 3.0}).raise_for_status()
-        sim.post("/_sim/faults", json={"latency_ms": 1000}).raise_for_status()
+    node.sim("POST", "/_sim/config", json={"run_s": 3.0})
+    node.faults(latency_ms=1000)
     answer: dict[str, httpx.Response] = {}
 
     def send() -> None:
@@ -350,17 +268,15 @@ def test_a_create_answered_during_the_outage_keeps_its_slot_until_settled(durabl
     sender.start()
     try:
         # The job is admitted upstream; its answer is held back by the simulator.
-        wait_until(lambda: node.sim_stats()["jobs_created"] == 1, 10.0, "create reached upstream")
+        wait_until(lambda: node.stats()["jobs_created"] == 1, 10.0, "create reached upstream")
         node.store_down()
     finally:
         sender.join(30)
     reply = answer["reply"]
     assert_error(reply, 503, "store_unavailable")
     assert reply.headers.get("x-should-retry") == "false"  # the job exists: do not pay twice
-    with node.sim() as sim:
-        sim.post("/_sim/faults", json={"latency_ms": 0}).raise_for_status()
-    with node.upstream() as upstream:
-        jobs = upstream.get("/videos").json()["data"]
+    node.faults(latency_ms=0)
+    jobs = node.upstream_jobs()
     assert [job["prompt"] for job in jobs] == [prompt]
     video_id = jobs[0]["id"]
 
@@ -390,6 +306,6 @@ def test_a_create_answered_during_the_outage_keeps_its_slot_until_settled(durabl
     )
     wait_until(lambda: node.slots_in_use() == 0, RELEASE_S, "the settled job's slot released")
     assert _completed(node) == completed_before + 1
-    stats = node.sim_stats()
+    stats = node.stats()
     assert stats["jobs_created"] == 1
     assert stats["limit_hits"] == 0

@@ -15,6 +15,24 @@ import httpx
 
 from support.api import ok
 
+# Every header the gateway may send upstream: its allow-list, its credential, and the
+# framing headers its HTTP client adds. (`connection` aside: a test that allows it says so.)
+UPSTREAM_REQUEST_HEADERS = frozenset(
+    {
+        "host",
+        "accept",
+        "accept-encoding",
+        "user-agent",
+        "content-type",
+        "content-length",
+        "x-request-id",
+        "authorization",
+        "range",
+        "if-range",
+        "openai-beta",
+    }
+)
+
 
 @functools.cache
 def _client(base_url: str, token: str | None = None) -> httpx.Client:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import secrets
+import signal
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,13 +117,19 @@ class Rig:
         *,
         teams: tuple[str, ...] = TEAMS,
         client_timeout: float = 30.0,
+        persistent: bool = False,
+        token: str | None = None,
         **simulator_options: Any,
     ) -> Iterator[Self]:
-        """A rig in `workdir`; `simulator_options` are `simulate` options (`run_s=0.8`)."""
-        token = "upstream-" + secrets.token_urlsafe(24)
+        """A rig in `workdir`; `simulator_options` are `simulate` options (`run_s=0.8`).
+
+        `persistent` gives the store an append-only file, for a test that restarts it and
+        needs the ledger back; `token` is the upstream token (a random one by default).
+        """
+        token = token or "upstream-" + secrets.token_urlsafe(24)
         keys = {team: new_key() for team in teams}
         with contextlib.ExitStack() as started:
-            store = EmbeddedRedis(workdir / "store", persistent=False).start()
+            store = EmbeddedRedis(workdir / "store", persistent=persistent).start()
             started.callback(store.cleanup)
             simulator = start_simulator(workdir, token, **simulator_options)
             started.callback(simulator.stop)
@@ -183,9 +190,11 @@ class Rig:
         """The first gateway started: the module's, where it has one."""
         return self.gateways[0]
 
-    def stop_gateways(self) -> None:
+    def stop_gateways(self, sig: int = signal.SIGTERM) -> None:
+        """Every gateway started, newest first; SIGKILL for a test that must not wait for a
+        graceful drain of whatever it left in flight."""
         while self.gateways:
-            self.gateways.pop().stop()
+            self.gateways.pop().stop(sig)
 
     def client(
         self, team: str = "alpha", gateway: Process | None = None, timeout: float | None = None
