@@ -61,8 +61,7 @@ class Tracker:
         self.upstream = upstream
         self.calls = upstream.for_tracker()
         self.poll_interval_s = poll_interval_s
-        self.lease_ms = int(lease_s * 1000)
-        self.limits = Limits(lease_ms=self.lease_ms, max_job_ms=int(max_job_s * 1000))
+        self.limits = Limits(lease_ms=int(lease_s * 1000), max_job_ms=int(max_job_s * 1000))
         # One slow upstream answer must not hold a tick past the leases it should renew.
         self.call_timeout_s = lease_s / 3
         self.settle_after_ms = int(settle_after_s * 1000)

@@ -270,10 +270,7 @@ class Upstream:
                 forwarded.setdefault(raw_name.decode("latin-1"), raw_value.decode("latin-1"))
             elif raw_name == b"accept-encoding" and encoding is None:
                 encoding = raw_value.decode("latin-1")
-        fresh_ids = request_id is None
-        return UpstreamCalls(
-            self, forwarded, encoding, request_id or request_id_prefix, fresh_ids, team, pool
-        )
+        return UpstreamCalls(self, forwarded, encoding, request_id, request_id_prefix, team, pool)
 
     async def _send(
         self,
@@ -345,16 +342,16 @@ class UpstreamCalls:
         upstream: Upstream,
         forwarded: dict[str, str],
         accept_encoding: str | None,
-        request_id: str,
-        fresh_ids: bool,
+        request_id: str | None,
+        id_prefix: str,
         team: str | None,
         pool: Pool,
     ) -> None:
         self.upstream = upstream
         self._forwarded = forwarded
         self._accept_encoding = accept_encoding
-        self._request_id = request_id  # the id, or with `fresh_ids` the prefix of one
-        self._fresh_ids = fresh_ids
+        self._request_id = request_id  # the caller's own, or None: a fresh one per call
+        self._id_prefix = id_prefix
         self._team = team
         self._pool = pool
 
@@ -383,9 +380,7 @@ class UpstreamCalls:
             headers["content-type"] = content_type
         if content_length is not None:
             headers["content-length"] = str(content_length)
-        headers["x-request-id"] = (
-            f"{self._request_id}{uuid.uuid4().hex[:16]}" if self._fresh_ids else self._request_id
-        )
+        headers["x-request-id"] = self._request_id or f"{self._id_prefix}{uuid.uuid4().hex[:16]}"
         pool = pool or self._pool
         return await self.upstream._send(
             method,
