@@ -105,6 +105,12 @@ def upstream_settled(rig: Rig) -> int:
     return last[0]
 
 
+def a_range_is_served(client: httpx.Client, video_id: str) -> bool:
+    """Whether a small download is admitted now (206 for its first KiB)."""
+    reply = client.get(f"/v1/videos/{video_id}/content", headers={"range": "bytes=0-1023"})
+    return reply.status_code == 206
+
+
 def assert_too_many(client: httpx.Client, video_id: str) -> None:
     """The download is refused; streamed, so a download let through is not read whole."""
     with client.stream("GET", f"/v1/videos/{video_id}/content") as reply:
@@ -153,12 +159,7 @@ def test_stalled_downloads_of_one_team_take_nothing_the_others_need(rig: Rig) ->
     # Their clients gone, the budget is whole again.
     with rig.client("alpha") as alpha:
         wait_until(
-            lambda: (
-                alpha.get(
-                    f"/v1/videos/{alpha_video}/content", headers={"range": "bytes=0-1023"}
-                ).status_code
-                == 206
-            ),
+            lambda: a_range_is_served(alpha, alpha_video),
             SETTLE_S,
             "a download admitted again",
         )
@@ -172,12 +173,7 @@ def test_a_stalled_download_holds_no_more_memory_than_the_readme_says(rig: Rig) 
             stack.enter_context(sock)
     with rig.client("alpha") as alpha:
         wait_until(
-            lambda: (
-                alpha.get(
-                    f"/v1/videos/{video_id}/content", headers={"range": "bytes=0-1023"}
-                ).status_code
-                == 206
-            ),
+            lambda: a_range_is_served(alpha, video_id),
             SETTLE_S,
             "the warm-up downloads ended",
         )

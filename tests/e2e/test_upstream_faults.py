@@ -29,6 +29,7 @@ import pytest
 
 from gateway.store import SLOTS, WAITER_TEAM
 from support.processes import wait_until
+from support.raw_http import read_head
 from support.stack import Rig
 
 TEAMS = ("alpha", "beta", "gamma")
@@ -333,18 +334,10 @@ def raw_download(rig: Rig, video_id: str, timeout: float) -> tuple[int, int, flo
         "connection: keep-alive\r\n\r\n"
     ).encode()
     started = time.monotonic()
-    received = b""
     with socket.create_connection(("127.0.0.1", rig.gateway.port), timeout=timeout) as conn:
         conn.sendall(request)
-        while b"\r\n\r\n" not in received:
-            chunk = conn.recv(65536)
-            assert chunk, f"closed before the headers: {received!r}"
-            received += chunk
-        head, body = received.split(b"\r\n\r\n", 1)
-        lines = head.decode("latin-1").split("\r\n")
-        assert lines[0].startswith("HTTP/1.1 200"), head
-        headers = dict(line.split(": ", 1) for line in lines[1:])
-        headers = {k.lower(): v for k, v in headers.items()}
+        status, headers, body = read_head(conn)
+        assert status == 200, headers
         assert "transfer-encoding" not in headers, headers
         length = int(headers["content-length"])
         got = len(body)
