@@ -190,7 +190,7 @@ class Gateway:
     def apply_teams(self, fresh: tuple[TeamSettings, ...]) -> None:
         """A reloaded config's teams: their keys, caps and metric labels, at once."""
         self.teams.update(fresh)
-        self.ledger.set_caps(_caps(fresh))
+        self.ledger.set_caps(_caps(fresh), _weights(fresh))
         self.metrics.set_teams(team.name for team in fresh)
 
     async def _store_error(self, request: Request, exc: Exception) -> Response:
@@ -199,6 +199,10 @@ class Gateway:
 
 def _caps(teams: tuple[TeamSettings, ...]) -> dict[str, int]:
     return {team.name: team.max_in_flight for team in teams if team.max_in_flight}
+
+
+def _weights(teams: tuple[TeamSettings, ...]) -> dict[str, float]:
+    return {team.name: float(getattr(team, "weight", 1.0)) for team in teams}
 
 
 def replica_id() -> str:

@@ -92,6 +92,7 @@ CALLS: dict[str, Callable[[Owners], Awaitable[Any]]] = {
     "ledger.read_usage": lambda o: read_usage(o.ledger.redis),
     "registry.record": lambda o: o.registry.record("alpha", "create", VIDEO, b"{}"),
     "registry.update": lambda o: o.registry.update(VIDEO_ID, VIDEO, b"{}"),
+    "registry.started": lambda o: o.registry.started(VIDEO_ID, "video_up", {}, VIDEO, b"{}"),
     "registry.get": lambda o: o.registry.get(VIDEO_ID),
     "registry.owned": lambda o: o.registry.owned("alpha", VIDEO_ID),
     "registry.known": lambda o: o.registry.known([VIDEO_ID]),
