@@ -118,6 +118,13 @@ class VideoRecord:
     def terminal(self) -> bool:
         return self.status in TERMINAL_STATUSES
 
+    def source_ids(self) -> dict[str, str]:
+        """The ids a job made from this video names that its client knows by others."""
+        ids = dict(self.ids)
+        if self.upstream_id and self.upstream_id != self.id:
+            ids[self.upstream_id] = self.id
+        return ids
+
     @property
     def queued(self) -> bool:
         """Waiting in the gateway's queue: upstream does not know it yet."""
@@ -224,6 +231,11 @@ class VideoRegistry:
         except NoScriptError:  # the store restarted or was flushed: load it again
             updated = await self._update(keys=[key], args=args)
         return bool(updated)
+
+    @translated
+    async def gateway_id(self, upstream_id: str) -> str | None:
+        """The gateway's id of a job that started from the queue, by upstream's id."""
+        return _str(await self._redis.get(alias_key(upstream_id)))
 
     @translated
     async def get(self, video_id: str) -> VideoRecord | None:

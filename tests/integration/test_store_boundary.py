@@ -94,6 +94,7 @@ CALLS: dict[str, Callable[[Owners], Awaitable[Any]]] = {
     "registry.update": lambda o: o.registry.update(VIDEO_ID, VIDEO, b"{}"),
     "registry.started": lambda o: o.registry.started(VIDEO_ID, "video_up", {}, VIDEO, b"{}"),
     "registry.get": lambda o: o.registry.get(VIDEO_ID),
+    "registry.gateway_id": lambda o: o.registry.gateway_id(VIDEO_ID),
     "registry.owned": lambda o: o.registry.owned("alpha", VIDEO_ID),
     "registry.known": lambda o: o.registry.known([VIDEO_ID]),
     "registry.forget": lambda o: o.registry.forget(VIDEO_ID, "alpha"),
