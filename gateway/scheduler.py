@@ -19,6 +19,7 @@ Every script is atomic and uses Redis time; all keys are in `store`.
 
 from __future__ import annotations
 
+import copy
 import json
 import uuid
 from collections.abc import Mapping
@@ -312,6 +313,17 @@ class Scheduler:
         self.ledger = ledger  # its limit, caps, weights, lease and owner apply here too
         self.max_queued = max_queued
         self.team_max_queued = dict(team_max_queued)
+        self._register(redis)
+
+    def on(self, redis: Redis) -> Scheduler:
+        """The same scheduler on another client (the dispatcher's: the tracker's
+        connections, which waiting creates can never take)."""
+        other = copy.copy(self)
+        other.redis = redis
+        other._register(redis)
+        return other
+
+    def _register(self, redis: Redis) -> None:
         self._enqueue = redis.register_script(ENQUEUE_SCRIPT)
         self._take = redis.register_script(TAKE_SCRIPT)
         self._requeue = redis.register_script(REQUEUE_SCRIPT)
