@@ -219,6 +219,9 @@ class Gateway:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            # Queued jobs this replica is sending: let upstream answer (a job cut off
+            # here would only be settled later, as a lost start).
+            await self.dispatcher.drain(self.settings.upstream.timeout_s)
             await self.upstream.aclose()
             await self.stores.aclose()
 

@@ -104,10 +104,15 @@ class Dispatcher:
             self._starts.add(task)
             task.add_done_callback(self._starts.discard)
 
-    async def drain(self) -> None:
-        """Wait for the starts under way (shutdown, tests)."""
-        if self._starts:
-            await asyncio.gather(*self._starts, return_exceptions=True)
+    async def drain(self, timeout_s: float) -> None:
+        """Wait up to `timeout_s` for the starts under way (shutdown), then cancel the
+        rest: each leaves its slot `unknown`, for whichever tracker settles it."""
+        if not self._starts:
+            return
+        _, pending = await asyncio.wait(set(self._starts), timeout=timeout_s)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
     async def _start(self, job: TakenJob) -> None:
         settled = False

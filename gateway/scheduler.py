@@ -30,7 +30,7 @@ from redis.asyncio import Redis
 
 from .ledger import MAX_WANT_BYTES, Release, SlotLedger, release_of
 from .registry import RECORD_LUA, record_args
-from .store import RELEASED_CHANNEL, VIDEO_SEQ, job_key, team_index_key, video_key
+from .store import RELEASED_CHANNEL, VIDEO_SEQ, team_index_key, video_key
 from .store_clients import translated
 from .store_lua import KEYS, PRELUDE
 
@@ -131,7 +131,7 @@ return {}
 # own arrival number). ARGV: job id, slot id, channel, count the attempt (1/0), the
 # most attempts, pause ms (upstream's retry-after; 0 none). Returns the slot's release
 # (`store_lua.free_slot`) followed by 'requeued' | 'failed' (too many attempts) |
-# 'gone' (deleted meanwhile).
+# 'gone' (deleted meanwhile) | 'stale' (the slot was freed already: nothing done).
 REQUEUE_SCRIPT = (
     PRELUDE
     + """
@@ -140,7 +140,9 @@ local freed = free_slot(ARGV[2], ARGV[3])
 local job = job_of(id)
 local verdict = 'requeued'
 local f = redis.call('HMGET', job, 'team', 'arrival', 'accepted', 'attempts', 'deleted')
-if not f[1] or f[5] == '1' then
+if freed[1] == 0 then
+  verdict = 'stale'  -- whoever freed the slot first settled the job
+elseif not f[1] or f[5] == '1' then
   redis.call('DEL', job)
   verdict = 'gone'
 else
@@ -163,6 +165,7 @@ freed[8] = verdict
 return freed
 """
 )
+
 
 # The job's start is settled (upstream started it, or refused it): forget the stored
 # request. ARGV: job id. Returns 1 if its client deleted it while it was being started.
@@ -287,7 +290,7 @@ class TakenJob:
 @dataclass(frozen=True)
 class Requeued:
     release: Release | None  # the slot's release, for the one call that freed it
-    verdict: str  # 'requeued' | 'failed' | 'gone'
+    verdict: str  # 'requeued' | 'failed' | 'gone' | 'stale'
 
 
 @dataclass(frozen=True)
@@ -457,11 +460,6 @@ class Scheduler:
         """Where a queued job stands (1 = next), or None when it is not queued."""
         result = await self._position(keys=KEYS, args=[job_id, self.ledger.weights])
         return int(result[0]) if result else None
-
-    @translated
-    async def stored(self, job_id: str) -> bool:
-        """Whether the scheduler still holds the job (queued, or being started)."""
-        return bool(await self.redis.exists(job_key(job_id)))
 
 
 def mint_job_id() -> str:

@@ -7,8 +7,8 @@ Errors first, as the caller meets them (the model is httpx's `_exceptions.py`):
       StoreUnavailable      the store is unreachable or timed out: 503 `store_unavailable`
       StoreBusy             no pooled connection came free in time: 503 `store_busy`
 
-Only `ledger.py` and `registry.py` send commands, and they raise these, never a redis
-exception: `store_clients.translate_errors` is the one place that converts.
+Only `ledger.py`, `scheduler.py` and `registry.py` send commands, and they raise these,
+never a redis exception: `store_clients.translate_errors` is the one place that converts.
 
 Keys. Every key shares the `{sgw}` hash tag, so each script touches one cluster slot.
 The strings are the stored format: an existing store must keep working, so they never

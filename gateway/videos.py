@@ -388,9 +388,12 @@ class VideoRoutes:
         if record.upstream_id is None:
             # Not started: it leaves the queue and never reaches upstream (or, caught
             # while being started, is deleted upstream by its starter: CONTRACT §8.5).
+            cancelled = 0
             if self.queue is not None:
-                await self.queue.scheduler.cancel(video_id, record.team)
+                cancelled = await self.queue.scheduler.cancel(video_id, record.team)
             await self.registry.forget(video_id, record.team)
+            if cancelled == 1:  # (one being started is counted when it is deleted upstream)
+                self.metrics.job_ended(record.team, record.kind, "deleted", 0.0)
             deleted = {"id": video_id, "object": "video.deleted", "deleted": True}
             return Response(json.dumps(deleted), media_type="application/json")
         upstream_id = record.upstream_id
