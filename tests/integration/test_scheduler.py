@@ -84,7 +84,9 @@ async def test_a_create_starts_at_once_while_a_slot_is_free_and_queues_after(
     job_id, outcome = await enqueue(parts, "alpha")
     assert outcome == "queued"
     record = await parts.registry.get(job_id)
-    assert record is not None and record.queued and record.team == "alpha"
+    assert record is not None
+    assert record.queued
+    assert record.team == "alpha"
     assert await parts.scheduler.position(job_id) == 1
     assert await parts.scheduler.take() is None  # no slot is free
 
@@ -117,7 +119,8 @@ async def test_a_team_arriving_behind_a_long_queue_starts_first_at_the_next_free
     assert outcome == "queued"
     await parts.ledger.release(running[0])  # busy has used slot time; alpha none
     taken = await parts.scheduler.take()
-    assert taken is not None and taken.id == newcomer
+    assert taken is not None
+    assert taken.id == newcomer
 
 
 async def test_queue_limits_refuse_and_store_nothing(parts: Parts) -> None:
@@ -143,7 +146,8 @@ async def test_a_cancelled_job_is_never_taken(parts: Parts) -> None:
     assert await parts.scheduler.cancel(first, "alpha") == 1
     await parts.ledger.release(running[0])
     taken = await parts.scheduler.take()
-    assert taken is not None and taken.id == second
+    assert taken is not None
+    assert taken.id == second
     # Being started: the starter learns of the delete when it settles the start.
     assert await parts.scheduler.cancel(second, "alpha") == 2
     assert await parts.scheduler.done(second) is True
@@ -158,16 +162,19 @@ async def test_a_start_put_back_goes_first_then_fails_after_too_many_tries(
     await parts.ledger.release(running[0])
     for attempt in range(MAX_REQUEUES + 1):
         taken = await parts.scheduler.take()
-        assert taken is not None and taken.id == first, f"attempt {attempt}"
+        assert taken is not None, f"attempt {attempt}"
+        assert taken.id == first
         requeued = await parts.scheduler.requeue(first, taken.slot_id, count_attempt=True)
-        assert requeued.release is not None and requeued.release.gid == first
+        assert requeued.release is not None
+        assert requeued.release.gid == first
         expected = "requeued" if attempt < MAX_REQUEUES else "failed"
         assert requeued.verdict == expected
         # Settled once: a second requeue of the same slot (another tracker's) does nothing.
         again = await parts.scheduler.requeue(first, taken.slot_id, count_attempt=True)
         assert (again.release, again.verdict) == (None, "stale")
     taken = await parts.scheduler.take()
-    assert taken is not None and taken.id == later
+    assert taken is not None
+    assert taken.id == later
 
 
 async def test_upstreams_retry_after_pauses_every_start(parts: Parts) -> None:
@@ -182,7 +189,8 @@ async def test_upstreams_retry_after_pauses_every_start(parts: Parts) -> None:
     assert (await enqueue(parts, "beta"))[1] == "queued"  # nothing starts at once either
     await parts.client.delete(PAUSED_UNTIL)  # as when retry-after has passed
     taken = await parts.scheduler.take()
-    assert taken is not None and taken.id == job_id
+    assert taken is not None
+    assert taken.id == job_id
 
 
 async def test_jobs_queued_too_long_are_taken_out(parts: Parts) -> None:
@@ -205,11 +213,12 @@ async def test_weights_share_slot_time(parts: Parts) -> None:
         await parts.client.zadd(used_key(team), {f"seed:{used}": int(now_s) * 1000})
         await parts.client.hset(USED_SUM, team, used)
     running = await fill_slots(parts)
-    light, _ = await enqueue(parts, "light")
+    _light, _ = await enqueue(parts, "light")
     heavy, _ = await enqueue(parts, "heavy")
     await parts.ledger.release(running[0])
     taken = await parts.scheduler.take()
-    assert taken is not None and taken.id == heavy
+    assert taken is not None
+    assert taken.id == heavy
 
 
 def commands_run(store: EmbeddedRedis) -> int:
@@ -248,4 +257,5 @@ async def test_a_queued_record_is_the_video_object_the_client_was_given(parts: P
     assert record is not None
     assert json.loads(record.body)["id"] == job_id
     page = await parts.registry.page("alpha", after=None, limit=5, descending=True)
-    assert page is not None and page.first_id == job_id
+    assert page is not None
+    assert page.first_id == job_id
