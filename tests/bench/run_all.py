@@ -1,6 +1,7 @@
 """Run every benchmark in tests/bench and print one combined table.
 
-    PYTHONPATH=tests python -m bench.run_all [--only overhead,stream,quota,scale] [--quick]
+    PYTHONPATH=tests python -m bench.run_all [--quick]
+        [--only overhead,stream,quota,scale,admission]
 
 (from the repository's root, as `make bench` does). Each bench runs as its own process
 (`python -m bench.<module>`, in the same environment) with its defaults (the quota bench
@@ -38,12 +39,14 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
     "stream": ("bench.stream", [], ["--rounds", "1"]),
     "quota": ("bench.quota_utilisation", [], ["--seconds", "10"]),
     "scale": ("bench.scale", [], ["--seconds", "3", "--rounds", "1", "--idle-seconds", "3"]),
+    "admission": ("bench.admission_cost", [], ["--rounds", "50"]),
 }
 RESULT_FILES = {
     "overhead": "overhead.json",
     "stream": "stream.json",
     "quota": "quota_utilisation.json",
     "scale": "scale.json",
+    "admission": "admission_cost.json",
 }
 BENCH_TIMEOUT_S = 1800
 # Above this many cores kept busy by other processes, the figures say so.
