@@ -494,8 +494,11 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
             note = "the gateway has no quota.when_full: waiting is its only mode"
         if refusal is not None:
             return {"mode": mode, "error": f"the gateway refused its config: {refusal}"}
-        for _ in range(args.replicas):
-            gateways.append(start_gateway(workdir, config))
+        try:
+            for _ in range(args.replicas):
+                gateways.append(start_gateway(workdir, config))
+        except AssertionError as exc:  # support.processes: it exited or never got ready
+            return {"mode": mode, "error": f"a gateway did not start: {str(exc)[-1500:]}"}
         sampler = Sampler(simulator.url)
         sampler.start()
         print(
