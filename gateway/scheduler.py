@@ -40,6 +40,25 @@ MAX_REQUEUES = 2
 # Jobs past `max_queue_s` taken out per call, so one call stays short.
 OVERDUE_BATCH = 50
 
+# A queued job's position (1 = the next to start), or nil when it is not queued: an
+# estimate under fair share, its place in its team's FIFO plus the other teams' jobs
+# that their weights would start before it (each team's own FIFO bounds its share).
+POSITION_LUA = """
+local function position_of(id, team, weights)
+  local rank = redis.call('ZRANK', queue_of(team), id)
+  if not rank then return nil end
+  local mine = weight(weights, team)
+  local position = rank + 1
+  for _, t in ipairs(redis.call('SMEMBERS', queued_teams)) do
+    if t ~= team then
+      local share = math.floor(rank * weight(weights, t) / mine)
+      position = position + math.min(redis.call('ZCARD', queue_of(t)), share)
+    end
+  end
+  return position
+end
+"""
+
 # Start now or queue. KEYS: `store_lua.KEYS`, then the job's video hash, its team's
 # index and the registry's sequence. ARGV: 1 job id, 2 slot id, 3 team, 4 kind, 5 want
 # (JSON), 6 limit, 7 lease ms, 8 owner, 9 caps (JSON), 10 weights (JSON), 11 fair window
@@ -49,6 +68,7 @@ OVERDUE_BATCH = 50
 # position, kick}; or {0, 'queue_full' | 'team_queue_full', 0, kick}.
 ENQUEUE_SCRIPT = (
     PRELUDE
+    + POSITION_LUA
     + RECORD_LUA
     + """
 local id, slot, team, limit = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[6])
@@ -91,7 +111,7 @@ redis.call('HINCRBY', queued_by_team, team, 1)
 record_video(KEYS[15], KEYS[16], KEYS[17], ARGV[1], team, ARGV[4], 'queued',
              ARGV[16], ARGV[17], ARGV[18], ARGV[19])
 redis.call('HSET', KEYS[15], 'upstream', '')  -- upstream does not know it yet
-return {0, 'queued', redis.call('ZRANK', queue_of(team), id) + 1, kick}
+return {0, 'queued', position_of(id, team, weights), kick}
 """
 )
 
@@ -217,28 +237,16 @@ return out
 """
 )
 
-# Where a queued job stands. ARGV: job id, weights (JSON). Returns {position (1 = the
-# next to start), jobs queued in all} or {} when it is not queued. The position is an
-# estimate under fair share: its place in its team's FIFO, plus the other teams' jobs
-# that their weights would start before it (each team's own FIFO bounds its share).
+# Where a queued job stands. ARGV: job id, weights (JSON). Returns {position} or {}
+# when it is not queued.
 POSITION_SCRIPT = (
     PRELUDE
+    + POSITION_LUA
     + """
-local id = ARGV[1]
-local team = redis.call('HGET', job_of(id), 'team')
-if not team then return {} end
-local rank = redis.call('ZRANK', queue_of(team), id)
-if not rank then return {} end
-local weights = cjson.decode(ARGV[2])
-local mine = weight(weights, team)
-local position = rank + 1
-for _, t in ipairs(redis.call('SMEMBERS', queued_teams)) do
-  if t ~= team then
-    local share = math.floor(rank * weight(weights, t) / mine)
-    position = position + math.min(redis.call('ZCARD', queue_of(t)), share)
-  end
-end
-return {position, redis.call('ZCARD', queued)}
+local team = redis.call('HGET', job_of(ARGV[1]), 'team')
+local position = team and position_of(ARGV[1], team, cjson.decode(ARGV[2]))
+if not position then return {} end
+return {position}
 """
 )
 
