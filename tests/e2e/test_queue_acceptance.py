@@ -147,6 +147,10 @@ class Chaos:
             wait_until(lambda: len(answers.created) >= TOTAL, ACCEPT_S, "every create answered")
             moments = sorted(self.rng.sample(range(20, 130), KILLS))
             in_flight = self.rng.randrange(KILLS)
+            # The other kills hit every replica at least once (the in-flight kill's victim
+            # is whichever replica sent the create).
+            others = [i % REPLICAS for i in range(KILLS - 1)]
+            victims = iter(self.rng.sample(others, len(others)))
             for number, moment in enumerate(moments):
                 wait_until(
                     lambda m=moment: self.relays.sent() >= m,
@@ -156,7 +160,7 @@ class Chaos:
                 if number == in_flight:
                     kill = self._kill_during_a_create()
                 else:
-                    kill = Kill(self.rng.randrange(REPLICAS), self.relays.sent())
+                    kill = Kill(next(victims), self.relays.sent())
                     self.replicas[kill.replica].stop(signal.SIGKILL)
                 self.kills.append(kill)
                 self.replicas[kill.replica].start("/readyz")
@@ -342,6 +346,11 @@ def test_every_job_started_upstream_exactly_once(run):
         # Started at once: upstream's own id and job. Queued: a gateway id upstream never saw.
         assert upstream_ids.get(video.id, tag) == tag, (tag, video.id)
         assert GATEWAY_ID.match(video.id), video.id
+    # Only a job whose create was sent upstream while creates were still being answered
+    # can have started at once; every other client kept the gateway's id to the end.
+    burst = sum(create.sent <= max(run.answers.created) for create in run.creates)
+    kept_upstream_ids = sum(video.id in upstream_ids for video in run.videos().values())
+    assert kept_upstream_ids <= burst, f"{kept_upstream_ids} clients hold upstream's id"
 
 
 def test_two_backlogged_teams_share_slot_time_by_their_weights(run):
@@ -361,6 +370,7 @@ def test_five_kills_one_while_a_create_was_in_flight(run):
     chaos = run.chaos
     assert chaos.failure is None, chaos.failure
     assert len(chaos.kills) == KILLS, chaos.kills
+    assert {kill.replica for kill in chaos.kills} == set(range(REPLICAS)), chaos.kills
     (cut,) = [kill.create for kill in chaos.kills if kill.create is not None]
     assert cut.cut, f"upstream answered the create before the kill: {cut}"
     assert cut.tag, cut
@@ -480,7 +490,7 @@ def test_all_replicas_and_the_store_restarted_with_40_jobs_queued(tmp_path: Path
             tag: tag for tag in results
         }
         prompts = [job["prompt"] for job in upstream_jobs(rig)]
-        assert Counter(map(tag_of, prompts)) == Counter(ids), f"not each once: {prompts}"
+        assert Counter(map(tag_of, prompts)) == Counter(list(ids)), f"not each once: {prompts}"
         stats = rig.stats()
         assert stats["max_concurrency"] <= QUOTA["max_in_flight"], stats
         assert stats["limit_hits"] == 0, stats
