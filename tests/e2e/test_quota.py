@@ -61,7 +61,7 @@ def start_replicas(
     return rig.start_gateways(
         count,
         upstream=upstream,
-        quota={"max_in_flight": LIMIT, "wait_s": wait_s},
+        quota={"when_full": "wait", "max_in_flight": LIMIT, "wait_s": wait_s},
         tracker={"poll_interval_s": poll_s, "lease_s": lease_s},
         team_caps=None if gamma_cap is None else {"gamma": gamma_cap},
     )
