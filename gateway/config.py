@@ -30,6 +30,7 @@ from .config_schema import (
     StoreSettings,
     TeamSettings,
     TrackerSettings,
+    UpstreamDefaults,
     UpstreamSettings,
 )
 
@@ -44,6 +45,7 @@ __all__ = [
     "StoreSettings",
     "TeamSettings",
     "TrackerSettings",
+    "UpstreamDefaults",
     "UpstreamSettings",
     "load_settings",
     "parse_settings",

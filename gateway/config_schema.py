@@ -33,6 +33,7 @@ from pydantic import (
 from pydantic.dataclasses import dataclass
 from pydantic_core import PydanticCustomError
 
+from .params import MAX_SECONDS, MODEL_SYNTAX, SECONDS_TEXT, SIZE_SYNTAX
 from .parse import whole_number
 from .pools import API_CONNECTIONS
 from .scrub import redact_url, url_secret
@@ -147,6 +148,20 @@ def _empty_is_none(value: Any) -> Any:
     return None if value == "" else value
 
 
+def _seconds_text(value: Any) -> Any:
+    """`seconds: 4` as the `"4"` upstream's objects carry; anything else is left to be refused."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def _within_max_seconds(text: str) -> str:
+    if not 1 <= int(text) <= MAX_SECONDS:
+        raise _refusal(_SECONDS_WORDS)
+    return text
+
+
+_SECONDS_WORDS = f"expected a whole number of seconds from 1 to {MAX_SECONDS}, such as 4"
+
+
 def _below_api_pool(calls: int) -> int:
     if calls >= API_CONNECTIONS:
         raise _refusal(f"must be less than the api pool's {API_CONNECTIONS} connections")
@@ -181,6 +196,26 @@ TeamName = Annotated[
     AfterValidator(_not_reserved),
     Problem("expected 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"),
 ]
+# The job parameters of `upstream.defaults`, with the syntax a request's must have (params.py).
+ModelName = Annotated[
+    StrictStr,
+    Field(pattern=f"^{MODEL_SYNTAX.pattern}$"),
+    Problem("expected a model name: 1 to 128 letters, digits and . _ : / -"),
+]
+VideoSize = Annotated[
+    StrictStr,
+    Field(pattern=f"^{SIZE_SYNTAX.pattern}$"),
+    Problem("expected WIDTHxHEIGHT, such as 1280x720"),
+]
+VideoSeconds = Annotated[
+    StrictStr,
+    Field(pattern=f"^{SECONDS_TEXT.pattern}$"),
+    AfterValidator(_within_max_seconds),
+    BeforeValidator(_seconds_text),
+    Problem(_SECONDS_WORDS),
+]
+# A team's share of slot time when teams compete: any positive number, 1 by default.
+Weight = Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False)]
 KeyDigest = Annotated[
     StrictStr,
     Field(pattern=r"^[0-9a-f]{64}$"),
@@ -193,12 +228,31 @@ KeyDigest = Annotated[
 
 
 @dataclass(frozen=True, config=SECTION)
+class UpstreamDefaults:
+    """What upstream assumes for a field a create leaves out.
+
+    A queued job's video object is the gateway's until upstream takes the job, and it
+    shows these; none is assumed here, since only the operator knows the upstream.
+    """
+
+    model: ModelName | None = None
+    size: VideoSize | None = None
+    seconds: VideoSeconds | None = None  # a string, as upstream's objects carry it
+
+
+@dataclass(frozen=True, config=SECTION)
 class UpstreamSettings:
     base_url: HttpUrl
     token: UpstreamToken = Field(repr=False)
     auth_header: Literal["authorization", "api-key"] = "authorization"
     remix_route: Literal["path", "body"] = "path"
     timeout_s: Seconds = 60.0
+    defaults: UpstreamDefaults = UpstreamDefaults()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_sections(cls, data: Any) -> Any:
+        return _null_sections_as_empty(cls, data)
 
     @model_validator(mode="after")
     def _credentials_fit_the_header(self) -> UpstreamSettings:
@@ -250,6 +304,14 @@ class QuotaSettings:
     max_in_flight: Count = 2
     wait_s: SecondsOrZero = 20.0
     max_job_s: Seconds = 3600.0
+    # CONTRACT §8. `queue`: a job that gets no slot now is stored and answered at once;
+    # `wait`: the request waits up to wait_s, then 429, as before the queue.
+    when_full: Literal["queue", "wait"] = "queue"
+    max_queued: Count = 500  # queued jobs, all teams together; beyond: 429 queue_full
+    max_queue_s: Seconds = 86400.0  # a job queued longer fails with queue_timeout
+    # A larger request body (an upload) is not stored in Redis: it waits as in `wait`.
+    max_queued_body_bytes: Count = 8_388_608
+    fair_window_s: Seconds = 3600.0  # how far back slot time counts for the fair share
 
 
 @dataclass(frozen=True, config=SECTION)
@@ -313,6 +375,8 @@ class TeamSettings:
         Problem("expected a list of SHA-256 hex digests"),
     ]
     max_in_flight: Count | None = None
+    weight: Weight = 1.0
+    max_queued: Count | None = None  # this team's queued jobs; beyond: 429 team_queue_full
 
 
 def _distinct(teams: tuple[TeamSettings, ...]) -> tuple[TeamSettings, ...]:

@@ -17,6 +17,8 @@ one factory, and nowhere else writes a code:
     413 request_too_large                request_too_large(limit)
     429 concurrency_limit_exceeded       concurrency_limit_exceeded(retry_s)
     429 team_concurrency_limit_exceeded  team_concurrency_limit_exceeded(retry_s)
+    429 queue_full                       queue_full(retry_s)
+    429 team_queue_full                  team_queue_full(retry_s)
     429 upstream_rate_limited            upstream_rate_limited(headers)
     429 too_many_requests                too_many_requests(retry_after_s)
     429 too_many_downloads               too_many_downloads(message, retry_after_s)
@@ -31,6 +33,9 @@ one factory, and nowhere else writes a code:
     504 upstream_timeout                 upstream_connect_timeout(), upstream_answer_timeout()
     4xx upstream's own code              from_upstream(...)  (passed through, scrubbed)
     any other status the server raises   http_error(status, message)  (code null)
+
+One code is no HTTP answer but a failed video's `error.code`: QUEUE_TIMEOUT
+(`queue_timeout`), a queued job that waited past `quota.max_queue_s` (CONTRACT §8).
 
 The four transport failures are `UpstreamError`s, which also say whether the request
 may have reached upstream (`maybe_sent`); upstream.py maps aiohttp's exceptions to them.
@@ -61,6 +66,9 @@ _TYPES = {
 UPSTREAM_TYPE = "upstream_error"
 # The header the OpenAI SDKs obey over their own retry rules.
 NO_RETRY = {"x-should-retry": "false"}
+# The `error.code` of a queued job that waited past quota.max_queue_s: the video is
+# `failed` with it (a retrieve answers 200 with that error), no request is refused.
+QUEUE_TIMEOUT = "queue_timeout"
 
 
 class GatewayError(Exception):
@@ -216,6 +224,25 @@ def team_concurrency_limit_exceeded(retry_s: float) -> GatewayError:
         429,
         "team_concurrency_limit_exceeded",
         "Your team already runs as many video jobs as it may; try again later.",
+        headers=_retry_headers(retry_s),
+    )
+
+
+def queue_full(retry_s: float) -> GatewayError:
+    return GatewayError(
+        429,
+        "queue_full",
+        "The gateway's job queue is full; try again later.",
+        headers=_retry_headers(retry_s),
+    )
+
+
+def team_queue_full(retry_s: float) -> GatewayError:
+    return GatewayError(
+        429,
+        "team_queue_full",
+        "Your team already has as many video jobs queued as it may; "
+        "try again when one has started.",
         headers=_retry_headers(retry_s),
     )
 

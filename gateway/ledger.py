@@ -19,7 +19,7 @@ import copy
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
@@ -298,6 +298,7 @@ class Admission:
 class Usage:
     in_use: int
     waiting: int
+    queued: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ number, the ledger's.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import (
@@ -25,13 +25,34 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 PREFIX = "sora_gateway_"
+# CONTRACT §7, and §8's: `refused` (upstream 4xx when a queued job starts),
+# `queue_timeout` (queued past quota.max_queue_s), `never_started` (a lost create that
+# never appeared upstream).
 JOB_OUTCOMES = frozenset(
-    {"completed", "failed", "cancelled", "deleted", "vanished", "lease_expired"}
+    {
+        "completed",
+        "failed",
+        "cancelled",
+        "deleted",
+        "vanished",
+        "lease_expired",
+        "refused",
+        "queue_timeout",
+        "never_started",
+    }
 )
+# Ended without ever holding a slot: nothing to observe in job_duration_seconds.
+_SLOTLESS_OUTCOMES = frozenset({"queue_timeout"})
+QUEUE_REJECTION_REASONS = ("queue_full", "team_queue_full")
 ANONYMOUS = "anonymous"
 # Video jobs take minutes; HTTP requests take milliseconds (or a long download).
 JOB_BUCKETS = (5, 10, 20, 30, 60, 120, 180, 300, 600, 900, 1800, 3600)
 WAIT_BUCKETS = (0.005, 0.05, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60)
+# A queued job starts at the next free slot (well under a second) or after hours behind
+# a busy team; quota.max_queue_s is a day by default.
+QUEUE_BUCKETS = (
+    0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 43200, 86400,
+)  # fmt: skip
 
 
 class GatewayMetrics:
@@ -80,6 +101,20 @@ class GatewayMetrics:
         self.quota_rejections = Counter(
             PREFIX + "quota_rejections_total",
             "Job-creating requests refused for lack of a slot, by team and reason.",
+            ["team", "reason"],
+            registry=r,
+        )
+        self.queue_seconds = Histogram(
+            PREFIX + "queue_seconds",
+            "Time a queued job waited, from its acceptance to its start upstream.",
+            ["team"],
+            buckets=QUEUE_BUCKETS,
+            registry=r,
+        )
+        self.queue_rejections = Counter(
+            PREFIX + "queue_rejections_total",
+            "Job-creating requests refused because the queue was full, by team and reason "
+            "(queue_full: quota.max_queued; team_queue_full: the team's max_queued).",
             ["team", "reason"],
             registry=r,
         )
@@ -163,6 +198,15 @@ class GatewayMetrics:
     def slot_waited(self, team: str, seconds: float) -> None:
         self._child(self.slot_wait, self.team(team)).observe(seconds)
 
+    def queue_started(self, team: str, waited_s: float) -> None:
+        """A queued job was sent upstream after waiting `waited_s` since its acceptance."""
+        self._child(self.queue_seconds, self.team(team)).observe(waited_s)
+
+    def queue_rejected(self, team: str, reason: str) -> None:
+        """A job refused for a full queue; `reason` is queue_full or team_queue_full."""
+        if reason in QUEUE_REJECTION_REASONS:  # the label takes only the contract's values
+            self._child(self.queue_rejections, self.team(team), reason).inc()
+
     def source_refused(self, code: str) -> None:
         """A remix, edit or extension source refused before anything was spent."""
         self._child(self.remix_rejections, code).inc()
@@ -178,6 +222,10 @@ class GatewayMetrics:
         for team in self.teams | {ANONYMOUS}:
             for reason in ("global_limit", "team_limit", "upstream_429", "store_unavailable"):
                 self.quota_rejections.labels(team, reason)
+        for team in self.teams:  # only a recognised team's job is ever queued
+            self.queue_seconds.labels(team)
+            for reason in QUEUE_REJECTION_REASONS:
+                self.queue_rejections.labels(team, reason)
 
     def team(self, name: str | None) -> str:
         """A label value that can only be a configured team name or `anonymous`."""
@@ -187,7 +235,8 @@ class GatewayMetrics:
         if outcome not in JOB_OUTCOMES:
             return
         self.jobs.labels(self.team(team), kind, outcome).inc()
-        self.job_duration.labels(kind).observe(held_s)
+        if outcome not in _SLOTLESS_OUTCOMES:
+            self.job_duration.labels(kind).observe(held_s)
         if outcome == "lease_expired":
             self.lease_expiries.inc()
 
@@ -205,15 +254,35 @@ class GatewayMetrics:
         if quota is None:
             return own
         scrape = CollectorRegistry()
-        scrape.register(quota)
+        scrape.register(quota if quota.teams is not None else quota.for_teams(self.teams))
         return own + generate_latest(scrape)
 
 
 class QuotaGauges(Collector):
-    """The ledger's numbers as read for one scrape."""
+    """The ledger's and the queue's numbers as read for one scrape.
 
-    def __init__(self, in_use: int, limit: int, waiting: int) -> None:
+    `queued` is the store's count of queued jobs by team. `queue_depth` has one series
+    per configured team (`teams`; None: the exposing GatewayMetrics' teams), 0 for a
+    team with none queued; any other name in `queued` (a team since removed from the
+    config) is dropped, so the label takes only configured names.
+    """
+
+    def __init__(
+        self,
+        in_use: int,
+        limit: int,
+        waiting: int,
+        queued: Mapping[str, int] | None = None,
+        *,
+        teams: Iterable[str] | None = None,
+    ) -> None:
         self.values = (in_use, limit, waiting)
+        self.queued = dict(queued or {})
+        self.teams = None if teams is None else tuple(sorted(set(teams)))
+
+    def for_teams(self, teams: Iterable[str]) -> QuotaGauges:
+        """The same reading, its queue depth exported for `teams`."""
+        return QuotaGauges(*self.values, self.queued, teams=teams)
 
     def collect(self) -> Iterator[Metric]:
         in_use, limit, waiting = self.values
@@ -228,3 +297,11 @@ class QuotaGauges(Collector):
             "Requests waiting for a shared slot, over all replicas.",
             value=waiting,
         )
+        depth = GaugeMetricFamily(
+            PREFIX + "queue_depth",
+            "Jobs queued for a shared slot, by team, read from the store.",
+            labels=["team"],
+        )
+        for team in self.teams or ():
+            depth.add_metric([team], self.queued.get(team, 0))
+        yield depth

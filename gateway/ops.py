@@ -89,7 +89,7 @@ class OpsRoutes:
             self.failures.count(exc, "the metrics page's quota read")
             gauges = None
         else:
-            gauges = QuotaGauges(usage.in_use, self.slot_limit, usage.waiting)
+            gauges = QuotaGauges(usage.in_use, self.slot_limit, usage.waiting, usage.queued)
         return Response(self.metrics.exposition(gauges), media_type=CONTENT_TYPE_LATEST)
 
     async def openapi_json(self, request: Request) -> Response:

@@ -27,11 +27,13 @@ from gateway.config import (
     Settings,
     StoreSettings,
     TeamSettings,
+    UpstreamDefaults,
     UpstreamSettings,
     load_settings,
     parse_settings,
 )
 from gateway.reload import TeamsReloader
+from gateway.simulator.jobs import DEFAULT_MODEL, DEFAULT_SECONDS, DEFAULT_SIZE
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "config" / "gateway.example.yaml"
@@ -76,6 +78,10 @@ def test_the_example_config_validates_with_the_token_variable_set(monkeypatch):
     assert [team.name for team in settings.teams] == ["marketing", "research"]
     assert settings.teams[0].max_in_flight == 1
     assert settings.teams[1].max_in_flight is None
+    assert (settings.teams[0].weight, settings.teams[1].weight) == (1.0, 2.0)
+    assert (settings.teams[0].max_queued, settings.teams[1].max_queued) == (100, None)
+    # Commented out: no model, size or length is assumed for an unknown upstream.
+    assert settings.upstream.defaults == UpstreamDefaults()
 
 
 def test_the_example_config_without_the_variable_names_it(monkeypatch):
@@ -127,6 +133,83 @@ def test_every_section_4_default():
     assert settings.limits.max_body_bytes == 52428800
     assert settings.limits.max_team_upstream_calls == 112
     assert settings.teams[0].max_in_flight is None
+
+
+def test_every_queue_default_of_section_8():
+    settings = parse(minimal())
+    assert settings.quota.when_full == "queue"
+    assert settings.quota.max_queued == 500
+    assert settings.quota.max_queue_s == 86400
+    assert settings.quota.max_queued_body_bytes == 8388608
+    assert settings.quota.fair_window_s == 3600
+    assert settings.teams[0].weight == 1.0
+    assert isinstance(settings.teams[0].weight, float)
+    assert settings.teams[0].max_queued is None
+    # No model name, size or length is assumed in code: only the config says them.
+    assert settings.upstream.defaults == UpstreamDefaults(None, None, None)
+
+
+def test_queue_settings_are_taken():
+    quota = {
+        "when_full": "wait",
+        "max_queued": 7,
+        "max_queue_s": 90.5,
+        "max_queued_body_bytes": 1024,
+        "fair_window_s": 60,
+    }
+    config = minimal(quota=quota)
+    config["teams"][0].update(weight=2.5, max_queued=3)
+    config["teams"].append({"name": "research", "key_sha256": [D2], "weight": 3})
+    settings = parse(config)
+    assert settings.quota == QuotaSettings(
+        when_full="wait",
+        max_queued=7,
+        max_queue_s=90.5,
+        max_queued_body_bytes=1024,
+        fair_window_s=60.0,
+    )
+    assert (settings.teams[0].weight, settings.teams[0].max_queued) == (2.5, 3)
+    assert settings.teams[1].weight == 3.0
+    assert isinstance(settings.teams[1].weight, float)
+
+
+@pytest.mark.parametrize(
+    ("defaults", "expected"),
+    [
+        ({"model": "sora-2", "size": "720x1280", "seconds": "4"}, ("sora-2", "720x1280", "4")),
+        # YAML's 12 is the "12" upstream's objects carry.
+        ({"seconds": 12}, (None, None, "12")),
+        ({"model": "org/sora-2-pro:2025-10-06"}, ("org/sora-2-pro:2025-10-06", None, None)),
+        ({"size": "1792x1024", "seconds": 600}, (None, "1792x1024", "600")),
+        ({}, (None, None, None)),
+    ],
+)
+def test_upstream_defaults_are_taken(defaults, expected):
+    config = minimal()
+    config["upstream"]["defaults"] = defaults
+    found = parse(config).upstream.defaults
+    assert (found.model, found.size, found.seconds) == expected
+
+
+def test_an_empty_defaults_section_means_none_assumed():
+    text = yaml.safe_dump(minimal()).replace("upstream:\n", "upstream:\n  defaults:\n")
+    assert parse(text).upstream.defaults == UpstreamDefaults()
+
+
+def test_the_demo_and_compose_configs_default_to_the_simulator_s_own_job_fields():
+    # A queued job's object must say what the simulator will make of the omitted fields.
+    simulator = UpstreamDefaults(DEFAULT_MODEL, DEFAULT_SIZE, DEFAULT_SECONDS)
+    demo = parse(
+        (REPO / "gateway" / "demo.yaml").read_text(),
+        {"SORA_DEMO_SIM_PORT": "8081", "SORA_UPSTREAM_TOKEN": TOKEN, "SORA_DEMO_KEY_SHA256": D1},
+    )
+    assert demo.upstream.defaults == simulator
+    assert demo.quota.when_full == "queue"
+    compose = parse(
+        (REPO / "deploy" / "compose" / "gateway.yaml").read_text(),
+        {"SORA_SIMULATOR_TOKEN": TOKEN, "SORA_TEAM_KEY_SHA256": D1},
+    )
+    assert compose.upstream.defaults == simulator
 
 
 def test_explicit_values_are_taken():
@@ -244,6 +327,54 @@ def with_team(index: int, **team: Any) -> dict[str, Any]:
         (minimal(limits={"max_team_upstream_calls": 0}), "limits.max_team_upstream_calls: must be"),
         (minimal(store={"redis_url": "http://redis:6379"}), "store.redis_url: expected a redis"),
         (minimal(store={"data_dir": ""}), "store.data_dir: expected a directory path"),
+        (minimal(quota={"when_full": "reject"}), "quota.when_full: expected one of queue, wait"),
+        (minimal(quota={"when_full": True}), "quota.when_full: expected one of queue, wait"),
+        (minimal(quota={"max_queued": 0}), "quota.max_queued: must be at least 1"),
+        (minimal(quota={"max_queued": "500"}), "quota.max_queued: expected a whole number"),
+        (minimal(quota={"max_queue_s": 0}), "quota.max_queue_s: must be positive"),
+        (minimal(quota={"max_queue_s": "1d"}), "quota.max_queue_s: expected a number"),
+        (
+            minimal(quota={"max_queued_body_bytes": 0}),
+            "quota.max_queued_body_bytes: must be at least 1",
+        ),
+        (
+            minimal(quota={"max_queued_body_bytes": "8MB"}),
+            "quota.max_queued_body_bytes: expected a whole number",
+        ),
+        (minimal(quota={"fair_window_s": -1}), "quota.fair_window_s: must be positive"),
+        (minimal(quota={"fair_window_s": "1h"}), "quota.fair_window_s: expected a number"),
+        (
+            with_team(1, name="r", key_sha256=[D2], weight=0),
+            "teams[1].weight: must be positive",
+        ),
+        (
+            with_team(1, name="r", key_sha256=[D2], weight=-2),
+            "teams[1].weight: must be positive",
+        ),
+        (
+            with_team(1, name="r", key_sha256=[D2], weight=math.nan),
+            "teams[1].weight: must be positive",
+        ),
+        (
+            with_team(1, name="r", key_sha256=[D2], weight=math.inf),
+            "teams[1].weight: must be positive",
+        ),
+        (
+            with_team(1, name="r", key_sha256=[D2], weight="2"),
+            "teams[1].weight: expected a number, got '2'",
+        ),
+        (
+            with_team(1, name="r", key_sha256=[D2], weight=True),
+            "teams[1].weight: expected a number, got True",
+        ),
+        (
+            with_team(1, name="r", key_sha256=[D2], max_queued=0),
+            "teams[1].max_queued: must be at least 1",
+        ),
+        (
+            with_team(1, name="r", key_sha256=[D2], max_queued=2.5),
+            "teams[1].max_queued: expected a whole number, got 2.5",
+        ),
         (minimal(quota=[1, 2]), "quota: expected a mapping"),
         (minimal(upstream="https://api.example.com/v1"), "upstream: expected a mapping"),
     ],
@@ -270,7 +401,15 @@ def test_upstream_field_errors(field, value, expected):
 
 
 @pytest.mark.parametrize(
-    "where", ["upstream.timeout_s", "quota.wait_s", "quota.max_job_s", "tracker.poll_interval_s"]
+    "where",
+    [
+        "upstream.timeout_s",
+        "quota.wait_s",
+        "quota.max_job_s",
+        "quota.max_queue_s",
+        "quota.fair_window_s",
+        "tracker.poll_interval_s",
+    ],
 )
 def test_nan_is_not_a_number_of_seconds(where):
     section, key = where.split(".")
@@ -279,6 +418,49 @@ def test_nan_is_not_a_number_of_seconds(where):
         text = yaml.safe_dump(minimal()).replace("upstream:\n", f"upstream:\n  {key}: .nan\n")
     found = problems(text)
     assert any(p.startswith(f"{where}: ") for p in found), found
+
+
+MODEL_WORDS = "expected a model name: 1 to 128 letters, digits and . _ : / -"
+SIZE_WORDS = "expected WIDTHxHEIGHT, such as 1280x720"
+SECONDS_WORDS = "expected a whole number of seconds from 1 to 600, such as 4"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("model", "", MODEL_WORDS),
+        ("model", "sora 2", MODEL_WORDS),
+        ("model", "-sora", MODEL_WORDS),
+        ("model", "m" * 129, MODEL_WORDS),
+        ("model", 2, MODEL_WORDS),
+        ("size", "720X1280", SIZE_WORDS),
+        ("size", "720x1280 ", SIZE_WORDS),
+        ("size", "7x1280", SIZE_WORDS),
+        ("size", "720x1280\n", SIZE_WORDS),
+        ("size", 720, SIZE_WORDS),
+        ("seconds", 0, SECONDS_WORDS),
+        ("seconds", "0", SECONDS_WORDS),
+        ("seconds", 601, SECONDS_WORDS),
+        ("seconds", "4.5", SECONDS_WORDS),
+        ("seconds", 4.0, SECONDS_WORDS),
+        ("seconds", -4, SECONDS_WORDS),
+        ("seconds", True, SECONDS_WORDS),
+        ("seconds", "4s", SECONDS_WORDS),
+        ("seconds", "", SECONDS_WORDS),
+    ],
+)
+def test_bad_upstream_defaults_name_the_field_and_the_form(field, value, expected):
+    config = minimal()
+    config["upstream"]["defaults"] = {field: value}
+    assert problems(config) == [f"upstream.defaults.{field}: {expected}"]
+
+
+def test_unknown_defaults_and_a_defaults_that_is_no_mapping_are_named():
+    config = minimal()
+    config["upstream"]["defaults"] = {"modle": "sora-2"}
+    assert problems(config) == ["upstream.defaults.modle: unknown field"]
+    config["upstream"]["defaults"] = "sora-2"
+    assert problems(config) == ["upstream.defaults: expected a mapping"]
 
 
 @pytest.mark.parametrize(
@@ -688,9 +870,11 @@ def test_the_example_config_lists_each_default_as_the_schema_has_it():
         if not info.is_required() and info.default is not None
     }
     assert {"upstream.timeout_s", "store.data_dir", "logging.format"} <= defaults.keys()
+    assert {"quota.when_full", "teams[].weight"} <= defaults.keys()
     for path, default in defaults.items():
         section, key = path.split(".")
-        value = example[section][key]
+        # A team's field is shown on the first team.
+        value = example["teams"][0][key] if section == "teams[]" else example[section][key]
         assert value == default, path
         assert type(value) in (type(default), int), path
 
@@ -698,6 +882,10 @@ def test_the_example_config_lists_each_default_as_the_schema_has_it():
 def test_settings_built_in_code_take_positions_and_stay_frozen_tuples():
     team = TeamSettings("research", (D2,), 2)
     assert (team.name, team.key_sha256, team.max_in_flight) == ("research", (D2,), 2)
+    assert (team.weight, team.max_queued) == (1.0, None)
+    weighted = TeamSettings("research", (D2,), None, 3, 10)
+    assert (weighted.weight, weighted.max_queued) == (3.0, 10)
+    assert isinstance(weighted.weight, float)
     upstream = UpstreamSettings("https://api.example.com/v1/", TOKEN, timeout_s=5)
     assert upstream.base_url == "https://api.example.com/v1"
     assert upstream.timeout_s == 5.0
@@ -723,6 +911,10 @@ def test_settings_built_in_code_obey_the_schema_without_printing_a_secret():
         TeamSettings("research", ("not a digest",))
     with pytest.raises(ValidationError):
         Settings(UpstreamSettings("https://x/v1", TOKEN), ())
+    with pytest.raises(ValidationError):
+        TeamSettings("research", (D2,), weight=True)  # type: ignore[arg-type]
+    with pytest.raises(ValidationError):
+        UpstreamDefaults(size="large")
 
 
 @pytest.mark.parametrize(
@@ -739,6 +931,9 @@ def test_settings_built_in_code_obey_the_schema_without_printing_a_secret():
         ("quota.max_job_s", ".inf", "must be positive"),
         ("tracker.lease_s", "-.inf", "must be positive"),
         ("logging.level", "INFO", "expected one of info, debug, warning, error, got 'INFO'"),
+        ("quota.when_full", "Queue", "expected one of queue, wait, got 'Queue'"),
+        ("quota.max_queued", "true", "expected a whole number, got True"),
+        ("quota.fair_window_s", ".inf", "must be positive"),
         ("limits.max_team_downloads", "129", "must be at most limits.max_downloads"),
         ("store.data_dir", "null", "expected a directory path"),
         ("store.redis_url", "''", "expected a redis://, rediss:// or unix:// URL"),

@@ -6,11 +6,17 @@ import json
 
 import pytest
 
+from gateway import errors
 from gateway.errors import (
+    QUEUE_TIMEOUT,
     GatewayError,
     UpstreamError,
+    concurrency_limit_exceeded,
     invalid_request,
+    queue_full,
     store_unavailable,
+    team_concurrency_limit_exceeded,
+    team_queue_full,
     video_not_found,
 )
 from gateway.upstream import Reply, error_from_reply
@@ -96,6 +102,43 @@ def test_helpers():
     status, body, headers = rendered(store_unavailable())
     assert (status, body["code"]) == (503, "store_unavailable")
     assert headers["retry-after"].isdigit()
+
+
+@pytest.mark.parametrize(
+    ("factory", "code"),
+    [
+        (concurrency_limit_exceeded, "concurrency_limit_exceeded"),
+        (team_concurrency_limit_exceeded, "team_concurrency_limit_exceeded"),
+        (queue_full, "queue_full"),
+        (team_queue_full, "team_queue_full"),
+    ],
+)
+def test_not_now_refusals_are_429_with_both_retry_hints(factory, code):
+    status, body, headers = rendered(factory(2.4))
+    assert (status, body["code"], body["type"], body["param"]) == (
+        429,
+        code,
+        "rate_limit_error",
+        None,
+    )
+    # Whole seconds rounded up (never "retry now"), and the SDKs' millisecond hint.
+    assert (headers["retry-after"], headers["retry-after-ms"]) == ("3", "2400")
+    assert "x-should-retry" not in headers  # nothing was started: a retry is welcome
+    assert body["message"].endswith(".")
+
+
+def test_the_two_queue_refusals_say_which_queue_is_full():
+    assert "team" not in queue_full(1).message.lower()
+    assert "team" in team_queue_full(1).message.lower()
+
+
+def test_queue_timeout_is_a_code_in_the_catalogue_not_an_answer():
+    assert QUEUE_TIMEOUT == "queue_timeout"
+    catalogue = errors.__doc__ or ""
+    assert "QUEUE_TIMEOUT" in catalogue
+    assert "quota.max_queue_s" in catalogue
+    for code in ("queue_full(retry_s)", "team_queue_full(retry_s)"):
+        assert code in catalogue
 
 
 def test_video_not_found_never_says_whose_it_is():
