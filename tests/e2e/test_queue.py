@@ -26,6 +26,7 @@ import pytest
 from openai import OpenAI
 
 from support.api import assert_error, multipart, ok
+from support.metrics import scrape
 from support.processes import Process, start_gateway, wait_until
 from support.simulator import UpstreamWatch
 from support.stack import Rig
@@ -194,6 +195,16 @@ def assert_upstream_never_saw(rig: Rig, gateway_ids: list[str]) -> None:
         assert video_id not in named, video_id
 
 
+def metric(gateways: list[Process], name: str, **labels: str) -> float:
+    """One sample summed over `gateways` (0 where a replica has none): a counter's total;
+    for a gauge read from the store pass one replica."""
+    total = 0.0
+    for gateway in gateways:
+        samples = scrape(gateway).get("sora_gateway_" + name, [])
+        total += sum(value for found, value in samples if found == labels)
+    return total
+
+
 # -- accept: 200 at once, queued ---------------------------------------------------------------
 
 
@@ -293,6 +304,9 @@ def test_a_queued_job_starts_by_itself_and_keeps_the_gateway_id_everywhere(rig: 
     assert_upstream_never_saw(rig, [gateway_id])
     stats = rig.stats()
     assert (stats["limit_hits"], stats["jobs_created"]) == (0, LIMIT + 1), stats
+    # §8.8: accept -> start upstream observed once, for its team, over both replicas.
+    assert metric([a, b], "queue_seconds_count", team="beta") == 1
+    assert metric([a, b], "queue_seconds_count", team="alpha") == 0
 
 
 def test_create_and_poll_of_the_sdk_completes_through_a_queued_job(rig: Rig) -> None:
@@ -440,6 +454,8 @@ def test_upstream_refusing_a_queued_job_at_start_fails_it_with_upstreams_code(ri
         free_slots(alpha, held[1:])
     assert upstream_job(rig, "an odd size") is None
     assert rig.stats()["jobs_created"] == LIMIT + 1
+    refusals = metric(rig.gateways, "jobs_total", team="beta", kind="create", outcome="refused")
+    assert refusals == 1
     assert_upstream_never_saw(rig, [refused["id"], after["id"]])
 
 
@@ -499,7 +515,44 @@ def test_a_full_queue_and_a_teams_full_queue_are_429_with_retry_after(rig: Rig) 
         assert ok(alpha.delete(f"/v1/videos/{first['id']}"))["deleted"] is True
         assert_queued(post(gamma, prompt="gamma's two"))
         assert job_requests(watch) == []
+        depth = {team: metric(rig.gateways, "queue_depth", team=team) for team in rig.keys}
+        assert depth == {"alpha": 1, "beta": 1, "gamma": 1}, depth
     assert rig.stats()["jobs_created"] == LIMIT
+    rejections = {
+        (team, reason): metric(rig.gateways, "queue_rejections_total", team=team, reason=reason)
+        for team in rig.keys
+        for reason in ("queue_full", "team_queue_full")
+    }
+    assert {key: n for key, n in rejections.items() if n} == {
+        ("beta", "team_queue_full"): 1,
+        ("alpha", "queue_full"): 1,
+        ("gamma", "queue_full"): 1,
+    }
+
+
+def test_an_upload_over_max_queued_body_bytes_waits_as_in_wait_mode(rig: Rig) -> None:
+    """Its body is not stored in Redis: it waits for a slot up to wait_s, then 429,
+    while a small request is queued as ever."""
+    start(rig, quota={"max_queued_body_bytes": 4096, "wait_s": 1.0})
+    upload = multipart(
+        {"prompt": "a big reference"},
+        {"input_reference": ("ref.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 8192, "image/png")},
+    )
+    with rig.client("alpha") as alpha, rig.client("beta") as beta:
+        held = hold_slots(rig, alpha)
+        watch = UpstreamWatch(rig)
+        big = beta.post("/v1/videos", **upload)
+        assert_error(big, 429, "concurrency_limit_exceeded")
+        assert big.elapsed.total_seconds() >= 0.9, big.elapsed
+        assert "x-queue-position" not in big.headers
+        small = assert_queued(post(beta, prompt="a small request"), position=1)
+        assert job_requests(watch) == []
+        # With a slot free the upload starts at once, upstream's object as ever.
+        free_slots(alpha, held)
+        ended(beta, small["id"])
+        now = beta.post("/v1/videos", **upload)
+        assert "x-queue-position" not in now.headers
+        assert ok(now)["id"] == started(rig, "a big reference", 1)["id"]
 
 
 def test_a_job_queued_past_max_queue_s_fails_with_queue_timeout(rig: Rig) -> None:
@@ -516,6 +569,8 @@ def test_a_job_queued_past_max_queue_s_fails_with_queue_timeout(rig: Rig) -> Non
         assert timed_out["id"] == queued["id"]
         assert job_requests(watch) == []
     assert upstream_job(rig, "waits too long") is None
+    labels = {"team": "beta", "kind": "create", "outcome": "queue_timeout"}
+    assert metric(rig.gateways, "jobs_total", **labels) == 1
 
 
 def test_a_capped_team_queues_while_another_team_starts_at_once(rig: Rig) -> None:
