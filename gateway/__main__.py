@@ -77,6 +77,13 @@ def _simulate_options(simulate: argparse.ArgumentParser) -> None:
     simulate.add_argument(
         "--content-bytes", type=int, help="serve this many bytes as the video (benchmarks)"
     )
+    simulate.add_argument(
+        "--time-scale", type=float, default=1.0, help="simulated seconds per real second"
+    )
+    simulate.add_argument(
+        "--run-s-spread", type=float, default=0.0, help="run times vary by this fraction"
+    )
+    simulate.add_argument("--seed", type=int, default=0, help="seed of the run-time draws")
 
 
 def _demo_options(demo: argparse.ArgumentParser) -> None:
@@ -123,6 +130,9 @@ def _simulate(args: argparse.Namespace) -> int:
             expire_s=args.expire_s,
             max_running=args.max_running,
             content_bytes=args.content_bytes,
+            time_scale=args.time_scale,
+            run_s_spread=args.run_s_spread,
+            seed=args.seed,
         ),
     )
     return 0

@@ -26,6 +26,7 @@ from starlette.types import ASGIApp
 from .auth import TeamDirectory
 from .background import start as start_background
 from .config import Settings, TeamSettings
+from .dispatcher import Dispatcher
 from .downloads import DownloadBudget
 from .errors import (
     GatewayError,
@@ -43,12 +44,13 @@ from .quota import JobSlots
 from .readiness import Readiness
 from .registry import StoreProbe, VideoRegistry
 from .reload import TeamsReloader
+from .scheduler import Scheduler
 from .store import StoreFailure
 from .store_clients import StoreClients
 from .store_failures import StoreFailures
 from .tracker import Tracker
 from .upstream import Upstream
-from .videos import VideoRoutes
+from .videos import QueueMode, VideoRoutes
 
 log = logging.getLogger("gateway")
 
@@ -87,15 +89,34 @@ class Gateway:
             max_team_calls=limits.max_team_upstream_calls,
         )
         self.registry = VideoRegistry(self.stores.registry)
+        quota = settings.quota
         self.ledger = SlotLedger(
             self.stores.ledger,
-            limit=settings.quota.max_in_flight,
+            limit=quota.max_in_flight,
             team_caps=_caps(settings.teams),
             owner=replica_id(),
             lease_s=settings.tracker.lease_s,
+            team_weights=_weights(settings.teams),
+            fair_window_s=quota.fair_window_s,
         )
         self.slots = JobSlots(
-            self.ledger, self.metrics, wait_s=settings.quota.wait_s, failures=self.failures
+            self.ledger, self.metrics, wait_s=quota.wait_s, failures=self.failures
+        )
+        self.scheduler = Scheduler(
+            self.stores.ledger,
+            self.ledger,
+            max_queued=quota.max_queued,
+            team_max_queued=_queue_caps(settings.teams),
+        )
+        # Every replica runs a dispatcher, whatever its mode: queued jobs (from another
+        # replica, or from before a reload to `wait`) are started all the same.
+        self.dispatcher = Dispatcher(
+            scheduler=self.scheduler.on(self.stores.tracker),
+            slots=self.slots,
+            registry=self.registry,
+            upstream=self.upstream,
+            metrics=self.metrics,
+            max_queue_s=quota.max_queue_s,
         )
         self.tracker = self._tracker()
         # The operational routes read the store only on `stores.ops`, never on
@@ -126,6 +147,18 @@ class Gateway:
             body_timeout_s=limits.body_timeout_s,
             client_idle_timeout_s=limits.client_idle_timeout_s,
             remix_route=self.settings.upstream.remix_route,
+            queue=self._queue_mode(),
+        )
+
+    def _queue_mode(self) -> QueueMode | None:
+        quota = self.settings.quota
+        if quota.when_full != "queue":
+            return None
+        defaults = self.settings.upstream.defaults
+        return QueueMode(
+            scheduler=self.scheduler,
+            max_body_bytes=quota.max_queued_body_bytes,
+            defaults={"model": defaults.model, "size": defaults.size, "seconds": defaults.seconds},
         )
 
     def _tracker(self) -> Tracker:
@@ -141,6 +174,7 @@ class Gateway:
             # A lost create's job is listed upstream by the time its request would have
             # timed out; two more polls give a slow listing the benefit of the doubt.
             settle_after_s=self.settings.upstream.timeout_s + 2 * tracker.poll_interval_s,
+            queue=self.dispatcher,
         )
 
     def asgi(self) -> ASGIApp:
@@ -173,6 +207,7 @@ class Gateway:
                 self.slots.listen(self.ledger.releases(self.stores.pubsub)), "release-listener"
             ),
             start_background(self.readiness.run(), "readiness"),
+            start_background(self.dispatcher.run(), "dispatcher"),
         ]
         await self.probe.warn_if_volatile()
         if self.config_path is not None:
@@ -184,13 +219,17 @@ class Gateway:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            # Queued jobs this replica is sending: let upstream answer (a job cut off
+            # here would only be settled later, as a lost start).
+            await self.dispatcher.drain(self.settings.upstream.timeout_s)
             await self.upstream.aclose()
             await self.stores.aclose()
 
     def apply_teams(self, fresh: tuple[TeamSettings, ...]) -> None:
         """A reloaded config's teams: their keys, caps and metric labels, at once."""
         self.teams.update(fresh)
-        self.ledger.set_caps(_caps(fresh))
+        self.ledger.set_caps(_caps(fresh), _weights(fresh))
+        self.scheduler.set_team_limits(_queue_caps(fresh))
         self.metrics.set_teams(team.name for team in fresh)
 
     async def _store_error(self, request: Request, exc: Exception) -> Response:
@@ -199,6 +238,14 @@ class Gateway:
 
 def _caps(teams: tuple[TeamSettings, ...]) -> dict[str, int]:
     return {team.name: team.max_in_flight for team in teams if team.max_in_flight}
+
+
+def _weights(teams: tuple[TeamSettings, ...]) -> dict[str, float]:
+    return {team.name: team.weight for team in teams if team.weight != 1.0}
+
+
+def _queue_caps(teams: tuple[TeamSettings, ...]) -> dict[str, int]:
+    return {team.name: team.max_queued for team in teams if team.max_queued is not None}
 
 
 def replica_id() -> str:

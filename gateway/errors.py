@@ -6,7 +6,8 @@ one factory, and nowhere else writes a code:
 
     400 invalid_request                  invalid_request(message, param)
     400 invalid_video_id                 source_unknown(param)
-    400 video_not_completed              source_not_completed(status, param)
+    400 video_not_completed              source_not_completed(status, param),
+                                         video_not_ready(video_id, status)
     400 video_expired                    source_expired(param)
     401 invalid_api_key                  invalid_api_key(message)
     404 video_not_found                  video_not_found()
@@ -151,6 +152,13 @@ def source_not_completed(status: str, param: str) -> GatewayError:
         "video_not_completed",
         f"The source video is {status or 'not completed'}; only a completed video can be used.",
         param=param,
+    )
+
+
+def video_not_ready(video_id: str, status: str) -> GatewayError:
+    """Content of a job that has not started yet (it waits in the gateway's queue)."""
+    return GatewayError(
+        400, "video_not_completed", f"Video '{video_id}' is {status}; no content yet."
     )
 
 

@@ -24,18 +24,9 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from .store import (
-    BEATS,
-    HOLDERS,
-    JOBS,
-    QUEUE_PREFIX,
-    QUEUE_SEQ,
-    QUEUED_TEAMS,
-    RELEASED_CHANNEL,
-    SLOTS,
-    WAITER_TEAM,
-)
+from .store import BEATS, HOLDERS, JOBS, QUEUED_BY_TEAM, RELEASED_CHANNEL, SLOTS
 from .store_clients import translated
+from .store_lua import KEYS, PRELUDE
 
 log = logging.getLogger("gateway.ledger")
 
@@ -44,53 +35,29 @@ log = logging.getLogger("gateway.ledger")
 MAX_WANT_BYTES = 2048
 # A lost subscription is retried this often; meanwhile waiters fall back to polling.
 RESUBSCRIBE_S = 1.0
-# Every script receives the same KEYS, in this order (the prelude names them). The last
-# is not a key but the prefix of the per-team FIFOs (`queue_of(team)`, `store.queue_key`
-# in Python): every FIFO shares the `{sgw}` hash tag, so the scripts still touch one
-# cluster slot.
-KEYS = [HOLDERS, SLOTS, JOBS, QUEUED_TEAMS, BEATS, WAITER_TEAM, QUEUE_SEQ, QUEUE_PREFIX]
 
-# Shared by every script: the key names above and Redis time in milliseconds.
-_PRELUDE = """
-local holders, slots, jobs = KEYS[1], KEYS[2], KEYS[3]
-local queued_teams, beats, waiter_team, queue_seq = KEYS[4], KEYS[5], KEYS[6], KEYS[7]
-local function queue_of(team) return KEYS[8] .. team end
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-local function leave_queue(w)
-  local t = redis.call('HGET', waiter_team, w)
-  if t then
-    redis.call('ZREM', queue_of(t), w)
-    if redis.call('ZCARD', queue_of(t)) == 0 then redis.call('SREM', queued_teams, t) end
-  end
-  redis.call('ZREM', beats, w)
-  redis.call('HDEL', waiter_team, w)
-end
-"""
+_PRELUDE = PRELUDE
 
-# Admit a waiter if the shared limit and its team's cap allow and no earlier waiter
-# that could run is ahead of it; otherwise (re)queue it and refresh its heartbeat.
-# The cost does not grow with the number of waiters: dead waiters are found by their
-# expired heartbeats (each is dropped once), the decision merges the heads of the
-# FIFOs of the teams under their cap in arrival order, at most `free slots` steps, and
-# `ahead` is one ZCOUNT per such team. What grows is only the number of teams waiting
-# and of slots held (at most about the limit).
+# Admit a waiter if the shared limit and its team's cap allow and the fair-share order
+# (`store_lua.plan`) gives it one of the free slots; otherwise (re)queue it and refresh
+# its heartbeat. Dead waiters are found by their expired heartbeats (each is dropped
+# once). `ahead` is one ZCOUNT per team under its cap: earlier arrivals that could run.
 # ARGV: slot id, team, limit, lease ms, heartbeat ms, owner replica, kind,
 #       want (JSON object: what the request fixed, see `matching`), caps (JSON object
 #       team -> cap; absent teams have no cap), the arrival number an earlier call
 #       returned or '' (a live waiter whose heartbeat ran out while it could not reach
-#       the store, say waiting for a pooled connection, rejoins at its own place).
-# Returns {1, 'admitted'} or {0, 'global_limit' | 'team_limit', waiters ahead, holders,
-#          arrival number}.
+#       the store, say waiting for a pooled connection, rejoins at its own place),
+#       weights (JSON object team -> weight; absent: 1), fair window ms.
+# Returns {1, 'admitted', kick} or {0, 'global_limit' | 'team_limit', waiters ahead,
+#          holders, arrival number, kick}; kick is 1 when a queued job was given a free
+#          slot too (the caller wakes its dispatcher).
 ACQUIRE_SCRIPT = (
     _PRELUDE
     + """
 local slot, team, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local now = now_ms()
-if redis.call('ZSCORE', holders, slot) then return {1, 'admitted'} end
-for _, w in ipairs(redis.call('ZRANGEBYSCORE', beats, '-inf', now)) do leave_queue(w) end
+if redis.call('ZSCORE', holders, slot) then return {1, 'admitted', 0} end
+drop_dead_waiters(now)
 local mine = queue_of(team)
 local arrival = redis.call('ZSCORE', mine, slot)
 if not arrival then
@@ -101,60 +68,29 @@ if not arrival then
 end
 arrival = tonumber(arrival)
 redis.call('ZADD', beats, now + tonumber(ARGV[5]), slot)
-local caps = cjson.decode(ARGV[9])
-local held = {}
-local total = 0
-for _, h in ipairs(redis.call('ZRANGE', holders, 0, -1)) do
-  local raw = redis.call('HGET', slots, h)
-  local t = raw and cjson.decode(raw).team or ''
-  held[t] = (held[t] or 0) + 1
-  total = total + 1
-end
-local function room(t)
-  if caps[t] == nil then return limit end
-  return caps[t] - (held[t] or 0)
-end
-local teams = redis.call('SMEMBERS', queued_teams)
-if room(team) > 0 and total < limit then
-  -- Merge the eligible teams' FIFOs by arrival number; each step gives a free slot to
-  -- the earliest head, and a team stops taking slots when its cap is reached.
-  local heads, taken = {}, {}
-  for _, t in ipairs(teams) do
-    if room(t) > 0 then
-      local h = redis.call('ZRANGE', queue_of(t), 0, 0, 'WITHSCORES')
-      if h[1] then heads[t] = {h[1], tonumber(h[2])} end
-      taken[t] = 0
-    end
+local caps, weights = cjson.decode(ARGV[9]), cjson.decode(ARGV[11])
+local state = holdings(now)
+local admitted, kick = false, 0
+for _, p in ipairs(plan(state, limit, caps, weights, tonumber(ARGV[12]))) do
+  if p[1] == slot then
+    admitted = true
+  elseif redis.call('EXISTS', job_of(p[1])) == 1 then
+    kick = 1
   end
-  for _ = 1, limit - total do
-    local best
-    for t, h in pairs(heads) do
-      if best == nil or h[2] < heads[best][2] then best = t end
-    end
-    if best == nil then break end
-    if heads[best][1] == slot then
-      redis.call('ZADD', holders, now + tonumber(ARGV[4]), slot)
-      redis.call('HSET', slots, slot, cjson.encode({
-        team = team, state = 'reserved', video = '', owner = ARGV[6],
-        started = now, kind = ARGV[7], want = cjson.decode(ARGV[8])}))
-      leave_queue(slot)
-      return {1, 'admitted'}
-    end
-    taken[best] = taken[best] + 1
-    heads[best] = nil
-    if taken[best] < room(best) then
-      local h = redis.call('ZRANGE', queue_of(best), taken[best], taken[best], 'WITHSCORES')
-      if h[1] then heads[best] = {h[1], tonumber(h[2])} end
-    end
-  end
+end
+if admitted then
+  reserve(slot, team, ARGV[7], cjson.decode(ARGV[8]), ARGV[6], tonumber(ARGV[4]), now, '')
+  leave_queue(slot)
+  return {1, 'admitted', kick}
 end
 local ahead = 0
-for _, t in ipairs(teams) do
-  if room(t) > 0 then
+for _, t in ipairs(redis.call('SMEMBERS', queued_teams)) do
+  if room(state, caps, limit, t) > 0 then
     ahead = ahead + redis.call('ZCOUNT', queue_of(t), '-inf', '(' .. arrival)
   end
 end
-return {0, room(team) > 0 and 'global_limit' or 'team_limit', ahead, total, arrival}
+local reason = room(state, caps, limit, team) > 0 and 'global_limit' or 'team_limit'
+return {0, reason, ahead, state.total, arrival, kick}
 """
 )
 
@@ -171,7 +107,9 @@ return 1
 # (re)counted even if it was released meanwhile, because the job runs upstream either
 # way. If another slot had claimed this job (the tracker's guess for a lost answer),
 # that slot goes back to `unknown` to be settled again.
-# ARGV: slot id, video id, lease ms, owner, team, kind.
+# ARGV: slot id, video id, lease ms, owner, team, kind, ids (JSON object upstream id ->
+# gateway id, rewritten in every answer about the job; '' for none), gateway id ('' for
+# a job that started at once: its id is upstream's).
 BIND_SCRIPT = (
     _PRELUDE
     + """
@@ -200,6 +138,8 @@ if rec.video and rec.video ~= '' and rec.video ~= video
 end
 rec.state = 'bound'
 rec.video = video
+if ARGV[7] ~= '' then rec.ids = cjson.decode(ARGV[7]) end
+if ARGV[8] ~= '' then rec.gid = ARGV[8] end
 redis.call('HSET', slots, slot, cjson.encode(rec))
 redis.call('HSET', jobs, video, slot)
 local deadline = now + tonumber(ARGV[3])
@@ -260,8 +200,8 @@ return 1
 
 # The job ended (or never existed): free its slot, by slot id or by video id.
 # Idempotent: only the call that actually freed it gets {1, team, kind, started ms,
-# now ms, video}, so whoever gets that counts the job's end exactly once; others get {0}.
-# ARGV: slot id or '', video id or '', channel to publish the release on.
+# now ms, video, gateway id}, so whoever gets that counts the job's end exactly once;
+# others get {0}. ARGV: slot id or '', video id or '', channel to publish the release on.
 RELEASE_SCRIPT = (
     _PRELUDE
     + """
@@ -271,16 +211,7 @@ if slot == '' then
   slot = redis.call('HGET', jobs, ARGV[2])
   if not slot then return {0} end
 end
-local raw = redis.call('HGET', slots, slot)
-local rec = raw and cjson.decode(raw) or {}
-if rec.video and rec.video ~= '' and redis.call('HGET', jobs, rec.video) == slot then
-  redis.call('HDEL', jobs, rec.video)
-end
-redis.call('HDEL', slots, slot)
-if redis.call('ZREM', holders, slot) == 0 then return {0} end
-redis.call('PUBLISH', ARGV[3], slot)
-return {1, rec.team or '', rec.kind or '', tostring(rec.started or 0), tostring(now_ms()),
-        rec.video or ''}
+return free_slot(slot, ARGV[3])
 """
 )
 
@@ -292,6 +223,7 @@ class Admission:
     ahead: int = 0  # earlier waiters whose team may run
     holders: int = 0
     arrival: int | None = None  # the waiter's place, to pass back on its next try
+    kick: bool = False  # a queued job was given a free slot too: wake the dispatcher
 
 
 @dataclass(frozen=True)
@@ -307,6 +239,15 @@ class Release:
     kind: str
     video: str
     held_s: float  # from admission to release, by the store's clock
+    gid: str = ""  # the gateway's id of a job that was queued first; "" otherwise
+
+
+def release_of(result: Any) -> Release | None:
+    """`store_lua.free_slot`'s answer: what was freed, or None when nothing was."""
+    if int(result[0]) != 1:
+        return None
+    team, kind, started, now, video, gid = (_text(v) for v in result[1:7])
+    return Release(team, kind, video, (int(now) - int(float(started))) / 1000, gid)
 
 
 @dataclass(frozen=True)
@@ -320,6 +261,8 @@ class Slot:
     kind: str
     want: dict[str, str]  # what its request fixed (see `matching`); {} when unknown
     deadline_ms: int
+    gid: str = ""  # a queued job's gateway id (the client's); "" for one started at once
+    ids: dict[str, str] = field(default_factory=dict)  # upstream id -> gateway id
 
 
 @dataclass(frozen=True)
@@ -343,13 +286,16 @@ class SlotLedger:
         owner: str,
         lease_s: float,
         heartbeat_s: float = 5.0,
+        team_weights: dict[str, float] | None = None,
+        fair_window_s: float = 3600.0,
     ) -> None:
         self.redis = redis
         self.limit = limit
         self.owner = owner
         self.lease_ms = int(lease_s * 1000)
         self.heartbeat_ms = int(heartbeat_s * 1000)
-        self.set_caps(team_caps)
+        self.fair_window_ms = int(fair_window_s * 1000)
+        self.set_caps(team_caps, team_weights or {})
         self._register(redis)
 
     def on(self, redis: Redis) -> SlotLedger:
@@ -370,9 +316,10 @@ class SlotLedger:
         self._adopt = redis.register_script(ADOPT_SCRIPT)
         self._release = redis.register_script(RELEASE_SCRIPT)
 
-    def set_caps(self, team_caps: dict[str, int]) -> None:
-        """The teams' own caps, as the acquire script reads them (changed on reload)."""
-        self._caps = json.dumps(team_caps) if team_caps else "{}"
+    def set_caps(self, team_caps: dict[str, int], team_weights: dict[str, float]) -> None:
+        """The teams' own caps and weights, as the scripts read them (changed on reload)."""
+        self.caps = json.dumps(team_caps) if team_caps else "{}"
+        self.weights = json.dumps(team_weights) if team_weights else "{}"
 
     @translated
     async def try_acquire(
@@ -399,21 +346,45 @@ class SlotLedger:
                 self.owner,
                 kind,
                 encoded,
-                self._caps,
+                self.caps,
                 "" if arrival is None else arrival,
+                self.weights,
+                self.fair_window_ms,
             ],
         )
         if int(result[0]) == 1:
-            return Admission(True)
-        return Admission(False, _text(result[1]), int(result[2]), int(result[3]), int(result[4]))
+            return Admission(True, kick=bool(int(result[2])))
+        return Admission(
+            False,
+            _text(result[1]),
+            int(result[2]),
+            int(result[3]),
+            int(result[4]),
+            kick=bool(int(result[5])),
+        )
 
     @translated
     async def abandon(self, slot_id: str) -> None:
         await self._abandon(keys=KEYS, args=[slot_id])
 
     @translated
-    async def bind(self, slot_id: str, video_id: str, *, team: str, kind: str) -> None:
-        await self._bind(keys=KEYS, args=[slot_id, video_id, self.lease_ms, self.owner, team, kind])
+    async def bind(
+        self,
+        slot_id: str,
+        video_id: str,
+        *,
+        team: str,
+        kind: str,
+        ids: Mapping[str, str] | None = None,
+        gid: str = "",
+    ) -> None:
+        """The slot now counts upstream's job `video_id`; `ids` and `gid` (a queued job's
+        gateway id) travel with it so the tracker answers in the client's ids."""
+        encoded = json.dumps(dict(ids)) if ids else ""
+        await self._bind(
+            keys=KEYS,
+            args=[slot_id, video_id, self.lease_ms, self.owner, team, kind, encoded, gid],
+        )
 
     @translated
     async def mark_unknown(self, slot_id: str) -> bool:
@@ -431,10 +402,7 @@ class SlotLedger:
     async def release(self, slot_id: str = "", *, video_id: str = "") -> Release | None:
         """Free a slot; what was freed, for the one call that freed it, else None."""
         result = await self._release(keys=KEYS, args=[slot_id, video_id, RELEASED_CHANNEL])
-        if int(result[0]) != 1:
-            return None
-        team, kind, started, now, video = (_text(v) for v in result[1:6])
-        return Release(team, kind, video, (int(now) - int(float(started))) / 1000)
+        return release_of(result)
 
     async def releases(self, pubsub: Redis) -> AsyncIterator[None]:
         """Yields once per slot released by any replica, for ever, on `pubsub` (a client
@@ -482,6 +450,8 @@ class SlotLedger:
                     kind=str(rec.get("kind", "")),
                     want=_want(rec),
                     deadline_ms=int(deadline),
+                    gid=str(rec.get("gid", "")),
+                    ids=_ids(rec),
                 )
             )
         return Snapshot(
@@ -490,6 +460,11 @@ class SlotLedger:
             claimed_videos=frozenset(_text(v) for v in claimed),
             waiting=int(waiting),
         )
+
+
+def _ids(rec: dict[str, Any]) -> dict[str, str]:
+    ids = rec.get("ids")
+    return {str(k): str(v) for k, v in ids.items()} if isinstance(ids, dict) else {}
 
 
 def _want(rec: dict[str, Any]) -> dict[str, str]:
@@ -502,13 +477,15 @@ def _want(rec: dict[str, Any]) -> dict[str, str]:
 
 @translated
 async def read_usage(redis: Redis) -> Usage:
-    """Slots held and requests waiting, in one round trip: a pure read, so any client
-    (the operational one for `/metrics`) may send it, and send it twice."""
+    """Slots held, requests waiting and jobs queued by team, in one round trip: a pure
+    read, so any client (the operational one for `/metrics`) may send it, and twice."""
     async with redis.pipeline(transaction=False) as pipe:
         pipe.zcard(HOLDERS)
         pipe.zcard(BEATS)
-        in_use, waiting = await pipe.execute()
-    return Usage(int(in_use), int(waiting))
+        pipe.hgetall(QUEUED_BY_TEAM)
+        in_use, waiting, queued = await pipe.execute()
+    depth = {_text(team): int(n) for team, n in queued.items() if int(n) > 0}
+    return Usage(int(in_use), int(waiting), depth)
 
 
 def _text(value: Any) -> str:

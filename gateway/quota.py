@@ -34,6 +34,7 @@ from .errors import (
 from .ledger import Admission, SlotLedger
 from .logs import note
 from .metrics import GatewayMetrics
+from .scheduler import Enqueued
 from .store import StoreBusy, StoreFailure, StoreUnavailable
 from .store_failures import StoreFailures
 from .upstream import Reply, error_from_reply
@@ -165,6 +166,9 @@ class JobSlots:
         self.in_flight: set[str] = set()  # slots whose create is still running here
         self.typical_job_s = DEFAULT_JOB_S
         self._wakeups = Wakeups()
+        # Called when a queued job may start (a release, or a decision that gave one a
+        # slot): the dispatcher's wake-up.
+        self.kicks: list[Callable[[], None]] = []
 
     @contextlib.asynccontextmanager
     async def hold(
@@ -185,6 +189,36 @@ class JobSlots:
         except BaseException:
             self.in_flight.discard(slot_id)
             raise
+        async with self._ticket(slot_id, team, kind) as ticket:
+            yield ticket
+
+    @contextlib.asynccontextmanager
+    async def start_or_queue(
+        self, team: Team, kind: str, enqueue: Callable[[str], Awaitable[Enqueued]]
+    ) -> AsyncIterator[Ticket | Enqueued]:
+        """`when_full: queue`: one decision, no wait. `enqueue` (the scheduler's, given
+        the slot id to reserve) starts the job now, and this yields its ticket, or it
+        stored the job (or refused it: the queue is full), and this yields that."""
+        slot_id = f"slot_{uuid.uuid4().hex}"
+        self.in_flight.add(slot_id)  # as in `hold`: before the slot can be reserved
+        try:
+            decision = await enqueue(slot_id)
+        except BaseException:
+            self.in_flight.discard(slot_id)
+            raise
+        if decision.kick:
+            self.notice_kick()
+        if decision.outcome != "admitted":
+            self.in_flight.discard(slot_id)
+            yield decision
+            return
+        async with self._ticket(slot_id, team, kind) as ticket:
+            yield ticket
+
+    @contextlib.asynccontextmanager
+    async def _ticket(self, slot_id: str, team: Team, kind: str) -> AsyncIterator[Ticket]:
+        """The admitted slot's ticket; a way out that did not settle it leaves it
+        `unknown` (the job may exist upstream)."""
         ticket = Ticket(self, slot_id, team, kind)
         try:
             yield ticket
@@ -250,6 +284,8 @@ class JobSlots:
                     raise
                 continue
             arrival = admission.arrival
+            if admission.kick:
+                self.notice_kick()
             if admission.admitted:
                 waited = loop.time() - started
                 self.metrics.slot_waited(team.name, waited)
@@ -318,8 +354,15 @@ class JobSlots:
         return True
 
     def notice_release(self) -> None:
-        """A slot somewhere was freed: wake the local waiters that could take it."""
+        """A slot somewhere was freed: wake the local waiters that could take it, and
+        the dispatcher (a queued job may be next)."""
         self._wakeups.wake(self.ledger.limit)
+        self.notice_kick()
+
+    def notice_kick(self) -> None:
+        """A queued job may start now: wake this replica's dispatcher."""
+        for kick in self.kicks:
+            kick()
 
     def notice_job_duration(self, seconds: float) -> None:
         self.typical_job_s = 0.8 * self.typical_job_s + 0.2 * max(1.0, seconds)

@@ -14,7 +14,7 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, cast, overload
 
 from redis.asyncio import Redis
@@ -22,7 +22,7 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.typing import EncodableT
 
 from .batching import CommandBatcher
-from .store import VIDEO_SEQ, character_key, team_index_key, video_key
+from .store import VIDEO_SEQ, alias_key, character_key, team_index_key, video_key
 from .store_clients import ANY_FAILURE, translate_errors, translated
 
 log = logging.getLogger("gateway.store")
@@ -33,20 +33,48 @@ TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
 UNSETTLED_TTL_S = 7 * 86400
 EXPIRED_GRACE_S = 86400
 CHARACTER_TTL_S = 30 * 86400
-_RECORD_FIELDS = ("team", "kind", "status", "expires_at", "body")
+_RECORD_FIELDS = ("team", "kind", "status", "expires_at", "body", "upstream", "ids")
+
+# Record a video: its hash and its entry in its team's index. Idempotent: recording
+# the same id twice keeps its first index entry. Shared with the scheduler, which records
+# a queued job in the script that queues it (`scheduler.ENQUEUE_SCRIPT`): a job is never
+# queued without its record, nor recorded without being queued.
+RECORD_LUA = """
+local function record_video(kvideo, kindex, kseq, id, team, kind, status, created, expires,
+                            body, ttl)
+  if redis.call('EXISTS', kvideo) == 0 then
+    local seq = redis.call('INCR', kseq)
+    local member = created .. ':' .. string.format('%016d', seq) .. ':' .. id
+    redis.call('HSET', kvideo, 'team', team, 'kind', kind, 'member', member)
+    redis.call('ZADD', kindex, 0, member)
+  end
+  redis.call('HSET', kvideo, 'status', status, 'expires_at', expires, 'body', body)
+  redis.call('EXPIRE', kvideo, tonumber(ttl))
+end
+"""
 
 # KEYS[1] video hash, KEYS[2] team index, KEYS[3] sequence counter.
-# ARGV: id, team, kind, status, created_at (zero-padded), expires_at, body, ttl seconds.
-# Idempotent: recording the same id twice keeps its first index entry.
-RECORD_SCRIPT = """
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  local seq = redis.call('INCR', KEYS[3])
-  local member = ARGV[5] .. ':' .. string.format('%016d', seq) .. ':' .. ARGV[1]
-  redis.call('HSET', KEYS[1], 'team', ARGV[2], 'kind', ARGV[3], 'member', member)
-  redis.call('ZADD', KEYS[2], 0, member)
-end
-redis.call('HSET', KEYS[1], 'status', ARGV[4], 'expires_at', ARGV[6], 'body', ARGV[7])
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[8]))
+# ARGV: id, team, kind, status, created_at (zero-padded), expires_at, body, ttl seconds,
+# ids (JSON upstream id -> gateway id to rewrite in its answers, '' for none).
+RECORD_SCRIPT = (
+    RECORD_LUA
+    + """
+record_video(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5],
+             ARGV[6], ARGV[7], ARGV[8])
+if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'ids', ARGV[9]) end
+return 1
+"""
+)
+
+# A queued job started upstream. KEYS[1] its video hash (by the gateway's id), KEYS[2]
+# the alias key of upstream's id. ARGV: upstream id, ids (JSON), status, expires_at,
+# body, ttl seconds, the gateway id. Returns 0 when the record is gone (deleted).
+STARTED_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'upstream', ARGV[1], 'ids', ARGV[2], 'status', ARGV[3],
+           'expires_at', ARGV[4], 'body', ARGV[5])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6]))
+redis.call('SET', KEYS[2], ARGV[7], 'EX', tonumber(ARGV[6]))
 return 1
 """
 
@@ -81,10 +109,26 @@ class VideoRecord:
     status: str
     expires_at: int | None
     body: str
+    # Upstream's id of the job: the record's own id for a job that started at once,
+    # None for a queued job not started yet, another id for one started from the queue.
+    upstream_id: str | None = None
+    ids: dict[str, str] = field(default_factory=dict)  # upstream id -> gateway id
 
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL_STATUSES
+
+    def source_ids(self) -> dict[str, str]:
+        """The ids a job made from this video names that its client knows by others."""
+        ids = dict(self.ids)
+        if self.upstream_id and self.upstream_id != self.id:
+            ids[self.upstream_id] = self.id
+        return ids
+
+    @property
+    def queued(self) -> bool:
+        """Waiting in the gateway's queue: upstream does not know it yet."""
+        return self.upstream_id is None and not self.terminal
 
     def seen(self, video: dict[str, Any], body: bytes) -> VideoRecord:
         """This record as it stands after `update(video, body)`, without reading it back."""
@@ -121,12 +165,20 @@ class VideoRegistry:
         self._record = redis.register_script(RECORD_SCRIPT)
         self._update = redis.register_script(UPDATE_SCRIPT)
         self._forget = redis.register_script(FORGET_SCRIPT)
+        self._started = redis.register_script(STARTED_SCRIPT)
 
     @translated
-    async def record(self, team: str, kind: str, video: dict[str, Any], body: bytes) -> None:
-        """Remember a video the gateway just started for `team`."""
+    async def record(
+        self,
+        team: str,
+        kind: str,
+        video: dict[str, Any],
+        body: bytes,
+        ids: dict[str, str] | None = None,
+    ) -> None:
+        """Remember a video the gateway just started for `team`; `ids` are the upstream
+        ids its answers name that the client knows by a gateway id."""
         video_id = str(video["id"])
-        created_at = _int(video.get("created_at")) or int(time.time())
         await self._record(
             keys=[video_key(video_id), team_index_key(team), VIDEO_SEQ],
             args=[
@@ -134,12 +186,31 @@ class VideoRegistry:
                 team,
                 kind,
                 str(video.get("status") or "queued"),
-                f"{created_at:012d}",
+                *record_args(video, body),
+                json.dumps(ids) if ids else "",
+            ],
+        )
+
+    @translated
+    async def started(
+        self, job_id: str, upstream_id: str, ids: dict[str, str], video: dict[str, Any], body: bytes
+    ) -> bool:
+        """A queued job started upstream as `upstream_id`: the record (by the gateway's
+        id) learns it, with upstream's answer already in the client's ids. False when the
+        record is gone (deleted while it started)."""
+        started = await self._started(
+            keys=[video_key(job_id), alias_key(upstream_id)],
+            args=[
+                upstream_id,
+                json.dumps(ids),
+                str(video.get("status") or ""),
                 _expiry_arg(video),
                 body,
                 _ttl(video),
+                job_id,
             ],
         )
+        return bool(started)
 
     @translated
     async def update(self, video_id: str, video: dict[str, Any], body: bytes) -> bool:
@@ -162,11 +233,19 @@ class VideoRegistry:
         return bool(updated)
 
     @translated
+    async def gateway_id(self, upstream_id: str) -> str | None:
+        """The gateway's id of a job that started from the queue, by upstream's id."""
+        return _str(await self._redis.get(alias_key(upstream_id)))
+
+    @translated
     async def get(self, video_id: str) -> VideoRecord | None:
         values = await self._batched.execute("HMGET", video_key(video_id), *_RECORD_FIELDS)
-        team, kind, status, expires_at, body = (_str(v) for v in values)
+        team, kind, status, expires_at, body, upstream, ids = (_str(v) for v in values)
         if team is None:
             return None
+        if upstream is None:
+            upstream = video_id  # a job that started at once: upstream's id is its own
+        # (A queued job not started yet has `upstream` empty: None below.)
         return VideoRecord(
             id=video_id,
             team=team,
@@ -174,6 +253,8 @@ class VideoRegistry:
             status=status or "",
             expires_at=int(expires_at) if expires_at else None,
             body=body or "{}",
+            upstream_id=upstream or None,
+            ids=json.loads(ids) if ids else {},
         )
 
     @translated
@@ -189,7 +270,8 @@ class VideoRegistry:
             return set()
         async with self._redis.pipeline(transaction=False) as pipe:
             for video_id in video_ids:
-                pipe.exists(video_key(video_id))
+                # A queued job's upstream id is known by its alias, not a record.
+                pipe.exists(video_key(video_id), alias_key(video_id))
             found = await pipe.execute()
         return {video_id for video_id, hit in zip(video_ids, found, strict=True) if hit}
 
@@ -297,6 +379,12 @@ class StoreProbe:
 def _config_value(reply: dict[Any, Any], key: str) -> str:
     value = reply.get(key, reply.get(key.encode(), ""))
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def record_args(video: dict[str, Any], body: bytes) -> list[EncodableT]:
+    """`RECORD_LUA`'s created_at, expires_at, body and ttl for a video object."""
+    created_at = _int(video.get("created_at")) or int(time.time())
+    return [f"{created_at:012d}", _expiry_arg(video), body, _ttl(video)]
 
 
 def _expiry_arg(video: dict[str, Any]) -> str:

@@ -7,8 +7,8 @@ Errors first, as the caller meets them (the model is httpx's `_exceptions.py`):
       StoreUnavailable      the store is unreachable or timed out: 503 `store_unavailable`
       StoreBusy             no pooled connection came free in time: 503 `store_busy`
 
-Only `ledger.py` and `registry.py` send commands, and they raise these, never a redis
-exception: `store_clients.translate_errors` is the one place that converts.
+Only `ledger.py`, `scheduler.py` and `registry.py` send commands, and they raise these,
+never a redis exception: `store_clients.translate_errors` is the one place that converts.
 
 Keys. Every key shares the `{sgw}` hash tag, so each script touches one cluster slot.
 The strings are the stored format: an existing store must keep working, so they never
@@ -26,6 +26,18 @@ The slot ledger (`ledger.py`):
   empty. `beats` ZSET waiter -> heartbeat deadline (a waiter whose replica died drops
   out); `waiter_team` HASH waiter -> team (which FIFO it is in); `queue_seq` the
   arrival counter shared by all FIFOs.
+- `queued` ZSET queued job id -> accepted at (ms): every job the scheduler holds
+  (its size is `quota.max_queued`'s count; its oldest are the ones past
+  `quota.max_queue_s`); `queued_by_team` HASH team -> queued jobs; `job:<id>` HASH one
+  queued job's stored request (team, kind, want, meta, body, arrival, attempts,
+  accepted; `slot` once taken, `deleted` when its client deleted it while it started).
+  A queued job waits in its team's FIFO (`queue:<team>`) beside the live waiters of
+  `when_full: wait`, so both are served in one fair order.
+- `used:<team>` ZSET `slot:ms` -> end (ms): the spans of the team's finished jobs within
+  `quota.fair_window_s`; `used_sum` HASH team -> their total ms. A team's share is
+  that total plus its running jobs' elapsed time, divided by its weight.
+- `paused_until` STRING: upstream answered a queued start with 429; nothing starts
+  before this time (ms).
 - `released` the pub/sub channel each release publishes its slot id on: every
   replica's waiters wake at once instead of at their next re-check.
 
@@ -35,6 +47,10 @@ The registry (`registry.py`):
   own expiry, or a week after its last update while that is unknown.
 - `team:<team>:videos` ZSET, every score 0, members `created_at:sequence:id`: a
   lexicographic range lists the team's videos newest first, ties in recording order.
+- `alias:<upstream id>` STRING the gateway id of a job that was queued before it started
+  (the client only ever sees the gateway's id); a video hash of such a job holds
+  `upstream` (upstream's id) and `ids` (JSON upstream id -> gateway id, rewritten in
+  every answer about it).
 - `seq` the counter that gives each index entry its sequence number.
 - `character:<id>` STRING the team that owns the character (30 days).
 """
@@ -71,6 +87,13 @@ QUEUE_SEQ = PREFIX + "queue_seq"
 # A team's FIFO is this prefix + its name (`queue_key`); the scripts receive the prefix.
 QUEUE_PREFIX = PREFIX + "queue:"
 RELEASED_CHANNEL = PREFIX + "released"
+# The scheduler.
+QUEUED = PREFIX + "queued"
+QUEUED_BY_TEAM = PREFIX + "queued_by_team"
+USED_SUM = PREFIX + "used_sum"
+USED_PREFIX = PREFIX + "used:"
+PAUSED_UNTIL = PREFIX + "paused_until"
+JOB_PREFIX = PREFIX + "job:"
 
 # The registry.
 VIDEO_SEQ = PREFIX + "seq"
@@ -79,6 +102,21 @@ VIDEO_SEQ = PREFIX + "seq"
 def queue_key(team: str) -> str:
     """The FIFO of `team`'s waiters."""
     return QUEUE_PREFIX + team
+
+
+def job_key(job_id: str) -> str:
+    """A queued job's stored request."""
+    return JOB_PREFIX + job_id
+
+
+def used_key(team: str) -> str:
+    """The spans of `team`'s finished jobs within the fair-share window."""
+    return USED_PREFIX + team
+
+
+def alias_key(upstream_id: str) -> str:
+    """The gateway id of a queued-born job, by the id upstream gave it."""
+    return f"{PREFIX}alias:{upstream_id}"
 
 
 def video_key(video_id: str) -> str:

@@ -25,7 +25,8 @@ from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
-from .answers import json_object, video_object
+from .answers import in_client_ids, json_object, video_object
+from .dispatcher import Dispatcher
 from .errors import GatewayError, UpstreamError
 from .ledger import Slot, SlotLedger, Snapshot
 from .matching import pick
@@ -54,8 +55,10 @@ class Tracker:
         lease_s: float,
         max_job_s: float,
         settle_after_s: float,
+        queue: Dispatcher | None = None,
     ) -> None:
         self.ledger = ledger
+        self.queue = queue  # settles the lost starts of queued jobs
         self.slots = slots
         self.registry = registry
         self.upstream = upstream
@@ -163,8 +166,9 @@ class Tracker:
             except (UpstreamError, TimeoutError):
                 await self.ledger.renew(slot.id)  # upstream is unwell, the job is not over
                 return
+        record_id = slot.gid or slot.video  # the id the client knows the job by
         if reply.status == 404:
-            await self.registry.forget(slot.video, slot.team)
+            await self.registry.forget(record_id, slot.team)
             await self.slots.finish(slot_id=slot.id, outcome="vanished", ledger=self.ledger)
             return
         try:
@@ -175,9 +179,12 @@ class Tracker:
         if video is None:
             await self.ledger.renew(slot.id)  # nothing learnt: the job is not over
             return
-        if not await self.registry.update(slot.video, video, reply.body):
+        seen = in_client_ids(video, slot.ids)
+        body = reply.body if seen is video else json.dumps(seen).encode()
+        if not await self.registry.update(record_id, seen, body) and not slot.gid:
             # Counted but never recorded (the store failed between the two writes):
-            # the job is the slot's team's, so record it now rather than lose it.
+            # the job is the slot's team's, so record it now rather than lose it. (A
+            # queued job's record is written before it starts; gone means deleted.)
             await self.registry.record(slot.team, slot.kind, video, reply.body)
         if video.get("status") in TERMINAL_STATUSES:
             await self.slots.finish(
@@ -227,10 +234,7 @@ class Tracker:
                 candidates.remove(match)
                 await self._adopt_job(slot, match)
             elif snapshot.now_ms - slot.started_ms > self.settle_after_ms:
-                log.info("released a lost create that never appeared upstream")
-                await self.slots.finish(
-                    slot_id=slot.id, outcome="never_started", ledger=self.ledger
-                )
+                await self._never_started(slot)
             else:
                 await self.ledger.renew(slot.id)
 
@@ -246,8 +250,26 @@ class Tracker:
         known = await self.registry.known([job["id"] for job in jobs])
         return [job for job in jobs if job["id"] not in known]
 
+    async def _never_started(self, slot: Slot) -> None:
+        """A lost create that can no longer appear: free its slot (a queued job's goes
+        back to the queue instead)."""
+        if slot.gid and self.queue is not None:
+            await self.queue.never_started(slot)
+            return
+        log.info("released a lost create that never appeared upstream")
+        await self.slots.finish(slot_id=slot.id, outcome="never_started", ledger=self.ledger)
+
     async def _adopt_job(self, slot: Slot, job: dict[str, Any]) -> None:
         """The lost create's job was found: count it, and give it to the team that asked."""
+        if slot.gid and self.queue is not None:
+            await self.queue.started(
+                slot.gid, team=slot.team, kind=slot.kind, slot_id=slot.id, video=job
+            )
+            if job.get("status") in TERMINAL_STATUSES:
+                await self.slots.finish(
+                    slot_id=slot.id, outcome=str(job["status"]), ledger=self.ledger
+                )
+            return
         await self.ledger.bind(slot.id, job["id"], team=slot.team, kind=slot.kind)
         await self.registry.record(slot.team, slot.kind, job, json.dumps(job).encode())
         log.info("found the job of a create whose answer was lost", extra={"video_id": job["id"]})

@@ -246,6 +246,14 @@ class Upstream:
             team=request.state.team.name,
         )
 
+    def for_stored(self, forwarded: Mapping[str, str], request_id: str | None) -> UpstreamCalls:
+        """The start of a queued job: the headers its client sent (already filtered, see
+        `UpstreamCalls.forwarded`), on the tracker's pool, for no team: a job that
+        waited its turn must not then wait for its team's busy connections."""
+        return UpstreamCalls(
+            self, dict(forwarded), None, request_id, "req_gateway_", None, "tracker"
+        )
+
     def for_tracker(self) -> UpstreamCalls:
         """The tracker's own calls: no client headers, on the pool no client can fill."""
         return self.calls(pool="tracker", request_id_prefix="req_tracker_")
@@ -354,6 +362,16 @@ class UpstreamCalls:
         self._id_prefix = id_prefix
         self._team = team
         self._pool = pool
+
+    @property
+    def forwarded(self) -> dict[str, str]:
+        """The client headers these calls send upstream (allow-listed): what a queued
+        job keeps to be sent later as it would have been now."""
+        return dict(self._forwarded)
+
+    @property
+    def request_id(self) -> str | None:
+        return self._request_id
 
     async def open(
         self,

@@ -10,30 +10,50 @@ for the tracker.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .answers import ID_SYNTAX, json_object, video_object
+from .answers import (
+    ID_SYNTAX,
+    client_reply,
+    in_client_ids,
+    json_object,
+    queued_object,
+    video_object,
+)
 from .auth import Team
 from .body import RequestBody, read_body
 from .downloads import DownloadBudget
-from .errors import character_not_found, invalid_request, upstream_error, video_not_found
+from .errors import (
+    GatewayError,
+    character_not_found,
+    invalid_request,
+    queue_full,
+    team_queue_full,
+    upstream_error,
+    video_not_found,
+    video_not_ready,
+)
 from .logs import note
 from .matching import wanted
 from .metrics import GatewayMetrics
 from .openapi import FILE, VIDEO_ID, obj, operation, text
 from .params import check_job_params
 from .parse import whole_number
-from .quota import JobSlots
+from .quota import JobSlots, Started, Ticket, retry_after_s
 from .registry import TERMINAL_STATUSES, VideoRecord, VideoRegistry
 from .relay import Relay
+from .scheduler import Scheduler, StoredRequest, mint_job_id
 from .sources import (
     CHARACTER_SOURCE,
     NO_SOURCE,
@@ -67,6 +87,32 @@ LIST_QUERY = {
 }
 
 MAX_PROMPT_CHARS = 32_000
+# A queued answer's `openai-poll-after-ms` (CONTRACT §8.2 caps it at 10 s).
+MAX_POLL_AFTER_MS = 10_000
+MIN_POLL_AFTER_MS = 250
+
+
+@dataclass(frozen=True)
+class QueueMode:
+    """`quota.when_full: queue`: the scheduler, and what a queued answer needs."""
+
+    scheduler: Scheduler
+    max_body_bytes: int  # a larger request waits for a slot as in `wait` mode
+    defaults: Mapping[str, str | None]  # `upstream.defaults`: what upstream assumes
+
+
+@dataclass(frozen=True)
+class _QueueCandidate:
+    """A checked job-creating request, before the one decision: start or queue."""
+
+    kind: str
+    path: str
+    body: RequestBody
+    outgoing: RequestBody | bytes
+    want: dict[str, str]
+    source: VideoRecord | None
+
+
 CONTENT_VARIANTS = ("video", "thumbnail", "spritesheet")
 CONTENT_QUERY = {"variant": {"enum": list(CONTENT_VARIANTS)}}
 
@@ -87,6 +133,7 @@ class VideoRoutes:
         body_timeout_s: float,
         client_idle_timeout_s: float,
         remix_route: str,
+        queue: QueueMode | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.registry = registry
@@ -99,6 +146,7 @@ class VideoRoutes:
         self.body_timeout_s = body_timeout_s
         self.client_idle_timeout_s = client_idle_timeout_s
         self.remix_route = remix_route
+        self.queue = queue  # None: `when_full: wait`
         self.clock = clock
 
     def routes(self) -> list[Route]:
@@ -139,16 +187,17 @@ class VideoRoutes:
             # body could reach an upstream that takes the source from the body.
             refuse_other_sources(body, NO_SOURCE)
             record = await self._check_source(request, source, "video_id")
+            upstream_source = _upstream_id(record)
             if self.remix_route == "path":
                 return await self._start_job(
-                    request, "remix", f"videos/{source}/remix", body, source=record
+                    request, "remix", f"videos/{upstream_source}/remix", body, source=record
                 )
             return await self._start_job(
                 request,
                 "remix",
                 "videos/remix",
                 body,
-                _with_field(body, "video_id", source),
+                _with_field(body, "video_id", upstream_source),
                 source=record,
             )
         finally:
@@ -163,8 +212,12 @@ class VideoRoutes:
             _require_prompt(body)
             refuse_other_sources(body, REMIX_BY_BODY_SOURCE)
             record = await self._check_source(request, source, "video_id")
+            upstream_source = _upstream_id(record)
             if self.remix_route == "body":
-                return await self._start_job(request, "remix", "videos/remix", body, source=record)
+                rewritten = _naming_source(body, ("video_id",), upstream_source, source)
+                return await self._start_job(
+                    request, "remix", "videos/remix", body, rewritten, source=record
+                )
             if body.files:
                 raise invalid_request(
                     "File parts are not accepted here; use POST /v1/videos/{video_id}/remix.",
@@ -174,7 +227,7 @@ class VideoRoutes:
             return await self._start_job(
                 request,
                 "remix",
-                f"videos/{source}/remix",
+                f"videos/{upstream_source}/remix",
                 body,
                 json.dumps(fields).encode(),
                 source=record,
@@ -201,10 +254,12 @@ class VideoRoutes:
             _require_prompt(body)
             reference = derived_source(body)
             record = None
+            rewritten = None
             if reference is not None:
                 source = _field_id(reference, "video.id")
                 record = await self._check_source(request, source, "video.id")
-            return await self._start_job(request, kind, path, body, source=record)
+                rewritten = _naming_source(body, ("video", "id"), _upstream_id(record), source)
+            return await self._start_job(request, kind, path, body, rewritten, source=record)
         finally:
             body.close()
 
@@ -218,7 +273,8 @@ class VideoRoutes:
         *,
         source: VideoRecord | None = None,
     ) -> Response:
-        """Take a shared slot, send the job-creating request upstream, record the job.
+        """Take a shared slot, send the job-creating request upstream, record the job;
+        or, with `when_full: queue` and no slot for it now, queue it (CONTRACT §8).
 
         `rewritten` is what to send instead of the client's own bytes, when the remix
         form has to be translated for upstream. `source` is the checked source video's
@@ -227,16 +283,86 @@ class VideoRoutes:
         """
         check_job_params(body.fields)  # the last check before the wait, on every route
         team = _team(request)
-        want = wanted(kind, body.fields, *((source.id, source.body) if source else (None, "{}")))
+        origin = (source.upstream_id, source.body) if source else (None, "{}")
+        want = wanted(kind, body.fields, *origin)
         calls = self.upstream.for_request(request)
         outgoing = body if rewritten is None else rewritten
+        ids = source.source_ids() if source else {}
+        size = len(outgoing) if isinstance(outgoing, bytes) else outgoing.size
+        if self.queue is not None and size <= self.queue.max_body_bytes:
+            job = _QueueCandidate(kind, path, body, outgoing, want, source)
+            return await self._start_or_queue(request, calls, job)
         async with self.slots.hold(team, kind, want, request.is_disconnected) as ticket:
             started = await ticket.forward(_send(calls, path, outgoing))
-            try:
-                await self.registry.record(team.name, kind, started.video, started.reply.body)
-            except StoreFailure as exc:
-                raise self.slots.not_recorded(exc, started.video["id"]) from None
-        return _passthrough(started.reply)
+            return await self._record_started(team, kind, started, ids)
+
+    async def _start_or_queue(
+        self, request: Request, calls: UpstreamCalls, job: _QueueCandidate
+    ) -> Response:
+        """Start the job now if the fair-share order gives it a free slot, else store
+        it and answer `queued` at once (CONTRACT §8.2)."""
+        assert self.queue is not None
+        team = _team(request)
+        content, content_type = await _whole(job.outgoing)
+        job_id = mint_job_id()
+        video = queued_object(
+            job_id,
+            kind=job.kind,
+            fields=job.body.fields,
+            inherited=_object(job.source.body) if job.source else {},
+            defaults=self.queue.defaults,
+            source=job.source.id if job.source else None,
+            created_at=int(self.clock()),
+        )
+        stored = StoredRequest(
+            job.path, content_type, calls.forwarded, content, job.source.id if job.source else ""
+        )
+        enqueue = partial(
+            self.queue.scheduler.enqueue,
+            job_id,
+            team=team.name,
+            kind=job.kind,
+            want=job.want,
+            request=stored,
+            video=video,
+        )
+        async with self.slots.start_or_queue(team, job.kind, enqueue) as decision:
+            if isinstance(decision, Ticket):
+                send = calls.call("POST", job.path, content=content, content_type=content_type)
+                started = await decision.forward(send)
+                ids = job.source.source_ids() if job.source else {}
+                return await self._record_started(team, job.kind, started, ids)
+        if decision.outcome == "queued":
+            note(video_id=job_id, queued=True)
+            headers = self._queue_headers(decision.position)
+            return Response(json.dumps(video), media_type="application/json", headers=headers)
+        self.metrics.queue_rejected(team.name, decision.outcome)
+        retry_s = retry_after_s(self.queue.scheduler.max_queued, 1, self.slots.typical_job_s)
+        if decision.outcome == "team_queue_full":
+            raise team_queue_full(retry_s)
+        raise queue_full(retry_s)
+
+    async def _record_started(
+        self, team: Team, kind: str, started: Started, ids: dict[str, str]
+    ) -> Response:
+        """Record a job upstream started at once, and answer with upstream's object (in
+        the client's ids: a source that started from the queue keeps its gateway id)."""
+        reply = client_reply(started.reply, started.video, ids)
+        seen = in_client_ids(started.video, ids)
+        try:
+            await self.registry.record(team.name, kind, seen, reply.body, ids=ids or None)
+        except StoreFailure as exc:
+            raise self.slots.not_recorded(exc, started.video["id"]) from None
+        return _passthrough(reply)
+
+    def _queue_headers(self, position: int | None) -> dict[str, str]:
+        """`x-queue-position` (1 = next to start) and when to ask again: about half the
+        expected wait, from the jobs seen to end lately, at most 10 s (CONTRACT §8.2)."""
+        if position is None:
+            return {}
+        wait_s = position * self.slots.typical_job_s / max(1, self.slots.ledger.limit)
+        poll_ms = min(MAX_POLL_AFTER_MS, max(MIN_POLL_AFTER_MS, int(wait_s * 500)))
+        return {"x-queue-position": str(position), "openai-poll-after-ms": str(poll_ms)}
 
     # -- reads and deletes --------------------------------------------------------------
 
@@ -244,6 +370,12 @@ class VideoRoutes:
     async def retrieve(self, request: Request) -> Response:
         video_id = _path_id(request, "video_id")
         record = await self._owned(request, video_id)
+        if record.upstream_id is None:
+            # Queued (upstream does not know it yet), or failed before it started: the
+            # gateway's own record is the whole truth, and upstream is not asked.
+            position = await self.queue.scheduler.position(video_id) if self.queue else None
+            headers = self._queue_headers(position) if record.queued else {}
+            return Response(record.body, media_type="application/json", headers=headers)
         refreshed = await self._refresh(self.upstream.for_request(request), record)
         if refreshed is None:
             raise video_not_found()
@@ -253,14 +385,26 @@ class VideoRoutes:
     async def delete(self, request: Request) -> Response:
         video_id = _path_id(request, "video_id")
         record = await self._owned(request, video_id)
-        reply = await self.upstream.for_request(request).call("DELETE", f"videos/{video_id}")
+        if record.upstream_id is None:
+            # Not started: it leaves the queue and never reaches upstream (or, caught
+            # while being started, is deleted upstream by its starter: CONTRACT §8.5).
+            cancelled = 0
+            if self.queue is not None:
+                cancelled = await self.queue.scheduler.cancel(video_id, record.team)
+            await self.registry.forget(video_id, record.team)
+            if cancelled == 1:  # (one being started is counted when it is deleted upstream)
+                self.metrics.job_ended(record.team, record.kind, "deleted", 0.0)
+            deleted = {"id": video_id, "object": "video.deleted", "deleted": True}
+            return Response(json.dumps(deleted), media_type="application/json")
+        upstream_id = record.upstream_id
+        reply = await self.upstream.for_request(request).call("DELETE", f"videos/{upstream_id}")
         if reply.status == 404:
             await self._gone(record)
             raise video_not_found()
         reply.raise_for_status()
         await self.registry.forget(video_id, record.team)
-        await self.slots.finish(video_id=video_id, outcome="deleted")
-        return _passthrough(reply)
+        await self.slots.finish(video_id=upstream_id, outcome="deleted")
+        return _passthrough(_in_client_ids(reply, record))
 
     @operation(
         "Download a video, its thumbnail or spritesheet",
@@ -274,12 +418,14 @@ class VideoRoutes:
             raise invalid_request(
                 f"variant must be one of {', '.join(CONTENT_VARIANTS)}.", "variant"
             )
-        await self._owned(request, video_id)
+        record = await self._owned(request, video_id)
+        if record.upstream_id is None:
+            raise video_not_ready(video_id, record.status)
         claim = self.downloads.claim(_team(request).name)
         try:
             download = await self.upstream.for_request(request).open(
                 "GET",
-                f"videos/{video_id}/content",
+                f"videos/{record.upstream_id}/content",
                 params={"variant": variant},
                 pass_encoding=True,
                 pool="download",
@@ -393,30 +539,36 @@ class VideoRoutes:
         when this answer is the first to show the end: a retrieve of a finished video
         costs one store read.
         """
-        video_id = record.id
-        reply = await calls.call("GET", f"videos/{video_id}")
+        upstream_id = record.upstream_id
+        if upstream_id is None:
+            return None  # not started: nothing upstream to ask (callers check first)
+        reply = await calls.call("GET", f"videos/{upstream_id}")
         if reply.status == 404:
             await self._gone(record)
             return None
         reply.raise_for_status()
+        if not record.ids and reply.body == record.body.encode():
+            return reply, record
+        upstream_video = video_object(reply, asked=upstream_id)
+        reply = client_reply(reply, upstream_video, record.ids)
+        video = in_client_ids(upstream_video, record.ids)
         if reply.body == record.body.encode():
             return reply, record
-        video = video_object(reply, asked=video_id)
-        await self.registry.update(video_id, video, reply.body)
+        await self.registry.update(record.id, video, reply.body)
         if video.get("status") in TERMINAL_STATUSES and not record.terminal:
-            await self.slots.finish(video_id=video_id, outcome=str(video["status"]))
+            await self.slots.finish(video_id=upstream_id, outcome=str(video["status"]))
         return reply, record.seen(video, reply.body)
 
     async def _gone(self, record: VideoRecord) -> None:
         """Upstream no longer knows the video: forget it, and free its slot if it held one."""
         await self.registry.forget(record.id, record.team)
-        await self.slots.finish(video_id=record.id, outcome="vanished")
+        await self.slots.finish(video_id=record.upstream_id or record.id, outcome="vanished")
 
     async def _check_source(self, request: Request, video_id: str, param: str) -> VideoRecord:
         """Refuse a remix/edit/extension source before anything is spent on it; the
         accepted source's record."""
         record = await self.registry.owned(_team(request).name, video_id)
-        if record is not None and not record.terminal:
+        if record is not None and not record.terminal and not record.queued:
             refreshed = await self._refresh(self.upstream.for_request(request), record)
             record = None if refreshed is None else refreshed[1]
         refusal = source_refusal(record, param, now=self.clock())
@@ -463,6 +615,33 @@ def _require_prompt(body: RequestBody) -> None:
         raise invalid_request(f"prompt is longer than {MAX_PROMPT_CHARS} characters.", "prompt")
 
 
+def _upstream_id(record: VideoRecord) -> str:
+    """Upstream's id of a checked source (a completed video has one)."""
+    assert record.upstream_id is not None  # only a completed record passes the check
+    return record.upstream_id
+
+
+def _naming_source(
+    body: RequestBody, field: tuple[str, ...], upstream_id: str, client_id: str
+) -> bytes | None:
+    """The JSON body with its source field naming upstream's id, when the client named
+    the source by a gateway id (a video that started from the queue); None when the
+    client's own bytes already name upstream's id. Upstream never sees a gateway id."""
+    if upstream_id == client_id:
+        return None
+    if body.is_multipart:
+        raise invalid_request(
+            "This video started from the gateway's queue; name it in a JSON body.",
+            ".".join(field),
+        )
+    fields = copy.deepcopy(body.fields)
+    holder = fields
+    for name in field[:-1]:
+        holder = holder[name]
+    holder[field[-1]] = upstream_id
+    return json.dumps(fields).encode()
+
+
 def _with_field(body: RequestBody, name: str, value: str) -> bytes | RequestBody:
     """The body with one more field, for upstreams that take the remix source in the body."""
     if not body.is_multipart:
@@ -506,6 +685,34 @@ async def _send(calls: UpstreamCalls, path: str, outgoing: RequestBody | bytes) 
         content_type=outgoing.content_type,
         content_length=outgoing.size,
     )
+
+
+async def _whole(outgoing: RequestBody | bytes) -> tuple[bytes, str]:
+    """The bytes to send and their content type, read whole: a queued job's request is
+    stored (it is at most `quota.max_queued_body_bytes`)."""
+    if isinstance(outgoing, bytes):
+        return outgoing, "application/json"
+    chunks = [chunk async for chunk in outgoing.raw()]
+    return b"".join(chunks), outgoing.content_type
+
+
+def _object(body: str) -> dict[str, Any]:
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _in_client_ids(reply: Reply, record: VideoRecord) -> Reply:
+    """An answer about `record`'s job as its client knows it (see `answers.in_client_ids`)."""
+    if not record.ids:
+        return reply
+    try:
+        video = json_object(reply)
+    except GatewayError:
+        return reply
+    return client_reply(reply, video, record.ids)
 
 
 def _passthrough(reply: Reply) -> Response:

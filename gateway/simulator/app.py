@@ -15,6 +15,7 @@ from starlette.routing import Route
 
 from .bodies import Body, read_body
 from .control import control_routes
+from .creates import CreateRecord
 from .gate import V1Gate, error_response
 from .jobs import (
     DEFAULT_SECONDS,
@@ -32,6 +33,7 @@ from .state import SimulatorState
 from .traffic import Traffic
 
 Endpoint = Callable[[Request], Awaitable[Response]]
+JobEndpoint = Callable[[Request, CreateRecord], Awaitable[Response]]
 
 
 def create_simulator_app(
@@ -50,14 +52,14 @@ def create_simulator_app(
 
 def _v1_routes() -> list[Route]:
     return [
-        _route("/v1/videos", GET=list_videos, POST=create_video),
-        Route("/v1/videos/remix", remix_by_body, methods=["POST"]),
-        Route("/v1/videos/edits", edit_video, methods=["POST"]),
-        Route("/v1/videos/extensions", extend_video, methods=["POST"]),
+        _route("/v1/videos", GET=list_videos, POST=_logged("create", create_video)),
+        Route("/v1/videos/remix", _logged("remix", remix_by_body), methods=["POST"]),
+        Route("/v1/videos/edits", _logged("edit", edit_video), methods=["POST"]),
+        Route("/v1/videos/extensions", _logged("extension", extend_video), methods=["POST"]),
         Route("/v1/videos/characters", create_character, methods=["POST"]),
         Route("/v1/videos/characters/{character_id}", get_character, methods=["GET"]),
         _route("/v1/videos/{video_id}", GET=retrieve_video, DELETE=delete_video),
-        Route("/v1/videos/{video_id}/remix", remix_by_path, methods=["POST"]),
+        Route("/v1/videos/{video_id}/remix", _logged("remix", remix_by_path), methods=["POST"]),
         Route("/v1/videos/{video_id}/content", download_content, methods=["GET"]),
     ]
 
@@ -70,6 +72,26 @@ def _route(path: str, **handlers: Endpoint) -> Route:
         return await handlers[method](request)
 
     return Route(path, dispatch, methods=list(handlers))
+
+
+def _logged(kind: str, endpoint: JobEndpoint) -> Endpoint:
+    """A job-creating route that leaves a record in the create log, whatever it answers."""
+
+    async def logged(request: Request) -> Response:
+        sim = _sim(request)
+        record = sim.creates.open(kind, request.url.path, sim.jobs.now())
+        try:
+            response = await endpoint(request, record)
+        except SimError as exc:
+            record.answered(exc.status, exc.code)
+            raise
+        except HTTPException as exc:
+            record.answered(exc.status_code, None)
+            raise
+        record.answered(response.status_code, None)
+        return response
+
+    return logged
 
 
 def _sim(request: Request) -> SimulatorState:
@@ -103,12 +125,13 @@ def _video_response(sim: SimulatorState, job: Job) -> JSONResponse:
     return JSONResponse(job.to_dict(sim.jobs.now()), headers=headers)
 
 
-async def _start(sim: SimulatorState, spec: JobSpec) -> Response:
+async def _start(sim: SimulatorState, record: CreateRecord, spec: JobSpec) -> Response:
     """Admit a validated job, with the job-creating fault knobs applied around it.
 
     No await between the fault check, the limit check and the insert: concurrent
     requests can never both take the last free place.
     """
+    record.saw_prompt(spec.prompt)
     if sim.faults.take("rate_limit_next"):
         raise SimError(
             429,
@@ -118,6 +141,7 @@ async def _start(sim: SimulatorState, spec: JobSpec) -> Response:
             headers={"retry-after": "1"},
         )
     job = sim.jobs.admit(spec)
+    sim.creates.created(record, job)
     if sim.faults.take("create_then_500_next"):
         raise SimError(
             500, "internal_error", "Job created, then failed (simulated).", type="server_error"
@@ -130,7 +154,7 @@ async def _start(sim: SimulatorState, spec: JobSpec) -> Response:
     return _video_response(sim, job)
 
 
-async def create_video(request: Request) -> Response:
+async def create_video(request: Request, record: CreateRecord) -> Response:
     body = await read_body(request)
     spec = JobSpec(
         prompt=body.prompt(),
@@ -138,7 +162,7 @@ async def create_video(request: Request) -> Response:
         seconds=body.choice("seconds", VIDEO_SECONDS, DEFAULT_SECONDS),
         size=body.choice("size", VIDEO_SIZES, DEFAULT_SIZE),
     )
-    return await _start(_sim(request), spec)
+    return await _start(_sim(request), record, spec)
 
 
 async def list_videos(request: Request) -> Response:
@@ -175,8 +199,10 @@ async def retrieve_video(request: Request) -> Response:
 
 
 async def delete_video(request: Request) -> Response:
+    sim = _sim(request)
     video_id = request.path_params["video_id"]
-    _sim(request).jobs.delete(video_id)
+    sim.jobs.delete(video_id)
+    sim.creates.deleted(video_id, sim.jobs.now())
     return JSONResponse({"id": video_id, "object": "video.deleted", "deleted": True})
 
 
@@ -190,22 +216,22 @@ def _remix_spec(source: Job, prompt: str) -> JobSpec:
     )
 
 
-async def remix_by_path(request: Request) -> Response:
+async def remix_by_path(request: Request, record: CreateRecord) -> Response:
     sim = _sim(request)
     body = await read_body(request)
     prompt = body.prompt()
     source = sim.jobs.source(request.path_params["video_id"], "video_id")
-    return await _start(sim, _remix_spec(source, prompt))
+    return await _start(sim, record, _remix_spec(source, prompt))
 
 
-async def remix_by_body(request: Request) -> Response:
+async def remix_by_body(request: Request, record: CreateRecord) -> Response:
     """The seed's form: POST /v1/videos/remix with {"video_id", "prompt"}."""
     sim = _sim(request)
     body = await read_body(request)
     video_id = body.required("video_id")
     prompt = body.prompt()
     source = sim.jobs.source(video_id, "video_id")
-    return await _start(sim, _remix_spec(source, prompt))
+    return await _start(sim, record, _remix_spec(source, prompt))
 
 
 def _video_source(sim: SimulatorState, body: Body) -> Job | None:
@@ -224,7 +250,7 @@ def _video_source(sim: SimulatorState, body: Body) -> Job | None:
     )
 
 
-async def edit_video(request: Request) -> Response:
+async def edit_video(request: Request, record: CreateRecord) -> Response:
     """An edit keeps its source's model and size, and its length unless it asks another."""
     sim = _sim(request)
     body = await read_body(request)
@@ -238,10 +264,10 @@ async def edit_video(request: Request) -> Response:
         ),
         size=source.spec.size if source else DEFAULT_SIZE,
     )
-    return await _start(sim, spec)
+    return await _start(sim, record, spec)
 
 
-async def extend_video(request: Request) -> Response:
+async def extend_video(request: Request, record: CreateRecord) -> Response:
     """An extension's `seconds` is the new segment; the job reports the stitched total."""
     sim = _sim(request)
     body = await read_body(request)
@@ -254,7 +280,7 @@ async def extend_video(request: Request) -> Response:
         seconds=str(int(source.spec.seconds) + int(extra)) if source else extra,
         size=source.spec.size if source else DEFAULT_SIZE,
     )
-    return await _start(sim, spec)
+    return await _start(sim, record, spec)
 
 
 async def create_character(request: Request) -> Response:

@@ -1,6 +1,9 @@
-"""Control routes outside /v1 (no auth): faults, config, stats, the request log, reset.
+"""Control routes outside /v1 (no auth): faults, config, stats, the request log, the
+create log, reset.
 
-Tests drive the simulator through these while the gateway talks to /v1.
+Tests drive the simulator through these while the gateway talks to /v1. `/_sim/requests`
+is the last 1000 /v1 requests of any kind; `/_sim/creates` the last 10,000 job-creating
+requests with the job each made (see `creates`), which polls cannot push out.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from .creates import CREATES_CAPACITY
 from .jobs import SimError
 from .traffic import LOG_CAPACITY
 
@@ -30,6 +34,7 @@ def control_routes() -> list[Route]:
         Route("/_sim/reset", reset, methods=["POST"]),
         Route("/_sim/stats", stats, methods=["GET"]),
         Route("/_sim/requests", recent_requests, methods=["GET"]),
+        Route("/_sim/creates", recent_creates, methods=["GET"]),
     ]
 
 
@@ -88,7 +93,7 @@ async def get_config(request: Request) -> Response:
 async def set_config(request: Request) -> Response:
     sim = _sim(request)
     try:
-        sim.settings.update(await _json_object(request))
+        sim.configure(await _json_object(request))
     except ValueError as exc:
         raise _refused(exc) from exc
     return JSONResponse(_config(sim))
@@ -103,11 +108,20 @@ async def stats(request: Request) -> Response:
     return JSONResponse(_sim(request).stats())
 
 
-async def recent_requests(request: Request) -> Response:
-    """The last `limit` /v1 requests received (default: all kept), oldest first."""
-    text = request.query_params.get("limit", str(LOG_CAPACITY))
+def _limit(request: Request, default: int) -> int:
+    text = request.query_params.get("limit", str(default))
     if not text.isascii() or not text.isdigit():
         raise SimError(
             400, "invalid_value", "'limit' must be a non-negative integer.", param="limit"
         )
-    return JSONResponse(_sim(request).traffic.recent(int(text)))
+    return int(text)
+
+
+async def recent_requests(request: Request) -> Response:
+    """The last `limit` /v1 requests received (default: all kept), oldest first."""
+    return JSONResponse(_sim(request).traffic.recent(_limit(request, LOG_CAPACITY)))
+
+
+async def recent_creates(request: Request) -> Response:
+    """The last `limit` job-creating requests and their jobs (default: all kept)."""
+    return JSONResponse(_sim(request).creates.recent(_limit(request, CREATES_CAPACITY)))

@@ -3,11 +3,20 @@
 A job's whole life is fixed when it is admitted (when it starts, when it ends and how), so
 its state at any moment is a pure function of the clock: nothing runs in the background,
 and a test moves time by swapping the clock.
+
+Simulated time: `JobBook.now()` is the only place the clock is read, and it runs
+`time_scale` simulated seconds per real second. Every duration of the settings
+(`queue_s`, `run_s`, `expire_s`) and every timestamp a job reports (`created_at`,
+`completed_at`, `expires_at`, progress) is in simulated seconds, so with time_scale 60 a
+180 s job runs 3 real seconds and reports a 3 minute life. Latency, `poll_after_ms` and
+`retry-after` stay real. A changed scale applies from the moment it is set, with no jump
+of the simulated clock; away from 1 the simulated clock runs ahead of the wall clock.
 """
 
 from __future__ import annotations
 
 import math
+import random
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -28,7 +37,13 @@ RUNNING = frozenset({"queued", "in_progress"})
 
 @dataclass
 class SimulatorSettings:
-    """Knobs of the simulated upstream; every field can also be changed at runtime."""
+    """Knobs of the simulated upstream; every field can also be changed at runtime.
+
+    Durations are simulated seconds (see `time_scale`). With `run_s_spread` > 0 each
+    job's run time is drawn uniformly from run_s * (1 - spread) .. run_s * (1 + spread),
+    from a generator seeded with `seed` (again on every reset and every new seed), so a
+    run is reproducible and fair-share tests still see unequal jobs.
+    """
 
     token: str | None = None
     queue_s: float = 1.0
@@ -37,6 +52,9 @@ class SimulatorSettings:
     max_running: int = 2
     content_bytes: int | None = None
     poll_after_ms: int | None = None
+    time_scale: float = 1.0  # simulated seconds per real second
+    run_s_spread: float = 0.0  # 0..1
+    seed: int = 0
 
     def update(self, values: Mapping[str, Any]) -> None:
         """Apply a partial update, all or nothing; raises ValueError(field, reason)."""
@@ -64,12 +82,16 @@ def _check_setting(name: str, value: Any) -> Any:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
         raise ValueError(name, "must be a non-negative number")
-    if name in ("max_running", "content_bytes", "poll_after_ms"):
-        if value != int(value):
+    if name in ("max_running", "content_bytes", "poll_after_ms", "seed"):
+        if not math.isfinite(value) or value != int(value):
             raise ValueError(name, "must be an integer")
         return int(value)
     if not math.isfinite(value):
         raise ValueError(name, "must be finite")
+    if name == "time_scale" and value == 0:
+        raise ValueError(name, "must be a positive number")
+    if name == "run_s_spread" and value > 1:
+        raise ValueError(name, "must be between 0 and 1")
     return float(value)
 
 
@@ -196,7 +218,11 @@ def _outcome(prompt: str) -> str:
 
 @dataclass
 class JobBook:
-    """All jobs and characters of the account, with its concurrency limit and counters."""
+    """All jobs and characters of the account, with its concurrency limit and counters.
+
+    `clock` is real time; `now()` turns it into simulated time, from an anchor moved
+    only by `follow_scale`.
+    """
 
     settings: SimulatorSettings
     clock: Callable[[], float] = time.time
@@ -206,9 +232,36 @@ class JobBook:
     limit_hits: int = 0
     jobs_created: int = 0
     _seq: int = 0
+    _real_anchor: float = field(init=False)
+    _sim_anchor: float = field(init=False)
+    _scale: float = field(init=False)
+    _rng: random.Random = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._real_anchor = self._sim_anchor = self.clock()
+        self._scale = self.settings.time_scale
+        self.reseed()
 
     def now(self) -> float:
-        return self.clock()
+        """Simulated time: the one conversion from the real clock."""
+        return self._sim_anchor + (self.clock() - self._real_anchor) * self._scale
+
+    def follow_scale(self) -> None:
+        """Adopt `settings.time_scale` from this instant on; simulated time does not jump."""
+        real = self.clock()
+        self._sim_anchor += (real - self._real_anchor) * self._scale
+        self._real_anchor = real
+        self._scale = self.settings.time_scale
+
+    def reseed(self) -> None:
+        """Start the run-time draws over from `settings.seed`."""
+        self._rng = random.Random(self.settings.seed)
+
+    def _run_s(self) -> float:
+        spread = self.settings.run_s_spread
+        if spread == 0:
+            return self.settings.run_s
+        return self.settings.run_s * self._rng.uniform(1 - spread, 1 + spread)
 
     def running_count(self, now: float | None = None) -> int:
         at = self.now() if now is None else now
@@ -235,7 +288,7 @@ class JobBook:
             spec=spec,
             created=now,
             started=started,
-            finished=started + self.settings.run_s,
+            finished=started + self._run_s(),
             expire_s=self.settings.expire_s,
             outcome=_outcome(spec.prompt),
         )
@@ -320,3 +373,4 @@ class JobBook:
         self.max_concurrency = 0
         self.limit_hits = 0
         self.jobs_created = 0
+        self.reseed()

@@ -1,39 +1,49 @@
-"""Benchmark: how much of the upstream's shared quota the gateway keeps busy.
+"""Benchmark: how much of the upstream's shared quota the gateway keeps busy, when full
+requests wait for a slot (`quota.when_full: wait`) and when they are queued (`queue`).
 
-    PYTHONPATH=tests python -m bench.quota_utilisation [--seconds 60] [--replicas 2]
-                                                       [--clients 6]
+    PYTHONPATH=tests python -m bench.quota_utilisation [--mode both|wait|queue]
+        [--seconds 30] [--replicas 2] [--clients 6] [--queued 4]
 
-Starts its own store, simulator (2-second jobs) and gateway replica(s) with a fast
-tracker, then drives a saturating load for `--seconds`: `--clients` loops that create
-jobs back to back through the gateway and never poll a job's status, so only the
-gateway's own tracker frees slots. What it measures:
+Each mode gets its own store, simulator (2-second jobs) and gateway replicas with a fast
+tracker, and a saturating load for `--seconds`; nobody polls a job's status, so only the
+gateway's own tracker frees slots.
+
+- wait (`quota.when_full: wait`, or no such key on a gateway from before the queue):
+  `--clients` loops create jobs back to back; a create that finds both slots taken
+  waits in the gateway (up to `quota.wait_s`) for one.
+- queue: the gateway runs with `quota.when_full: queue` (CONTRACT §8), so a create
+  answers at once (200 `status: queued` with a gateway id when no slot is free) and
+  nothing waits; the load keeps `--queued` accepted jobs not yet started upstream at
+  all times (accepted or in flight minus the simulator's `jobs_created`).
+
+What it measures, from the simulator's create log (`/_sim/creates`: every job's
+admission and end, and the prompt that made it):
 
 - utilisation: the share of the load's wall time during which both upstream slots held
-  a job. Computed exactly from the simulator's job timelines (each job counts against
-  the account's limit from its admission to its end, both fixed when it is admitted),
-  and cross-checked by sampling `/_sim/stats` `running` every ~20 ms;
-- each create's slot wait (the gateway's `wait_ms` on its access-log line when it
-  writes one, else the client's latency of the 200 minus upstream's time), p50/p99;
-- the idle gaps between a job's end upstream and the next job's admission, split into
-  end -> release by the tracker (from the gateway's `job ended` log lines) and
+  a job (each job counts from its admission to its end, both fixed at admission),
+  cross-checked by sampling `/_sim/stats` `running` every ~20 ms; target 97 % waiting,
+  98 % queued;
+- slot free -> next start upstream, p50/p99: each time a slot comes free (a job ends),
+  the gap until the next admission takes that slot (free slots are taken oldest first),
+  split with the gateway's `job ended` log lines into end -> release by the tracker and
   release -> next create upstream;
-- creates done, 429s from the gateway, the simulator's own 429s (`limit_hits`, which
-  must stay 0) and the highest concurrency the simulator saw.
+- accept -> start upstream (queue mode: the time jobs spent in the gateway's queue) and
+  the create's client latency; the slot wait of wait mode;
+- creates done, 429s from the gateway (must be 0 queued), the simulator's own 429s
+  (`limit_hits`, must be 0) and the highest concurrency it saw, and jobs started upstream
+  more than once (same prompt admitted twice; must be 0).
 
-The figures go to tests/bench/results/quota_utilisation.json. The exit status is 1
-only if the simulator's limit was hit; a utilisation under the 97 % target is reported,
-not failed. pytest never collects this file (tests/bench is in `norecursedirs`).
-
-The simulator runs in its own process as `create_simulator_app` plus one read-only
-route, `/_bench/jobs`, that lists every job's admission and end times (the stock control
-API only shows whole seconds); the rest of it is the bundled simulator unchanged.
+The figures go to tests/bench/results/quota_utilisation.json (`modes.wait`,
+`modes.queue`). The exit status is 1 if a mode could not run (the gateway refuses
+`when_full` until the queue lands), the simulator's limit was hit, or a job started
+twice; a missed utilisation target is reported, not failed. pytest never collects
+this file (tests/bench is in `norecursedirs`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import bisect
 import calendar
 import json
 import math
@@ -45,6 +55,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,102 +64,52 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
 
-TARGET_UTILISATION = 0.97
+TARGETS = {"wait": 0.97, "queue": 0.98}
+MODES = ("wait", "queue")
 LIMIT = 2
 RESULTS = ROOT / "tests" / "bench" / "results" / "quota_utilisation.json"
 SAMPLE_EVERY_S = 0.02
-
-
-# -- the simulator process (this file run with --serve-simulator) ---------------------------
-
-
-def serve_simulator(port: int, token: str, queue_s: float, run_s: float) -> None:
-    import uvicorn
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse
-    from starlette.routing import Route
-
-    from gateway.simulator import SimulatorSettings, create_simulator_app
-
-    app = create_simulator_app(SimulatorSettings(token=token, queue_s=queue_s, run_s=run_s))
-    book = app.state.sim.jobs
-
-    async def timelines(request: Request) -> JSONResponse:
-        jobs = sorted(book.jobs.values(), key=lambda job: job.seq)
-        return JSONResponse(
-            {
-                "now": book.now(),
-                "jobs": [{"id": j.id, "created": j.created, "finished": j.finished} for j in jobs],
-            }
-        )
-
-    app.router.routes.append(Route("/_bench/jobs", timelines, methods=["GET"]))
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+FEED_EVERY_S = 0.02
 
 
 # -- processes ------------------------------------------------------------------------------
 
 
-@dataclass
-class Simulator:
-    popen: subprocess.Popen[bytes]
-    url: str
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-
-
-def start_simulator(workdir: Path, token: str, queue_s: float, run_s: float) -> Simulator:
-    from gateway.embedded_store import free_port
-    from support.processes import wait_until
-
-    port = free_port()
-    serve = ["--serve-simulator", str(port), token, str(queue_s), str(run_s)]
-    log = (workdir / "simulator.log").open("ab")
-    popen = subprocess.Popen(
-        [sys.executable, "-m", "bench.quota_utilisation", *serve],
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=ROOT,
-    )
-    log.close()
-    sim = Simulator(popen, f"http://127.0.0.1:{port}")
-
-    def ready() -> bool:
-        if popen.poll() is not None:
-            raise RuntimeError((workdir / "simulator.log").read_text()[-2000:])
-        try:
-            return httpx.get(sim.url + "/healthz", timeout=1.0).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_until(ready, 20.0, "simulator ready")
-    except BaseException:
-        sim.stop()
-        raise
-    return sim
-
-
 def gateway_config(
-    simulator_url: str, store_url: str, token: str, keys: dict[str, str], args: argparse.Namespace
+    mode: str,
+    simulator_url: str,
+    store_url: str,
+    token: str,
+    keys: dict[str, str],
+    args: argparse.Namespace,
 ) -> dict[str, Any]:
     from gateway.auth import key_digest
 
+    quota: dict[str, Any] = {"max_in_flight": LIMIT, "wait_s": args.wait_s, "when_full": mode}
     return {
         "upstream": {"base_url": simulator_url + "/v1", "token": token},
         "store": {"redis_url": store_url},
-        "quota": {"max_in_flight": LIMIT, "wait_s": args.wait_s},
+        "quota": quota,
         "tracker": {"poll_interval_s": args.poll_s, "lease_s": args.lease_s},
         "teams": [{"name": team, "key_sha256": [key_digest(key)]} for team, key in keys.items()],
     }
+
+
+def config_refusal(workdir: Path, config: dict[str, Any]) -> str | None:
+    """What `check-config` says against the config, or None when it takes it."""
+    from support.processes import write_config
+
+    path = write_config(workdir / "check.yaml", config)
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if done.returncode == 0:
+        return None
+    return (done.stderr or done.stdout).strip()[-1500:]
 
 
 # -- load -----------------------------------------------------------------------------------
@@ -156,12 +117,14 @@ def gateway_config(
 
 @dataclass
 class Outcome:
-    sent: float  # wall clock (time.time), comparable with the simulator's
+    prompt: str
+    sent: float  # wall clock (time.time), the simulator's clock at time_scale 1
     latency_s: float
     status: int
     code: str | None = None
     video_id: str | None = None
     request_id: str | None = None
+    queue_position: str | None = None  # x-queue-position: the job was queued
 
 
 @dataclass
@@ -171,53 +134,109 @@ class Load:
     ended: float = 0.0
 
 
-async def drive(gateways: list[str], keys: dict[str, str], clients: int, seconds: float) -> Load:
-    load = Load()
-    teams = list(keys)
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+class Creator:
+    """Sends creates round robin over the replicas and teams, recording each outcome."""
+
+    def __init__(self, http: httpx.AsyncClient, gateways: list[str], keys: dict[str, str]):
+        self.http = http
+        self.gateways = gateways
+        self.keys = list(keys.values())
+        self.load = Load()
+        self.sent = 0
+
+    async def create(self, mode: str, lane: int) -> Outcome:
+        self.sent += 1
+        n = self.sent
+        url = self.gateways[lane % len(self.gateways)] + "/v1/videos"
+        headers = {"authorization": f"Bearer {self.keys[lane % len(self.keys)]}"}
+        prompt = f"bench {mode} lane {lane} job {n}"
+        sent = time.time()
+        t0 = time.perf_counter()
+        try:
+            reply = await self.http.post(url, headers=headers, json={"prompt": prompt})
+        except httpx.HTTPError as exc:
+            outcome = Outcome(prompt, sent, time.perf_counter() - t0, 0, repr(exc))
+            self.load.outcomes.append(outcome)
+            return outcome
+        outcome = Outcome(
+            prompt,
+            sent,
+            time.perf_counter() - t0,
+            reply.status_code,
+            request_id=reply.headers.get("x-request-id"),
+            queue_position=reply.headers.get("x-queue-position"),
+        )
+        try:
+            body = reply.json()
+        except ValueError:
+            body = {}
+        if not isinstance(body, dict):
+            body = {}
+        if reply.status_code == 200:
+            outcome.video_id = body.get("id")
+        else:
+            outcome.code = (body.get("error") or {}).get("code")
+        self.load.outcomes.append(outcome)
+        return outcome
+
+
+async def backoff(outcome: Outcome) -> None:
+    if outcome.status == 429:
+        await asyncio.sleep(1.0)
+    elif outcome.status != 200:
+        await asyncio.sleep(0.1)
+
+
+async def drive_wait(creator: Creator, clients: int, end: float) -> None:
+    """`clients` loops creating back to back; each waits in the gateway when full."""
+
+    async def client_loop(lane: int) -> None:
+        while time.time() < end:
+            await backoff(await creator.create("wait", lane))
+
+    await asyncio.gather(*(client_loop(n) for n in range(clients)))
+
+
+async def drive_queue(creator: Creator, sim_url: str, queued: int, end: float) -> None:
+    """Keep `queued` accepted jobs not yet started upstream, topping up every ~20 ms."""
+    in_flight: set[asyncio.Task[None]] = set()
+    lane = 0
+
+    async def one(n: int) -> None:
+        await backoff(await creator.create("queue", n))
+
+    while time.time() < end:
+        t0 = time.time()
+        try:
+            started = (await creator.http.get(sim_url + "/_sim/stats")).json()["jobs_created"]
+        except (httpx.HTTPError, ValueError, KeyError):
+            started = None
+        if started is not None:
+            accepted = sum(1 for o in creator.load.outcomes if o.status == 200)
+            for _ in range(queued - (accepted + len(in_flight) - started)):
+                lane += 1
+                task = asyncio.create_task(one(lane))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+        await asyncio.sleep(max(0.0, FEED_EVERY_S - (time.time() - t0)))
+    if in_flight:
+        await asyncio.wait(in_flight, timeout=30)
+
+
+async def drive(
+    mode: str, gateways: list[str], keys: dict[str, str], sim_url: str, args: argparse.Namespace
+) -> Load:
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     async with httpx.AsyncClient(timeout=120.0, limits=limits) as http:
-        load.started = time.time()
-        end = load.started + seconds
-
-        async def client_loop(n: int) -> None:
-            url = gateways[n % len(gateways)] + "/v1/videos"
-            headers = {"authorization": f"Bearer {keys[teams[n % len(teams)]]}"}
-            i = 0
-            while time.time() < end:
-                i += 1
-                sent = time.time()
-                t0 = time.perf_counter()
-                try:
-                    reply = await http.post(
-                        url, headers=headers, json={"prompt": f"bench client {n} job {i}"}
-                    )
-                except httpx.HTTPError as exc:
-                    load.outcomes.append(Outcome(sent, time.perf_counter() - t0, 0, repr(exc)))
-                    await asyncio.sleep(0.1)
-                    continue
-                latency = time.perf_counter() - t0
-                body: Any = {}
-                try:
-                    body = reply.json()
-                except ValueError:
-                    body = {}
-                outcome = Outcome(
-                    sent, latency, reply.status_code, request_id=reply.headers.get("x-request-id")
-                )
-                if reply.status_code == 200:
-                    outcome.video_id = body.get("id")
-                else:
-                    outcome.code = (body.get("error") or {}).get("code")
-                load.outcomes.append(outcome)
-                if reply.status_code == 429:
-                    retry_ms = reply.headers.get("retry-after-ms", "1000")
-                    await asyncio.sleep(min(1.0, int(retry_ms) / 1000 if retry_ms.isdigit() else 1))
-                elif reply.status_code != 200:
-                    await asyncio.sleep(0.1)
-
-        await asyncio.gather(*(client_loop(n) for n in range(clients)))
-        load.ended = time.time()
-    return load
+        creator = Creator(http, gateways, keys)
+        creator.load.started = time.time()
+        end = creator.load.started + args.seconds
+        if mode == "wait":
+            await drive_wait(creator, args.clients, end)
+        else:
+            await drive_queue(creator, sim_url, args.queued, end)
+        creator.load.ended = time.time()
+    return creator.load
 
 
 class Sampler(threading.Thread):
@@ -246,16 +265,33 @@ class Sampler(threading.Thread):
 # -- analysis -------------------------------------------------------------------------------
 
 
+def timelines(creates: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The jobs of the create log: id, prompt, and the span it held a place upstream."""
+    jobs = []
+    for record in creates:
+        if record["video_id"] is None:
+            continue
+        end = record["finished"]
+        if record["deleted"] is not None:
+            end = min(end, record["deleted"])
+        jobs.append(
+            {
+                "id": record["video_id"],
+                "prompt": record["prompt"],
+                "admitted": record["admitted"],
+                "ended": end,
+            }
+        )
+    return jobs
+
+
 def busy_share(
-    jobs: list[dict[str, float]], start: float, end: float
+    jobs: list[dict[str, Any]], start: float, end: float
 ) -> tuple[float, float, list[tuple[float, float, int]]]:
     """Share of [start, end] with >= LIMIT jobs counting, the mean share of the LIMIT slots
-    held, and the intervals inside the window when a slot was free.
-
-    Each job counts against the account from `created` (queued counts) to `finished`.
-    """
+    held, and the intervals inside the window when a slot was free."""
     events = sorted(
-        [(j["created"], 1) for j in jobs] + [(j["finished"], -1) for j in jobs],
+        [(j["admitted"], 1) for j in jobs] + [(j["ended"], -1) for j in jobs],
         key=lambda e: (e[0], e[1]),  # an end before a start at the same instant
     )
     events.append((math.inf, 0))
@@ -274,12 +310,46 @@ def busy_share(
     return full / (end - start), held / (LIMIT * (end - start)), idle
 
 
+def handoffs(
+    jobs: list[dict[str, Any]], start: float, end: float
+) -> list[tuple[float, float, str]]:
+    """(freed at, taken at, id of the job that freed it) for each slot freed inside
+    [start, end] and taken again: each admission takes the slot free the longest."""
+    events = sorted(
+        [(j["ended"], 0, j["id"]) for j in jobs] + [(j["admitted"], 1, j["id"]) for j in jobs]
+    )
+    free: deque[tuple[float, str | None]] = deque([(-math.inf, None)] * LIMIT)
+    found = []
+    for at, kind, job_id in events:
+        if kind == 0:
+            free.append((at, job_id))
+        elif free:
+            freed_at, freed_by = free.popleft()
+            if freed_by is not None and start <= freed_at <= end:
+                found.append((freed_at, at, freed_by))
+    return found
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
     rank = max(0, math.ceil(q / 100 * len(ordered)) - 1)
     return ordered[rank]
+
+
+def ms(value: float | None) -> float | None:
+    return None if value is None else round(value * 1000, 1)
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    return {
+        "n": len(values),
+        "mean": ms(statistics.fmean(values)) if values else None,
+        "p50": ms(percentile(values, 50)),
+        "p99": ms(percentile(values, 99)),
+        "max": ms(max(values)) if values else None,
+    }
 
 
 def log_time(text: str) -> float:
@@ -289,7 +359,7 @@ def log_time(text: str) -> float:
 
 
 def read_gateway_logs(paths: list[Path]) -> tuple[dict[str, dict], dict[str, float]]:
-    """Access lines of creates by request id, and release times by video id."""
+    """Access lines of creates by request id, and release times by upstream video id."""
     creates: dict[str, dict] = {}
     ended: dict[str, float] = {}
     for path in paths:
@@ -312,253 +382,135 @@ def read_gateway_logs(paths: list[Path]) -> tuple[dict[str, dict], dict[str, flo
     return creates, ended
 
 
-def scrape_wait_histogram(gateways: list[str]) -> dict[str, float]:
-    """`sora_gateway_slot_wait_seconds` summed over replicas: count, sum, and mean."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    count = total = 0.0
-    for url in gateways:
-        text = httpx.get(url + "/metrics", timeout=10.0).text
-        for family in text_string_to_metric_families(text):
-            if family.name != "sora_gateway_slot_wait_seconds":
-                continue
-            for sample in family.samples:
-                if sample.name.endswith("_count"):
-                    count += sample.value
-                elif sample.name.endswith("_sum"):
-                    total += sample.value
-    return {"count": count, "sum_s": total, "mean_s": total / count if count else 0.0}
-
-
-def ms(value: float | None) -> float | None:
-    return None if value is None else round(value * 1000, 1)
+def slot_waits(done: list[Outcome], creates: dict[str, dict]) -> tuple[list[float], str]:
+    """Each create's wait for a slot: the gateway's `wait_ms`, else latency minus upstream's."""
+    waits = [
+        creates[o.request_id]["wait_ms"] / 1000
+        for o in done
+        if o.request_id in creates and "wait_ms" in creates[o.request_id]
+    ]
+    if len(waits) >= 0.9 * len(done):
+        return waits, "gateway access log wait_ms"
+    waits = []
+    for o in done:
+        entry = creates.get(o.request_id or "") or {}
+        waits.append(max(0.0, o.latency_s - entry.get("upstream_ms", 0.0) / 1000))
+    return waits, "client latency minus upstream_ms"
 
 
 def analyse(
+    mode: str,
     args: argparse.Namespace,
     load: Load,
-    timelines: dict[str, Any],
+    creates: list[dict[str, Any]],
     samples: list[tuple[float, int]],
     stats: dict[str, Any],
     gateway_logs: tuple[dict[str, dict], dict[str, float]],
-    histogram: dict[str, float],
 ) -> dict[str, Any]:
     start, end = load.started, load.started + args.seconds
-    jobs = timelines["jobs"]
+    jobs = timelines(creates)
     utilisation, occupancy, idle = busy_share(jobs, start, end)
     in_window = [running for at, running in samples if start <= at <= end]
     sampled = sum(1 for r in in_window if r >= LIMIT) / len(in_window) if in_window else None
 
-    creates, ended = gateway_logs
-    done = [o for o in load.outcomes if o.status == 200]
-    waits: list[float] = []
-    wait_source = "gateway access log wait_ms"
-    for o in done:
-        entry = creates.get(o.request_id or "")
-        if entry is not None and "wait_ms" in entry:
-            waits.append(entry["wait_ms"] / 1000)
-    if len(waits) < 0.9 * len(done):
-        wait_source = "client latency minus upstream_ms"
-        waits = []
-        for o in done:
-            entry = creates.get(o.request_id or "") or {}
-            waits.append(max(0.0, o.latency_s - entry.get("upstream_ms", 0.0) / 1000))
-
-    # Each idle gap inside the window: a job's end upstream, its release by the tracker,
-    # and the next job's admission upstream.
-    by_end = sorted(jobs, key=lambda j: j["finished"])
-    created_sorted = sorted(j["created"] for j in jobs)
-    detect, handoff, gaps = [], [], []
-    for job in by_end:
-        if not start <= job["finished"] <= end:
-            continue
-        nxt = bisect.bisect_left(created_sorted, job["finished"])
-        if nxt == len(created_sorted):
-            continue
-        gap = created_sorted[nxt] - job["finished"]
-        gaps.append(gap)
-        released = ended.get(job["id"])
+    access, ended = gateway_logs
+    gaps, detect, handoff = [], [], []
+    for freed_at, taken_at, freed_by in handoffs(jobs, start, end):
+        gaps.append(taken_at - freed_at)
+        released = ended.get(freed_by)
         if released is not None:
-            detect.append(released - job["finished"])
-            handoff.append(created_sorted[nxt] - released)
-    idle_total = sum(hi - lo for lo, hi, _ in idle)
+            detect.append(released - freed_at)
+            handoff.append(taken_at - released)
 
-    statuses: dict[str, int] = {}
-    for o in load.outcomes:
-        key = str(o.status) if o.status == 200 else f"{o.status} {o.code}"
-        statuses[key] = statuses.get(key, 0) + 1
-    rejected = [o for o in load.outcomes if o.status == 429]
+    # Each client's prompt is unique: its admissions upstream are its starts.
+    starts = Counter(job["prompt"] for job in jobs if job["prompt"].startswith("bench "))
+    started_at = {job["prompt"]: job["admitted"] for job in jobs}
+    done = [o for o in load.outcomes if o.status == 200]
+    queued = [o for o in done if o.queue_position is not None]
+    to_start = [started_at[o.prompt] - o.sent for o in done if o.prompt in started_at]
+    waits, wait_source = slot_waits(done, access)
+
+    statuses: Counter[str] = Counter(
+        str(o.status) if o.status == 200 else f"{o.status} {o.code}" for o in load.outcomes
+    )
+    rejected = sum(1 for o in load.outcomes if o.status == 429)
+    target = TARGETS[mode]
     return {
-        "config": {
-            "seconds": args.seconds,
-            "replicas": args.replicas,
-            "clients": args.clients,
-            "job_s": args.queue_s + args.run_s,
-            "queue_s": args.queue_s,
-            "run_s": args.run_s,
-            "tracker_poll_s": args.poll_s,
-            "tracker_lease_s": args.lease_s,
-            "quota_wait_s": args.wait_s,
-            "limit": LIMIT,
-        },
+        "mode": mode,
         "utilisation": round(utilisation, 5),
         "utilisation_sampled": None if sampled is None else round(sampled, 5),
         "samples": len(in_window),
-        "target": TARGET_UTILISATION,
-        "meets_target": utilisation >= TARGET_UTILISATION,
+        "target": target,
+        "meets_target": utilisation >= target,
         "slot_occupancy": round(occupancy, 5),
         "idle": {
             "intervals": len(idle),
-            "total_s": round(idle_total, 3),
-            "mean_ms": ms(idle_total / len(idle)) if idle else None,
+            "total_s": round(sum(hi - lo for lo, hi, _ in idle), 3),
         },
-        "gap_end_to_next_admission_ms": {
-            "n": len(gaps),
-            "mean": ms(statistics.fmean(gaps)) if gaps else None,
-            "p50": ms(percentile(gaps, 50)),
-            "p99": ms(percentile(gaps, 99)),
-            "max": ms(max(gaps)) if gaps else None,
-        },
-        "gap_end_to_release_ms": {
-            "n": len(detect),
-            "mean": ms(statistics.fmean(detect)) if detect else None,
-            "p50": ms(percentile(detect, 50)),
-            "p99": ms(percentile(detect, 99)),
-        },
-        "gap_release_to_next_admission_ms": {
-            "n": len(handoff),
-            "mean": ms(statistics.fmean(handoff)) if handoff else None,
-            "p50": ms(percentile(handoff, 50)),
-            "p99": ms(percentile(handoff, 99)),
-        },
-        "slot_wait_ms": {
-            "source": wait_source,
-            "n": len(waits),
-            "p50": ms(percentile(waits, 50)),
-            "p99": ms(percentile(waits, 99)),
-            "max": ms(max(waits)) if waits else None,
-            "metric_mean": ms(histogram["mean_s"]),
-            "metric_count": histogram["count"],
-        },
-        "client_latency_ms": {
-            "p50": ms(percentile([o.latency_s for o in done], 50)),
-            "p99": ms(percentile([o.latency_s for o in done], 99)),
-        },
+        "gap_slot_free_to_next_start_ms": spread(gaps),
+        "gap_end_to_release_ms": spread(detect),
+        "gap_release_to_next_start_ms": spread(handoff),
+        "accept_to_start_upstream_ms": spread(to_start),
+        "slot_wait_ms": {"source": wait_source, **spread(waits)},
+        "client_latency_ms": spread([o.latency_s for o in done]),
         "creates_done": len(done),
+        "creates_queued": len(queued),
+        "accepted_not_started": sum(1 for o in done if o.prompt not in started_at),
         "requests": len(load.outcomes),
-        "statuses": statuses,
-        "gateway_429s": len(rejected),
+        "statuses": dict(statuses),
+        "gateway_429s": rejected,
+        "started_twice": sorted(prompt for prompt, n in starts.items() if n > 1),
         "simulator_limit_hits": stats["limit_hits"],
         "simulator_max_concurrency": stats["max_concurrency"],
         "simulator_jobs_created": stats["jobs_created"],
     }
 
 
-def table(result: dict[str, Any]) -> str:
-    def show(value: Any, unit: str = "") -> str:
-        return "-" if value is None else f"{value}{unit}"
-
-    c = result["config"]
-    sampled = result["utilisation_sampled"]
-    rows = [
-        (
-            "utilisation (both slots busy)",
-            f"{result['utilisation'] * 100:.2f} %  (target >= {result['target'] * 100:.0f} %, "
-            f"{'met' if result['meets_target'] else 'NOT met'})",
-        ),
-        (
-            "  cross-check: /_sim/stats samples",
-            f"{show(None if sampled is None else round(sampled * 100, 2), ' %')}"
-            f"  ({result['samples']} samples)",
-        ),
-        (
-            "  mean slot occupancy",
-            f"{result['slot_occupancy'] * 100:.2f} %  (each slot's busy share, averaged)",
-        ),
-        (
-            "slot wait p50 / p99",
-            f"{show(result['slot_wait_ms']['p50'], ' ms')} / "
-            f"{show(result['slot_wait_ms']['p99'], ' ms')}  ({result['slot_wait_ms']['source']})",
-        ),
-        (
-            "job end -> next admission p50 / p99",
-            f"{show(result['gap_end_to_next_admission_ms']['p50'], ' ms')} / "
-            f"{show(result['gap_end_to_next_admission_ms']['p99'], ' ms')}"
-            f"  (mean {show(result['gap_end_to_next_admission_ms']['mean'], ' ms')})",
-        ),
-        (
-            "  of which end -> release (tracker)",
-            f"mean {show(result['gap_end_to_release_ms']['mean'], ' ms')}, "
-            f"p99 {show(result['gap_end_to_release_ms']['p99'], ' ms')}",
-        ),
-        (
-            "  of which release -> next create",
-            f"mean {show(result['gap_release_to_next_admission_ms']['mean'], ' ms')}, "
-            f"p99 {show(result['gap_release_to_next_admission_ms']['p99'], ' ms')}",
-        ),
-        ("creates done (200)", str(result["creates_done"])),
-        ("429s from the gateway", str(result["gateway_429s"])),
-        ("simulator 429s (limit_hits)", str(result["simulator_limit_hits"])),
-        ("max concurrency upstream", str(result["simulator_max_concurrency"])),
-        ("answers", ", ".join(f"{k}: {v}" for k, v in sorted(result["statuses"].items()))),
-    ]
-    head = (
-        f"quota utilisation: {c['seconds']:g} s, {c['replicas']} replica(s), {c['clients']} "
-        f"clients, {c['job_s']:g} s jobs, tracker poll {c['tracker_poll_s']:g} s / lease "
-        f"{c['tracker_lease_s']:g} s"
-    )
-    width = max(len(name) for name, _ in rows)
-    lines = [head, "-" * len(head)]
-    lines += [f"{name.ljust(width)}  {value}" for name, value in rows]
-    return "\n".join(lines)
+# -- one mode -------------------------------------------------------------------------------
 
 
-# -- main -----------------------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=60.0, help="length of the load")
-    parser.add_argument("--replicas", type=int, default=2, help="gateway replicas")
-    parser.add_argument("--clients", type=int, default=6, help="concurrent client loops")
-    parser.add_argument("--queue-s", type=float, default=0.2, help="simulator: queued seconds")
-    parser.add_argument("--run-s", type=float, default=1.8, help="simulator: running seconds")
-    parser.add_argument("--poll-s", type=float, default=0.1, help="tracker.poll_interval_s")
-    parser.add_argument("--lease-s", type=float, default=1.0, help="tracker.lease_s")
-    parser.add_argument("--wait-s", type=float, default=30.0, help="quota.wait_s")
-    parser.add_argument("--output", type=Path, default=RESULTS, help="where the JSON goes")
-    args = parser.parse_args(argv)
-
+def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Fresh store, simulator and replicas; the load; the figures (or why it did not run)."""
     from gateway.auth import new_key
     from gateway.embedded_store import EmbeddedRedis
-    from support.processes import start_gateway
+    from support.processes import Process, start_gateway, start_simulator
 
-    workdir = Path(tempfile.mkdtemp(prefix="sgw-bench-"))
+    workdir = Path(tempfile.mkdtemp(prefix=f"sgw-bench-quota-{mode}-"))
     token = "bench-" + secrets.token_urlsafe(16)
     keys = {"red": new_key(), "blue": new_key()}
     store = EmbeddedRedis(workdir / "store", persistent=False).start()
-    simulator: Simulator | None = None
-    gateways: list[Any] = []
+    simulator: Process | None = None
+    gateways: list[Process] = []
     sampler: Sampler | None = None
     try:
-        simulator = start_simulator(workdir, token, args.queue_s, args.run_s)
-        config = gateway_config(simulator.url, store.url, token, keys, args)
-        for _ in range(args.replicas):
-            gateways.append(start_gateway(workdir, config))
+        simulator = start_simulator(workdir, token, queue_s=args.queue_s, run_s=args.run_s)
+        config = gateway_config(mode, simulator.url, store.url, token, keys, args)
+        refusal = config_refusal(workdir, config)
+        note = None
+        if refusal is not None and mode == "wait" and "when_full" in refusal:
+            # A gateway from before the queue: waiting is all it does, and it has no key.
+            del config["quota"]["when_full"]
+            refusal = config_refusal(workdir, config)
+            note = "the gateway has no quota.when_full: waiting is its only mode"
+        if refusal is not None:
+            return {"mode": mode, "error": f"the gateway refused its config: {refusal}"}
+        try:
+            for _ in range(args.replicas):
+                gateways.append(start_gateway(workdir, config))
+        except AssertionError as exc:  # support.processes: it exited or never got ready
+            return {"mode": mode, "error": f"a gateway did not start: {str(exc)[-1500:]}"}
         sampler = Sampler(simulator.url)
         sampler.start()
         print(
-            f"driving {args.clients} clients through {args.replicas} replica(s) for "
-            f"{args.seconds:g} s (logs in {workdir}) ...",
+            f"[{mode}] {args.replicas} replica(s), {args.seconds:g} s (logs in {workdir}) ...",
             file=sys.stderr,
         )
-        load = asyncio.run(drive([g.url for g in gateways], keys, args.clients, args.seconds))
+        load = asyncio.run(drive(mode, [g.url for g in gateways], keys, simulator.url, args))
         sampler.stopping.set()
         sampler.join(5)
         with httpx.Client(base_url=simulator.url, timeout=10.0) as sim:
-            timelines = sim.get("/_bench/jobs").json()
+            creates = sim.get("/_sim/creates").json()
             stats = sim.get("/_sim/stats").json()
-        histogram = scrape_wait_histogram([g.url for g in gateways])
         logs = read_gateway_logs([g.log_path for g in gateways])
     finally:
         if sampler is not None:
@@ -568,21 +520,143 @@ def main(argv: list[str] | None = None) -> int:
         if simulator is not None:
             simulator.stop()
         store.cleanup()
-
-    result = analyse(args, load, timelines, sampler.samples, stats, logs, histogram)
+    result = analyse(mode, args, load, creates, sampler.samples, stats, logs)
     result["workdir"] = str(workdir)
+    result["note"] = note
+    return result
+
+
+# -- output ---------------------------------------------------------------------------------
+
+
+def _show(value: Any, unit: str = "") -> str:
+    return "-" if value is None else f"{value}{unit}"
+
+
+def _pair(figures: dict[str, Any], unit: str = " ms") -> str:
+    return f"{_show(figures['p50'], unit)} / {_show(figures['p99'], unit)}"
+
+
+TABLE_ROWS: list[tuple[str, Any]] = [
+    (
+        "utilisation (both slots busy)",
+        lambda r: (
+            f"{r['utilisation'] * 100:.2f} % "
+            f"({'met' if r['meets_target'] else 'NOT met'} >= {r['target'] * 100:.0f} %)"
+        ),
+    ),
+    (
+        "  cross-check: /_sim/stats samples",
+        lambda r: _show(
+            None if r["utilisation_sampled"] is None else round(r["utilisation_sampled"] * 100, 2),
+            " %",
+        ),
+    ),
+    ("  mean slot occupancy", lambda r: f"{r['slot_occupancy'] * 100:.2f} %"),
+    ("slot free -> next start p50 / p99", lambda r: _pair(r["gap_slot_free_to_next_start_ms"])),
+    ("  end -> release (tracker) p50 / p99", lambda r: _pair(r["gap_end_to_release_ms"])),
+    ("  release -> next start p50 / p99", lambda r: _pair(r["gap_release_to_next_start_ms"])),
+    ("accept -> start upstream p50 / p99", lambda r: _pair(r["accept_to_start_upstream_ms"])),
+    ("slot wait p50 / p99", lambda r: _pair(r["slot_wait_ms"])),
+    ("create latency p50 / p99", lambda r: _pair(r["client_latency_ms"])),
+    ("creates done (200)", lambda r: str(r["creates_done"])),
+    ("  of which queued (x-queue-position)", lambda r: str(r["creates_queued"])),
+    ("429s from the gateway", lambda r: str(r["gateway_429s"])),
+    ("simulator 429s (limit_hits)", lambda r: str(r["simulator_limit_hits"])),
+    ("max concurrency upstream", lambda r: str(r["simulator_max_concurrency"])),
+    ("jobs started twice upstream", lambda r: str(len(r["started_twice"]))),
+]
+
+
+def table(result: dict[str, Any]) -> str:
+    """Both modes side by side."""
+    c = result["config"]
+    modes = list(result["modes"])
+    head = (
+        f"quota utilisation: {c['seconds']:g} s per mode, {c['replicas']} replicas, "
+        f"{c['job_s']:g} s jobs, tracker poll {c['tracker_poll_s']:g} s / lease "
+        f"{c['tracker_lease_s']:g} s; wait: {c['clients']} clients, queue: "
+        f"{c['queued']} kept queued"
+    )
+    cells: list[list[str]] = [["", *modes]]
+    for name, cell in TABLE_ROWS:
+        line = [name]
+        for mode in modes:
+            r = result["modes"][mode]
+            line.append("-" if "error" in r else cell(r))
+        cells.append(line)
+    widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
+    lines = [head, "-" * len(head)]
+    lines += [
+        "  ".join(text.ljust(w) for text, w in zip(line, widths, strict=True)) for line in cells
+    ]
+    for mode in modes:
+        r = result["modes"][mode]
+        if "error" in r:
+            lines.append(f"{mode}: NOT RUN: {r['error']}")
+        else:
+            answers = ", ".join(f"{k}: {v}" for k, v in sorted(r["statuses"].items()))
+            lines.append(f"{mode} answers: {answers}")
+    return "\n".join(lines)
+
+
+def failures(result: dict[str, Any]) -> list[str]:
+    found = []
+    for mode, r in result["modes"].items():
+        if "error" in r:
+            found.append(f"{mode} mode did not run")
+            continue
+        if r["simulator_limit_hits"]:
+            found.append(f"{mode}: the simulator's own limit was hit: the gateway over-admitted")
+        if r["started_twice"]:
+            found.append(f"{mode}: {len(r['started_twice'])} job(s) started twice upstream")
+    return found
+
+
+# -- main -----------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mode", choices=("both", *MODES), default="both")
+    parser.add_argument("--seconds", type=float, default=30.0, help="length of each load")
+    parser.add_argument("--replicas", type=int, default=2, help="gateway replicas")
+    parser.add_argument("--clients", type=int, default=6, help="wait mode: client loops")
+    parser.add_argument("--queued", type=int, default=4, help="queue mode: jobs kept queued")
+    parser.add_argument("--queue-s", type=float, default=0.2, help="simulator: queued seconds")
+    parser.add_argument("--run-s", type=float, default=1.8, help="simulator: running seconds")
+    parser.add_argument("--poll-s", type=float, default=0.1, help="tracker.poll_interval_s")
+    parser.add_argument("--lease-s", type=float, default=1.0, help="tracker.lease_s")
+    parser.add_argument("--wait-s", type=float, default=30.0, help="quota.wait_s")
+    parser.add_argument("--output", type=Path, default=RESULTS, help="where the JSON goes")
+    args = parser.parse_args(argv)
+
+    modes = MODES if args.mode == "both" else (args.mode,)
+    result: dict[str, Any] = {
+        "config": {
+            "seconds": args.seconds,
+            "replicas": args.replicas,
+            "clients": args.clients,
+            "queued": args.queued,
+            "job_s": args.queue_s + args.run_s,
+            "queue_s": args.queue_s,
+            "run_s": args.run_s,
+            "tracker_poll_s": args.poll_s,
+            "tracker_lease_s": args.lease_s,
+            "quota_wait_s": args.wait_s,
+            "limit": LIMIT,
+        },
+        "modes": {mode: run_mode(mode, args) for mode in modes},
+    }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))
     print(f"\nfigures written to {os.path.relpath(args.output, Path.cwd())}")
-    if result["simulator_limit_hits"]:
-        print("FAIL: the simulator's own limit was hit: the gateway over-admitted", file=sys.stderr)
-        return 1
-    return 0
+    problems = failures(result)
+    for problem in problems:
+        print(f"FAIL: {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 6 and sys.argv[1] == "--serve-simulator":
-        serve_simulator(int(sys.argv[2]), sys.argv[3], float(sys.argv[4]), float(sys.argv[5]))
-    else:
-        sys.exit(main())
+    sys.exit(main())

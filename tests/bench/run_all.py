@@ -1,17 +1,19 @@
 """Run every benchmark in tests/bench and print one combined table.
 
-    PYTHONPATH=tests python -m bench.run_all [--only overhead,stream,quota,scale] [--quick]
+    PYTHONPATH=tests python -m bench.run_all [--quick]
+        [--only overhead,stream,quota,scale,admission]
 
 (from the repository's root, as `make bench` does). Each bench runs as its own process
-(`python -m bench.<module>`, in the same environment) with its defaults (the quota bench with
-`--seconds 60`), prints its own detailed table and writes its JSON under
+(`python -m bench.<module>`, in the same environment) with its defaults (the quota bench
+runs both modes, wait and queue, 30 s each), prints its own detailed table and writes its JSON under
 tests/bench/results/; this script then reads those files and prints every figure in
 one table, each with its reference measured in the same run, its ratio to it, the
 target and whether it was met. The summary goes to tests/bench/results/summary.json.
 `--quick` shortens every bench (a smoke run: its figures are not worth quoting).
 
 The exit status is 1 when a bench failed to run (or the quota bench saw the upstream's
-own limit hit); a missed target is reported, not failed.
+own limit hit, a job started twice, or a mode it could not run); a missed target is
+reported, not failed.
 """
 
 from __future__ import annotations
@@ -35,14 +37,16 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
         ["--seconds", "2", "--rounds", "1", "--latency-requests", "500", "--profile-seconds", "3"],
     ),
     "stream": ("bench.stream", [], ["--rounds", "1"]),
-    "quota": ("bench.quota_utilisation", ["--seconds", "60"], ["--seconds", "10"]),
+    "quota": ("bench.quota_utilisation", [], ["--seconds", "10"]),
     "scale": ("bench.scale", [], ["--seconds", "3", "--rounds", "1", "--idle-seconds", "3"]),
+    "admission": ("bench.admission_cost", [], ["--rounds", "50"]),
 }
 RESULT_FILES = {
     "overhead": "overhead.json",
     "stream": "stream.json",
     "quota": "quota_utilisation.json",
     "scale": "scale.json",
+    "admission": "admission_cost.json",
 }
 BENCH_TIMEOUT_S = 1800
 # Above this many cores kept busy by other processes, the figures say so.
@@ -50,46 +54,61 @@ NOISY_CORES = 0.25
 
 
 def quota_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """The quota bench writes no rows of its own: its figures, in the common form."""
+    """The quota bench writes no rows of its own: its figures per mode, in the common form."""
     c = result["config"]
-    wait = result["slot_wait_ms"]
-    return [
-        row(
-            "quota",
-            f"utilisation, both slots busy ({c['replicas']} replicas, {c['seconds']:g} s)",
-            result["utilisation"] * 100,
-            "%",
-            reference="ideal",
-            reference_value=100.0,
-            target=f">= {result['target'] * 100:g} %",
-            met=result["meets_target"],
-            note=f"cross-check from /_sim/stats samples: "
-            f"{(result['utilisation_sampled'] or 0) * 100:.2f} %; "
-            f"{result['creates_done']} creates done",
-        ),
-        row(
-            "quota",
-            "job end -> next admission, p50",
-            result["gap_end_to_next_admission_ms"]["p50"],
-            "ms",
-            note=f"p99 {result['gap_end_to_next_admission_ms']['p99']} ms",
-        ),
-        row(
-            "quota",
-            "slot wait p50 (client side)",
-            wait["p50"],
-            "ms",
-            note=f"p99 {wait['p99']} ms ({wait['source']})",
-        ),
-        row(
-            "quota",
-            "upstream's own 429s (limit hits)",
-            result["simulator_limit_hits"],
-            "",
-            target="0",
-            met=result["simulator_limit_hits"] == 0,
-        ),
-    ]
+    rows = []
+    for mode, r in result["modes"].items():
+        name = f"quota ({mode})"
+        if "error" in r:
+            rows.append(row(name, "did not run", None, "", note=r["error"][:300]))
+            continue
+        gap = r["gap_slot_free_to_next_start_ms"]
+        rows += [
+            row(
+                name,
+                f"utilisation, both slots busy ({c['replicas']} replicas, {c['seconds']:g} s)",
+                r["utilisation"] * 100,
+                "%",
+                reference="ideal",
+                reference_value=100.0,
+                target=f">= {r['target'] * 100:g} %",
+                met=r["meets_target"],
+                note=f"cross-check from /_sim/stats samples: "
+                f"{(r['utilisation_sampled'] or 0) * 100:.2f} %; {r['creates_done']} creates done",
+            ),
+            row(
+                name,
+                "slot free -> next start upstream, p50",
+                gap["p50"],
+                "ms",
+                note=f"p99 {gap['p99']} ms",
+            ),
+            row(
+                name,
+                "429s from the gateway",
+                r["gateway_429s"],
+                "",
+                target="0" if mode == "queue" else None,
+                met=r["gateway_429s"] == 0 if mode == "queue" else None,
+            ),
+            row(
+                name,
+                "upstream's own 429s (limit hits)",
+                r["simulator_limit_hits"],
+                "",
+                target="0",
+                met=r["simulator_limit_hits"] == 0,
+            ),
+            row(
+                name,
+                "jobs started twice upstream",
+                len(r["started_twice"]),
+                "",
+                target="0",
+                met=not r["started_twice"],
+            ),
+        ]
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -86,6 +86,9 @@ METRICS = {
         "store_errors_total",
         "upstream_errors_total",
         "lease_expiries_total",
+        "queue_depth",
+        "queue_seconds",
+        "queue_rejections_total",
     )
 }
 
@@ -670,6 +673,80 @@ def test_each_alert_fires_in_its_situation(tmp_path: Path) -> None:
             "30m",
             None,
         ),
+        # Jobs queued, a slot free, and no start for minutes: the dispatcher is stuck.
+        # Both replicas report the same store-read depth; they are not added up.
+        alert_case(
+            "SoraGatewayQueueStalled",
+            {
+                f'sora_gateway_queue_depth{{{g1}, team="a"}}': "3x10",
+                f'sora_gateway_queue_depth{{{g2}, team="a"}}': "3x10",
+                f"sora_gateway_slots_in_use{{{g1}}}": "1x10",
+                f"sora_gateway_slots_limit{{{g1}}}": "2x10",
+                f'sora_gateway_queue_seconds_count{{{g1}, team="a"}}': "5x10",
+                f'sora_gateway_queue_seconds_count{{{g2}, team="a"}}': "0x10",
+            },
+            "6m",
+            {},
+        ),
+        # Jobs keep starting (a slot is free between two starts): not stalled.
+        alert_case(
+            "SoraGatewayQueueStalled",
+            {
+                f'sora_gateway_queue_depth{{{g1}, team="a"}}': "3x10",
+                f"sora_gateway_slots_in_use{{{g1}}}": "1x10",
+                f"sora_gateway_slots_limit{{{g1}}}": "2x10",
+                f'sora_gateway_queue_seconds_count{{{g1}, team="a"}}': "0+1x10",
+            },
+            "6m",
+            None,
+        ),
+        # Every slot busy: the queue waits, as it should.
+        alert_case(
+            "SoraGatewayQueueStalled",
+            {
+                f'sora_gateway_queue_depth{{{g1}, team="a"}}': "3x10",
+                f"sora_gateway_slots_in_use{{{g1}}}": "2x10",
+                f"sora_gateway_slots_limit{{{g1}}}": "2x10",
+                f'sora_gateway_queue_seconds_count{{{g1}, team="a"}}': "5x10",
+            },
+            "6m",
+            None,
+        ),
+        # Nothing queued: idle slots are no stall.
+        alert_case(
+            "SoraGatewayQueueStalled",
+            {
+                f'sora_gateway_queue_depth{{{g1}, team="a"}}': "0x10",
+                f"sora_gateway_slots_in_use{{{g1}}}": "0x10",
+                f"sora_gateway_slots_limit{{{g1}}}": "2x10",
+                f'sora_gateway_queue_seconds_count{{{g1}, team="a"}}': "5x10",
+            },
+            "6m",
+            None,
+        ),
+        # No start from 2m on: the condition holds from 4m, so at 5m it is still pending.
+        alert_case(
+            "SoraGatewayQueueStalled",
+            {
+                f'sora_gateway_queue_depth{{{g1}, team="a"}}': "3x10",
+                f"sora_gateway_slots_in_use{{{g1}}}": "1x10",
+                f"sora_gateway_slots_limit{{{g1}}}": "2x10",
+                f'sora_gateway_queue_seconds_count{{{g1}, team="a"}}': "0 1 2x9",
+            },
+            "5m",
+            None,
+        ),
+        alert_case(
+            "SoraGatewayQueueStalled",
+            {
+                f'sora_gateway_queue_depth{{{g1}, team="a"}}': "3x10",
+                f"sora_gateway_slots_in_use{{{g1}}}": "1x10",
+                f"sora_gateway_slots_limit{{{g1}}}": "2x10",
+                f'sora_gateway_queue_seconds_count{{{g1}, team="a"}}': "0 1 2x9",
+            },
+            "6m",
+            {},
+        ),
         alert_case(
             "SoraGatewayLeaseExpired",
             {f"sora_gateway_lease_expiries_total{{{g1}}}": "0 0 0 1 1 1"},
@@ -734,7 +811,7 @@ def test_dashboard_is_provisionable_grafana_10_json() -> None:
     assert provider["options"]["path"]
 
     rows = [p["title"] for p in dashboard["panels"] if p["type"] == "row"]
-    assert rows == ["Overview", "Traffic", "Quota", "Jobs", "Refusals and errors"]
+    assert rows == ["Overview", "Traffic", "Quota", "Queue", "Jobs", "Refusals and errors"]
     ids, cells = set(), set()
     for panel in panels(dashboard):
         assert panel["id"] not in ids

@@ -24,6 +24,7 @@ from gateway import store_clients
 from gateway.embedded_store import EmbeddedRedis
 from gateway.ledger import SlotLedger, read_usage
 from gateway.registry import StoreProbe, VideoRegistry
+from gateway.scheduler import Scheduler, StoredRequest
 from gateway.store import (
     RELEASED_CHANNEL,
     StoreBusy,
@@ -46,6 +47,7 @@ class Owners:
     registry: VideoRegistry
     probe: StoreProbe
     clients: list[Redis]
+    scheduler: Scheduler
 
 
 @pytest.fixture
@@ -68,6 +70,7 @@ async def owners() -> AsyncIterator[tuple[EmbeddedRedis, Owners]]:
                 registry,
                 StoreProbe(ops_client),
                 [ledger_client, registry_client, ops_client],
+                Scheduler(ledger_client, ledger, max_queued=10, team_max_queued={}),
             ),
         )
     finally:
@@ -77,6 +80,7 @@ async def owners() -> AsyncIterator[tuple[EmbeddedRedis, Owners]]:
 
 
 VIDEO_ID = str(VIDEO["id"])
+STORED = StoredRequest("videos", "application/json", {}, b'{"prompt": "p"}')
 
 # Every public method of the ledger and the registry that sends a command, and the
 # probe's ping. (`SlotLedger.releases` never raises: it is tested on its own below.)
@@ -92,7 +96,9 @@ CALLS: dict[str, Callable[[Owners], Awaitable[Any]]] = {
     "ledger.read_usage": lambda o: read_usage(o.ledger.redis),
     "registry.record": lambda o: o.registry.record("alpha", "create", VIDEO, b"{}"),
     "registry.update": lambda o: o.registry.update(VIDEO_ID, VIDEO, b"{}"),
+    "registry.started": lambda o: o.registry.started(VIDEO_ID, "video_up", {}, VIDEO, b"{}"),
     "registry.get": lambda o: o.registry.get(VIDEO_ID),
+    "registry.gateway_id": lambda o: o.registry.gateway_id(VIDEO_ID),
     "registry.owned": lambda o: o.registry.owned("alpha", VIDEO_ID),
     "registry.known": lambda o: o.registry.known([VIDEO_ID]),
     "registry.forget": lambda o: o.registry.forget(VIDEO_ID, "alpha"),
@@ -104,6 +110,15 @@ CALLS: dict[str, Callable[[Owners], Awaitable[Any]]] = {
     "registry.record_character": lambda o: o.registry.record_character("alpha", "char_1"),
     "registry.character_owner": lambda o: o.registry.character_owner("char_1"),
     "probe.ping": lambda o: o.probe.ping(1.0),
+    "scheduler.enqueue": lambda o: o.scheduler.enqueue(
+        "video_q1", "slot_q1", team="alpha", kind="create", want={}, request=STORED, video=VIDEO
+    ),
+    "scheduler.take": lambda o: o.scheduler.take(),
+    "scheduler.requeue": lambda o: o.scheduler.requeue("video_q1", "slot_q1", count_attempt=True),
+    "scheduler.done": lambda o: o.scheduler.done("video_q1"),
+    "scheduler.cancel": lambda o: o.scheduler.cancel("video_q1", "alpha"),
+    "scheduler.overdue": lambda o: o.scheduler.overdue(60),
+    "scheduler.position": lambda o: o.scheduler.position("video_q1"),
 }
 
 
@@ -122,6 +137,7 @@ def test_the_calls_below_cover_every_public_method() -> None:
         public_methods(SlotLedger, "ledger")
         | public_methods(VideoRegistry, "registry")
         | public_methods(StoreProbe, "probe")
+        | public_methods(Scheduler, "scheduler")
         | {"ledger.read_usage"}
     )
     # Never raises: CONFIG is often disabled, and then there is nothing to warn about.
@@ -174,6 +190,7 @@ async def test_with_no_free_connection_every_method_raises_store_busy(
         VideoRegistry(registry_client),
         StoreProbe(ops_client),
         [ledger_client, registry_client, ops_client],
+        both.scheduler.on(ledger_client),
     )
     try:
         seen = await outcomes(full)

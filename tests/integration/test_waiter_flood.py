@@ -97,7 +97,9 @@ async def test_a_release_wakes_only_the_waiters_that_could_take_the_slot(
     monkeypatch.setattr(quota, "RECHECK_S", 60.0)  # only wake-ups make a waiter re-check
     ledger = SlotLedger(stores.ledger, limit=LIMIT, team_caps={}, owner="r1", lease_s=60)
     slots = JobSlots(ledger, GatewayMetrics(["alpha", "beta"]), wait_s=60)
-    assert (await ledger.try_acquire("slot_running", "alpha", "create", {})).admitted
+    # The running job is a third team's: alpha and beta have used the same slot time
+    # (none), so arrival decides between them.
+    assert (await ledger.try_acquire("slot_running", "gamma", "create", {})).admitted
     waiters = Waiters(slots)
     for n in range(20):
         waiters.start("alpha", f"alpha_{n}")
@@ -137,7 +139,9 @@ async def test_the_tracker_frees_slots_while_waiting_creates_hold_every_admissio
         max_job_s=0.001,  # the running job is past its last resort: the tick frees it
         settle_after_s=1,
     )
-    assert (await ledger.try_acquire("slot_running", "alpha", "create", {})).admitted
+    # The running job is a third team's: alpha and beta have used the same slot time
+    # (none), so arrival decides between them.
+    assert (await ledger.try_acquire("slot_running", "gamma", "create", {})).admitted
     waiters = Waiters(slots)
     for n in range(100):
         waiters.start("beta", f"beta_{n}")
@@ -164,7 +168,7 @@ async def test_a_waiter_whose_heartbeat_ran_out_rejoins_at_its_own_place(
     ledger = SlotLedger(
         stores.ledger, limit=LIMIT, team_caps={}, owner="r1", lease_s=60, heartbeat_s=0.05
     )
-    assert (await ledger.try_acquire("slot_running", "alpha", "create", {})).admitted
+    assert (await ledger.try_acquire("slot_running", "gamma", "create", {})).admitted
     first = await ledger.try_acquire("slot_first", "alpha", "create", {})
     second = await ledger.try_acquire("slot_second", "beta", "create", {})
     assert (first.ahead, second.ahead) == (0, 1)

@@ -4,20 +4,22 @@ Each waiting request re-runs the acquire script several times a second, so a scr
 that walks every waiter costs O(waiters) per call and O(waiters²) per second. The
 ledger keeps one FIFO per team and merges their heads; here the store itself counts
 the commands one decision runs (INFO commandstats counts those run inside scripts),
-with 10 and with 1,000 waiters queued, and the order of CONTRACT §3 is checked on the
-same FIFOs.
+with 10 and with 1,000 waiters queued, and the fair-share order of CONTRACT §8.1 is
+checked on the same FIFOs.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
 import redis
+from redis.asyncio import Redis
 
 from gateway.embedded_store import EmbeddedRedis
 from gateway.ledger import SlotLedger
-from gateway.store import BEATS
+from gateway.store import BEATS, USED_SUM, used_key
 from gateway.store_clients import connect
 
 LIMIT = 2
@@ -77,11 +79,24 @@ async def test_one_decision_costs_the_same_with_10_and_1000_waiters(
     assert many == few, f"commands per decision: {few} with 10 waiters, {many} with 1000"
 
 
-async def test_waiters_are_served_in_arrival_order_among_teams_under_their_cap(
+async def store_now_ms(client: Redis) -> int:
+    secs, micros = await client.time()
+    return int(secs) * 1000 + int(micros) // 1000
+
+
+async def seed_usage(ledger: SlotLedger, team: str, used_ms: int) -> None:
+    """`team` has finished jobs worth `used_ms` of slot time within the fair window."""
+    now_ms = await store_now_ms(ledger.redis)
+    await ledger.redis.zadd(used_key(team), {f"seeded:{used_ms}": now_ms})
+    await ledger.redis.hincrby(USED_SUM, team, used_ms)
+
+
+async def test_waiters_are_served_by_fair_share_then_arrival_among_teams_under_their_cap(
     ledger: SlotLedger,
 ) -> None:
+    await seed_usage(ledger, "capped", 60_000)
     assert (await ledger.try_acquire("c_running", "capped", "create", {})).admitted
-    assert (await ledger.try_acquire("a_running", "alpha", "create", {})).admitted
+    assert (await ledger.try_acquire("x_running", "other", "create", {})).admitted
     arrivals = [("c1", "capped"), ("a1", "alpha"), ("b1", "beta"), ("a2", "alpha")]
     for slot, team in arrivals:
         assert not (await ledger.try_acquire(slot, team, "create", {})).admitted
@@ -92,16 +107,63 @@ async def test_waiters_are_served_in_arrival_order_among_teams_under_their_cap(
     capped = await ledger.try_acquire("c1", "capped", "create", {})
     assert (capped.admitted, capped.reason) == (False, "team_limit")
 
-    await ledger.release("a_running")  # one slot free: it goes to a1, the earliest eligible
+    # One slot free: alpha and beta have used no slot time; a1 arrived first.
+    await ledger.release("x_running")
     assert not (await ledger.try_acquire("b1", "beta", "create", {})).admitted
     assert not (await ledger.try_acquire("a2", "alpha", "create", {})).admitted
     assert (await ledger.try_acquire("a1", "alpha", "create", {})).admitted
 
-    await ledger.release("c_running")  # c1 may run again, and it arrived first
-    assert not (await ledger.try_acquire("b1", "beta", "create", {})).admitted
-    assert (await ledger.try_acquire("c1", "capped", "create", {})).admitted
+    # c1 may run again and arrived first, but its team has used a minute of slot time
+    # and beta none: b1 goes first.
+    await ledger.release("c_running")
+    assert not (await ledger.try_acquire("c1", "capped", "create", {})).admitted
+    assert not (await ledger.try_acquire("a2", "alpha", "create", {})).admitted
+    assert (await ledger.try_acquire("b1", "beta", "create", {})).admitted
 
+    # alpha's a1 ran milliseconds, capped's a minute: a2 before c1.
     await ledger.release("a1")
-    await ledger.abandon("b1")  # the next in line leaves: a2 is first now
+    assert not (await ledger.try_acquire("c1", "capped", "create", {})).admitted
     assert (await ledger.try_acquire("a2", "alpha", "create", {})).admitted
+    await ledger.release("b1")
+    assert (await ledger.try_acquire("c1", "capped", "create", {})).admitted
     assert await ledger.redis.zcard(BEATS) == 0  # nobody left waiting
+
+
+async def test_slot_time_weighs_by_team_weight_and_ages_out_of_the_window(
+    private_store: EmbeddedRedis,
+) -> None:
+    client = connect(private_store.url)
+    await client.flushall()
+    weights = {"heavy": 4.0, "light": 1.0}
+    ledger = SlotLedger(client, limit=1, team_caps={}, owner="r1", lease_s=60, team_weights=weights)
+    try:
+        # heavy used 3 s at weight 4 (0.75 s per unit), light 1 s at weight 1: heavy first.
+        await seed_usage(ledger, "heavy", 3_000)
+        await seed_usage(ledger, "light", 1_000)
+        assert (await ledger.try_acquire("running", "other", "create", {})).admitted
+        assert not (await ledger.try_acquire("l1", "light", "create", {})).admitted
+        assert not (await ledger.try_acquire("h1", "heavy", "create", {})).admitted
+        await ledger.release("running")
+        assert not (await ledger.try_acquire("l1", "light", "create", {})).admitted
+        assert (await ledger.try_acquire("h1", "heavy", "create", {})).admitted
+        released = await ledger.release("h1")
+        assert released is not None
+        # With a window shorter than every span's age nothing counts, and arrival order
+        # decides: l1 before h2, though heavy's weight is four times light's.
+        short = SlotLedger(
+            client,
+            limit=1,
+            team_caps={},
+            owner="r1",
+            lease_s=60,
+            team_weights=weights,
+            fair_window_s=0.005,
+        )
+        ended = await store_now_ms(client)
+        # The store's clock passing a time: nothing can signal that, so it is polled.
+        while await store_now_ms(client) <= ended + 10:  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+        assert not (await short.try_acquire("h2", "heavy", "create", {})).admitted
+        assert (await short.try_acquire("l1", "light", "create", {})).admitted
+    finally:
+        await client.aclose()

@@ -8,7 +8,9 @@ the gateway will load from them.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -240,3 +242,78 @@ def test_the_dockerfile_is_multi_stage_slim_non_root_with_a_healthcheck() -> Non
     assert user[-1] not in ("USER root", "USER 0")
     assert any(line.startswith("HEALTHCHECK") for line in lines)
     assert any("/healthz" in line for line in lines)
+
+
+# -- the queue on the dashboard and in the alerts (CONTRACT §8) -------------------------------
+
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "sora-gateway.json"
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
+# Read from the store at scrape: every replica reports the same number.
+STORE_GAUGES = ("queue_depth", "slots_in_use", "slots_limit", "slot_queue_length")
+
+
+def row_panels(title: str) -> list[dict[str, Any]]:
+    """The panels under the dashboard row `title`, up to the next row."""
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    start = next(i for i, p in enumerate(panels) if p["type"] == "row" and p["title"] == title)
+    found = []
+    for panel in panels[start + 1 :]:
+        if panel["type"] == "row":
+            break
+        found.append(panel)
+    return found
+
+
+def expressions(panels: list[dict[str, Any]]) -> list[str]:
+    return [target["expr"] for panel in panels for target in panel.get("targets", [])]
+
+
+def alert(name: str) -> dict[str, Any]:
+    rules = [rule for group in load(ALERTS)["groups"] for rule in group["rules"]]
+    return next(rule for rule in rules if rule.get("alert") == name)
+
+
+def flat(expr: str) -> str:
+    return " ".join(expr.split())
+
+
+def test_the_dashboard_s_queue_row_shows_depth_time_in_queue_and_starts() -> None:
+    exprs = [flat(expr) for expr in expressions(row_panels("Queue"))]
+    assert any(
+        re.fullmatch(r"max by \(team\) \(sora_gateway_queue_depth\{.*\}\)", e) for e in exprs
+    )
+    for quantile in ("0.5", "0.99"):
+        assert any(
+            e.startswith(f"histogram_quantile({quantile}, sum by (le, team) (rate(")
+            and "sora_gateway_queue_seconds_bucket" in e
+            for e in exprs
+        ), quantile
+    assert any(
+        e.startswith("60 * sum by (team) (rate(sora_gateway_queue_seconds_count") for e in exprs
+    )
+    assert any("sora_gateway_queue_rejections_total" in e for e in exprs)
+    # Every panel of the row follows the team selector.
+    assert all('team=~"$team"' in e for e in exprs)
+
+
+def test_store_read_gauges_are_never_summed_over_replicas() -> None:
+    """sum() over replicas would count one queue once per replica."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = [p for top in dashboard["panels"] for p in (top, *top.get("panels", []))]
+    exprs = [*expressions(panels), alert("SoraGatewayQueueStalled")["expr"]]
+    for expr in map(flat, exprs):
+        for gauge in STORE_GAUGES:
+            used = len(re.findall(rf"sora_gateway_{gauge}\b", expr))
+            taken_max = len(re.findall(rf"max(?: by \([^)]*\) )?\(sora_gateway_{gauge}\b", expr))
+            assert used == taken_max, expr
+
+
+def test_the_queue_stalled_alert_needs_queued_jobs_free_slots_and_no_start() -> None:
+    rule = alert("SoraGatewayQueueStalled")
+    expr = flat(rule["expr"])
+    assert "sum(max by (team) (sora_gateway_queue_depth)) > 0" in expr
+    assert "max(sora_gateway_slots_in_use) < max(sora_gateway_slots_limit)" in expr
+    assert "sum(increase(sora_gateway_queue_seconds_count[2m])) == 0" in expr
+    assert rule["for"] == "2m"
+    assert rule["annotations"]["summary"].strip()
+    assert "max_in_flight" in rule["annotations"]["runbook"]  # when it is no fault

@@ -610,6 +610,200 @@ async def test_request_log_keeps_lowercased_headers(client):
     assert (await client.get("/_sim/requests?limit=1")).json() == log[-1:]
 
 
+# --- simulated time, unequal jobs, the create log -----------------------------------------
+
+
+async def test_time_scale_runs_minutes_of_job_in_seconds_and_reports_simulated_times(clock):
+    t0 = clock.now
+    settings = SimulatorSettings(queue_s=0, run_s=180, expire_s=3600, time_scale=60)
+    async with make_client(settings, clock) as c:
+        video = await create(c)
+        assert (video["status"], video["created_at"]) == ("in_progress", int(t0))
+        clock.advance(1.5)  # 90 simulated seconds: half of the run
+        half = (await c.get(f"/v1/videos/{video['id']}", headers=AUTH)).json()
+        assert (half["status"], half["progress"]) == ("in_progress", 50)
+        clock.advance(1.5)
+        done = (await c.get(f"/v1/videos/{video['id']}", headers=AUTH)).json()
+        assert (done["status"], done["progress"]) == ("completed", 100)
+        assert done["completed_at"] == int(t0 + 180)
+        assert done["expires_at"] == int(t0 + 180 + 3600)
+        later = await create(c)  # the clock the jobs see has moved 180 s, not 3 s
+        assert later["created_at"] == int(t0 + 180)
+        character = await c.post(
+            "/v1/videos/characters",
+            data={"name": "c"},
+            files={"video": ("v.mp4", b"x")},
+            headers=AUTH,
+        )
+        assert character.json()["created_at"] == int(t0 + 180)
+        clock.advance(3600 / 60 + 0.1)  # one simulated hour later the content has expired
+        expired = await c.get(f"/v1/videos/{video['id']}/content", headers=AUTH)
+        assert_error(expired, 400, "video_expired")
+
+
+async def test_time_scale_set_at_runtime_applies_from_then_without_a_jump(clock):
+    t0 = clock.now
+    async with make_client(SimulatorSettings(queue_s=0, run_s=60), clock) as c:
+        video = await create(c)
+        url = f"/v1/videos/{video['id']}"
+        clock.advance(12)  # 12 of 60 s at the default scale 1
+        assert (await c.get(url, headers=AUTH)).json()["progress"] == 20
+        config = (await c.post("/_sim/config", json={"time_scale": 10})).json()
+        assert config["time_scale"] == 10.0
+        assert (await c.get(url, headers=AUTH)).json()["progress"] == 20  # no jump
+        clock.advance(1.5)  # 15 more simulated seconds
+        assert (await c.get(url, headers=AUTH)).json()["progress"] == 45
+        assert (await create(c))["created_at"] == int(t0 + 27)
+        await c.post("/_sim/reset")  # back to scale 1, and the clock goes on from 27 s
+        assert (await c.get("/_sim/config")).json()["time_scale"] == 1.0
+        clock.advance(2)
+        assert (await create(c))["created_at"] == int(t0 + 29)
+
+
+async def test_time_scale_spread_and_seed_refuse_bad_values(client):
+    for body, param in [
+        ({"time_scale": 0}, "time_scale"),
+        ({"time_scale": -2}, "time_scale"),
+        ({"run_s_spread": 1.5}, "run_s_spread"),
+        ({"run_s_spread": -0.1}, "run_s_spread"),
+        ({"seed": 1.5}, "seed"),
+        ({"seed": "x"}, "seed"),
+    ]:
+        assert_error(await client.post("/_sim/config", json=body), 400, "invalid_value", param)
+    config = (await client.get("/_sim/config")).json()
+    assert (config["time_scale"], config["run_s_spread"], config["seed"]) == (1.0, 0.0, 0)
+
+
+async def run_times(c: httpx.AsyncClient, count: int) -> list[float]:
+    for i in range(count):
+        await create(c, f"job {i}")
+    records = (await c.get("/_sim/creates")).json()[-count:]
+    return [r["finished"] - r["started"] for r in records]
+
+
+async def test_run_s_spread_draws_unequal_run_times_reproducibly_from_the_seed(clock):
+    settings = SimulatorSettings(queue_s=0, run_s=10, max_running=100, run_s_spread=0.5, seed=7)
+    async with make_client(settings, clock) as c:
+        first = await run_times(c, 30)
+        assert all(5 <= run <= 15 for run in first)
+        assert len({round(run, 6) for run in first}) == 30
+        assert min(first) < 7
+        assert max(first) > 13
+        # The job itself runs for its drawn time.
+        video = (await c.get("/_sim/creates")).json()[0]
+        shown = (await c.get(f"/v1/videos/{video['video_id']}", headers=AUTH)).json()
+        clock.advance(first[0] + 0.01)
+        done = (await c.get(f"/v1/videos/{video['video_id']}", headers=AUTH)).json()
+        assert (shown["status"], done["status"]) == ("in_progress", "completed")
+        assert done["completed_at"] == int(video["finished"])
+        await c.post("/_sim/reset")
+        assert await run_times(c, 30) == first  # a reset starts the draws over
+        await c.post("/_sim/config", json={"seed": 8})
+        assert await run_times(c, 30) != first
+        await c.post("/_sim/config", json={"run_s_spread": 0})
+        assert await run_times(c, 3) == [10.0, 10.0, 10.0]
+
+
+async def test_create_log_records_each_job_creating_request_and_its_job(client, clock):
+    source = await completed_video(client, clock, seconds="8")
+    sid = source["id"]
+    await client.post(f"/v1/videos/{sid}/remix", json={"prompt": "by path"}, headers=AUTH)
+    clock.advance(5)
+    await client.post("/v1/videos/remix", json={"video_id": sid, "prompt": "body"}, headers=AUTH)
+    await client.post("/v1/videos/edits", json={"prompt": "ed", "video": {"id": sid}}, headers=AUTH)
+    full = await client.post(
+        "/v1/videos/extensions", json={"prompt": "ext", "video": {"id": sid}}, headers=AUTH
+    )
+    assert_error(full, 429, "too_many_running_tasks")
+    await client.post("/v1/videos", json={"prompt": "x", "seconds": "7"}, headers=AUTH)  # 400
+    await client.post("/_sim/faults", json={"fail_next": 1})
+    await client.post("/v1/videos", json={"prompt": "gate"}, headers=AUTH)  # never reaches it
+    clock.advance(5)
+    await client.post("/_sim/faults", json={"rate_limit_next": 1})
+    await client.post("/v1/videos", json={"prompt": "limited"}, headers=AUTH)
+    await client.post("/_sim/faults", json={"create_then_500_next": 1})
+    await client.post("/v1/videos", json={"prompt": "lost answer"}, headers=AUTH)
+    log = (await client.get("/_sim/creates")).json()
+    assert [(r["n"], r["kind"], r["status"], r["code"]) for r in log] == [
+        (1, "create", 200, None),
+        (2, "remix", 200, None),
+        (3, "remix", 200, None),
+        (4, "edit", 200, None),
+        (5, "extension", 429, "too_many_running_tasks"),
+        (6, "create", 400, "invalid_value"),
+        (7, "create", 429, "rate_limit_exceeded"),
+        (8, "create", 500, "internal_error"),
+    ]
+    assert [r["path"] for r in log[:3]] == [
+        "/v1/videos",
+        f"/v1/videos/{sid}/remix",
+        "/v1/videos/remix",
+    ]
+    made = [r for r in log if r["video_id"] is not None]
+    assert [r["n"] for r in made] == [1, 2, 3, 4, 8]  # the 500 made a job too
+    listed = (await client.get("/v1/videos", params={"limit": 100}, headers=AUTH)).json()["data"]
+    assert sorted(r["video_id"] for r in made) == sorted(v["id"] for v in listed)
+    assert log[0]["video_id"] == sid
+    assert log[1]["remixed_from_video_id"] == sid
+    assert log[0]["remixed_from_video_id"] is None
+    assert log[1]["prompt"] == "by path"
+    assert log[1]["prompt_sha256"] == hashlib.sha256(b"by path").hexdigest()
+    assert log[5]["prompt"] is None  # refused while its body was read
+    assert log[6]["prompt"] == "limited"
+    first = log[0]
+    assert first["at"] == first["admitted"] == clock.now - 15
+    assert (first["started"], first["finished"]) == (clock.now - 14, clock.now - 10)
+    long = "p" * 5000
+    await client.post("/v1/videos", json={"prompt": long}, headers=AUTH)
+    last = (await client.get("/_sim/creates", params={"limit": 1})).json()
+    assert len(last[0]["prompt"]) == 200
+    assert last[0]["prompt_sha256"] == hashlib.sha256(long.encode()).hexdigest()
+    assert_error(await client.get("/_sim/creates?limit=-1"), 400, "invalid_value", "limit")
+
+
+async def test_create_log_marks_a_deletion_and_clears_on_reset(client, clock):
+    video = await create(client)
+    clock.advance(2)
+    await client.delete(f"/v1/videos/{video['id']}", headers=AUTH)
+    await client.delete(f"/v1/videos/{video['id']}", headers=AUTH)  # a 404 changes nothing
+    (record,) = (await client.get("/_sim/creates")).json()
+    assert record["deleted"] == clock.now
+    await client.post("/_sim/reset")
+    assert (await client.get("/_sim/creates")).json() == []
+    await create(client)
+    assert [r["n"] for r in (await client.get("/_sim/creates")).json()] == [1]
+
+
+async def test_polls_push_creates_out_of_the_request_log_but_not_the_create_log(client, clock):
+    ids = []
+    for i in range(3):
+        ids.append((await create(client, f"job {i}"))["id"])
+        clock.advance(5)
+    for _ in range(1000):
+        await client.get(f"/v1/videos/{ids[0]}", headers=AUTH)
+    requests = (await client.get("/_sim/requests")).json()
+    assert all(r["method"] == "GET" for r in requests)
+    assert [r["video_id"] for r in (await client.get("/_sim/creates")).json()] == ids
+
+
+def test_create_log_is_bounded_and_forgets_whole_records():
+    from gateway.simulator.creates import CreateLog
+    from gateway.simulator.jobs import Job, JobSpec
+
+    log = CreateLog(capacity=3)
+    for n in range(5):
+        record = log.open("create", "/v1/videos", float(n))
+        job = Job(
+            f"video_{n}", n, JobSpec(prompt="p"), float(n), n + 1.0, n + 2.0, 9.0, "completed"
+        )
+        log.created(record, job)
+    assert [r["n"] for r in log.recent(10)] == [3, 4, 5]
+    log.deleted("video_0", 9.0)  # gone from the log: nothing to mark
+    log.deleted("video_4", 9.0)
+    assert [r["deleted"] for r in log.recent(10)] == [None, None, 9.0]
+    assert log.recent(0) == []
+
+
 # --- faults, config, reset ----------------------------------------------------------------
 
 

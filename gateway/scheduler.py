@@ -1,0 +1,479 @@
+"""The scheduler: the durable queue of jobs that could not start at once (CONTRACT §8).
+
+The ledger decides whether a job may run; the scheduler decides which queued job runs
+next. A queued job is stored whole in Redis (the request the gateway would send, and
+what it fixed), so any replica can start it, and a replica that dies loses nothing:
+
+- `enqueue` is the create's one decision: start now (the fair-share order gives it a
+  free slot: the caller sends it as it came) or store it, with its video record, and
+  answer `queued`; or refuse it when the queue is full;
+- `take` gives a free slot to the next queued job, by the same order, and reserves the
+  slot for the taking replica in the same script: a replica that dies holding it
+  leaves a `reserved` slot whose lease runs out, and the tracker settles it as any
+  lost create, putting the job back (`requeue`) when it never reached upstream;
+- `done` closes a job that started upstream or was refused there; `cancel` is a
+  client's delete; `overdue` takes out jobs queued past `quota.max_queue_s`.
+
+Every script is atomic and uses Redis time; all keys are in `store`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+
+from .ledger import MAX_WANT_BYTES, Release, SlotLedger, release_of
+from .registry import RECORD_LUA, record_args
+from .store import RELEASED_CHANNEL, VIDEO_SEQ, team_index_key, video_key
+from .store_clients import translated
+from .store_lua import KEYS, PRELUDE
+
+# A lost create that never appeared upstream goes back to the head of the queue at most
+# this often; then it fails with `upstream_error` (CONTRACT §8.4).
+MAX_REQUEUES = 2
+# Jobs past `max_queue_s` taken out per call, so one call stays short.
+OVERDUE_BATCH = 50
+
+# A queued job's position (1 = the next to start), or nil when it is not queued: an
+# estimate under fair share, its place in its team's FIFO plus the other teams' jobs
+# that their weights would start before it (each team's own FIFO bounds its share).
+POSITION_LUA = """
+local function position_of(id, team, weights)
+  local rank = redis.call('ZRANK', queue_of(team), id)
+  if not rank then return nil end
+  local mine = weight(weights, team)
+  local position = rank + 1
+  for _, t in ipairs(redis.call('SMEMBERS', queued_teams)) do
+    if t ~= team then
+      local share = math.floor(rank * weight(weights, t) / mine)
+      position = position + math.min(redis.call('ZCARD', queue_of(t)), share)
+    end
+  end
+  return position
+end
+"""
+
+# Start now or queue. KEYS: `store_lua.KEYS`, then the job's video hash, its team's
+# index and the registry's sequence. ARGV: 1 job id, 2 slot id, 3 team, 4 kind, 5 want
+# (JSON), 6 limit, 7 lease ms, 8 owner, 9 caps (JSON), 10 weights (JSON), 11 fair window
+# ms, 12 meta (JSON: path, content type, headers, source), 13 body, 14 max queued,
+# 15 the team's max queued ('' none), 16.. the registry record's arguments (`record_args`).
+# Returns {1, 'admitted', kick}: the slot is reserved, send it now; {0, 'queued',
+# position, kick}; or {0, 'queue_full' | 'team_queue_full', 0, kick}.
+ENQUEUE_SCRIPT = (
+    PRELUDE
+    + POSITION_LUA
+    + RECORD_LUA
+    + """
+local id, slot, team, limit = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[6])
+local now = now_ms()
+drop_dead_waiters(now)
+local arrival = redis.call('INCR', queue_seq)
+redis.call('ZADD', queue_of(team), arrival, id)
+redis.call('SADD', queued_teams, team)
+local caps, weights = cjson.decode(ARGV[9]), cjson.decode(ARGV[10])
+local state = holdings(now)
+local admitted, kick = false, 0
+for _, p in ipairs(plan(state, limit, caps, weights, tonumber(ARGV[11]))) do
+  if p[1] == id then
+    admitted = true
+  elseif redis.call('EXISTS', job_of(p[1])) == 1 then
+    kick = 1
+  end
+end
+if admitted then
+  leave_fifo(team, id)
+  reserve(slot, team, ARGV[4], cjson.decode(ARGV[5]), ARGV[8], tonumber(ARGV[7]), now, '')
+  return {1, 'admitted', kick}
+end
+local refusal
+if redis.call('ZCARD', queued) >= tonumber(ARGV[14]) then
+  refusal = 'queue_full'
+elseif ARGV[15] ~= ''
+    and tonumber(redis.call('HGET', queued_by_team, team) or '0') >= tonumber(ARGV[15]) then
+  refusal = 'team_queue_full'
+end
+if refusal then
+  leave_fifo(team, id)
+  return {0, refusal, 0, kick}
+end
+redis.call('HSET', job_of(id), 'team', team, 'kind', ARGV[4], 'want', ARGV[5],
+           'meta', ARGV[12], 'body', ARGV[13], 'arrival', arrival, 'accepted', now,
+           'attempts', 0)
+redis.call('ZADD', queued, now, id)
+redis.call('HINCRBY', queued_by_team, team, 1)
+record_video(KEYS[15], KEYS[16], KEYS[17], ARGV[1], team, ARGV[4], 'queued',
+             ARGV[16], ARGV[17], ARGV[18], ARGV[19])
+redis.call('HSET', KEYS[15], 'upstream', '')  -- upstream does not know it yet
+return {0, 'queued', position_of(id, team, weights), kick}
+"""
+)
+
+# Give the next free slot to a queued job. ARGV: owner, limit, lease ms, caps, weights,
+# fair window ms. The first queued job among the fair-share picks is taken out of the
+# queue and a slot reserved for it (owner: the caller); a live waiter among the picks
+# keeps its slot for its own next try. Returns {} or {id, slot, team, kind, want, meta,
+# body, accepted ms, now ms}.
+TAKE_SCRIPT = (
+    PRELUDE
+    + """
+local owner, limit = ARGV[1], tonumber(ARGV[2])
+local now = now_ms()
+drop_dead_waiters(now)
+local state = holdings(now)
+for _, p in ipairs(plan(state, limit, cjson.decode(ARGV[4]), cjson.decode(ARGV[5]),
+                        tonumber(ARGV[6]))) do
+  local id, team = p[1], p[2]
+  local job = job_of(id)
+  if redis.call('EXISTS', job) == 1 then
+    unqueue(team, id)
+    local f = redis.call('HMGET', job, 'kind', 'want', 'meta', 'body', 'accepted', 'attempts')
+    local slot = 'slot_' .. string.sub(id, 7) .. '_' .. (f[6] or '0')
+    reserve(slot, team, f[1], cjson.decode(f[2]), owner, tonumber(ARGV[3]), now, id)
+    redis.call('HSET', job, 'slot', slot)
+    return {id, slot, team, f[1], f[2], f[3], f[4], f[5], tostring(now)}
+  elseif not redis.call('ZSCORE', beats, id) then
+    leave_fifo(team, id)  -- neither a live waiter nor a stored job: nothing to start
+  end
+end
+return {}
+"""
+)
+
+# The job's create never reached upstream (a lost answer that never appeared, or
+# upstream's 429): free its slot and put it back at the head of its team's FIFO (its
+# own arrival number). ARGV: job id, slot id, channel, count the attempt (1/0), the
+# most attempts, pause ms (upstream's retry-after; 0 none). Returns the slot's release
+# (`store_lua.free_slot`) followed by 'requeued' | 'failed' (too many attempts) |
+# 'gone' (deleted meanwhile) | 'stale' (the slot was freed already: nothing done).
+REQUEUE_SCRIPT = (
+    PRELUDE
+    + """
+local id = ARGV[1]
+local freed = free_slot(ARGV[2], ARGV[3])
+local job = job_of(id)
+local verdict = 'requeued'
+local f = redis.call('HMGET', job, 'team', 'arrival', 'accepted', 'attempts', 'deleted')
+if freed[1] == 0 then
+  verdict = 'stale'  -- whoever freed the slot first settled the job
+elseif not f[1] or f[5] == '1' then
+  redis.call('DEL', job)
+  verdict = 'gone'
+else
+  local attempts = tonumber(f[4] or '0') + tonumber(ARGV[4])
+  if attempts > tonumber(ARGV[5]) then
+    verdict = 'failed'
+    redis.call('DEL', job)
+  else
+    redis.call('HSET', job, 'attempts', attempts)
+    redis.call('HDEL', job, 'slot')
+    requeue(f[1], id, tonumber(f[2]), tonumber(f[3]))
+    local pause = tonumber(ARGV[6])
+    if pause > 0 then
+      redis.call('SET', paused_until, now_ms() + pause, 'PX', pause)
+    end
+  end
+end
+while #freed < 7 do freed[#freed + 1] = '' end
+freed[8] = verdict
+return freed
+"""
+)
+
+
+# The job's start is settled (upstream started it, or refused it): forget the stored
+# request. ARGV: job id. Returns 1 if its client deleted it while it was being started.
+DONE_SCRIPT = (
+    PRELUDE
+    + """
+local deleted = redis.call('HGET', job_of(ARGV[1]), 'deleted')
+redis.call('DEL', job_of(ARGV[1]))
+return deleted == '1' and 1 or 0
+"""
+)
+
+# A client deletes a job it owns. ARGV: job id, team. Returns 1: it was queued and is
+# gone; 2: it is being started (the starter deletes it upstream once it has an id);
+# 0: the scheduler holds no such job of this team.
+CANCEL_SCRIPT = (
+    PRELUDE
+    + """
+local id, team = ARGV[1], ARGV[2]
+local job = job_of(id)
+if redis.call('HGET', job, 'team') ~= team then return 0 end
+if redis.call('ZSCORE', queue_of(team), id) then
+  unqueue(team, id)
+  redis.call('DEL', job)
+  return 1
+end
+redis.call('HSET', job, 'deleted', '1')
+return 2
+"""
+)
+
+# Jobs queued longer than ARGV[1] ms: taken out of the queue and forgotten, at most
+# ARGV[2] of them. Returns {id, team, kind, ...}.
+OVERDUE_SCRIPT = (
+    PRELUDE
+    + """
+local cutoff = now_ms() - tonumber(ARGV[1])
+local out = {}
+local due = redis.call('ZRANGEBYSCORE', queued, '-inf', cutoff, 'LIMIT', 0, tonumber(ARGV[2]))
+for _, id in ipairs(due) do
+  local f = redis.call('HMGET', job_of(id), 'team', 'kind')
+  if f[1] then unqueue(f[1], id) else redis.call('ZREM', queued, id) end
+  redis.call('DEL', job_of(id))
+  out[#out + 1] = id
+  out[#out + 1] = f[1] or ''
+  out[#out + 1] = f[2] or ''
+end
+return out
+"""
+)
+
+# Where a queued job stands. ARGV: job id, weights (JSON). Returns {position} or {}
+# when it is not queued.
+POSITION_SCRIPT = (
+    PRELUDE
+    + POSITION_LUA
+    + """
+local team = redis.call('HGET', job_of(ARGV[1]), 'team')
+local position = team and position_of(ARGV[1], team, cjson.decode(ARGV[2]))
+if not position then return {} end
+return {position}
+"""
+)
+
+
+@dataclass(frozen=True)
+class StoredRequest:
+    """What the gateway would send upstream for a job, kept until the job starts."""
+
+    path: str
+    content_type: str
+    headers: dict[str, str]  # the client's headers the gateway forwards (allow-listed)
+    body: bytes
+    source: str = ""  # the gateway's id of the remix/edit/extension source, if any
+
+    def meta(self) -> str:
+        return json.dumps(
+            {
+                "path": self.path,
+                "content_type": self.content_type,
+                "headers": self.headers,
+                "source": self.source,
+            },
+            separators=(",", ":"),
+        )
+
+
+@dataclass(frozen=True)
+class Enqueued:
+    """The one decision of `enqueue`."""
+
+    outcome: str  # 'admitted' | 'queued' | 'queue_full' | 'team_queue_full'
+    position: int = 0
+    kick: bool = False  # a queued job was given a free slot too: wake the dispatcher
+
+
+@dataclass(frozen=True)
+class TakenJob:
+    """A queued job given a slot: the taker sends it."""
+
+    id: str
+    slot_id: str
+    team: str
+    kind: str
+    want: dict[str, str]
+    request: StoredRequest
+    queued_s: float  # accept -> taken, by the store's clock
+
+
+@dataclass(frozen=True)
+class Requeued:
+    release: Release | None  # the slot's release, for the one call that freed it
+    verdict: str  # 'requeued' | 'failed' | 'gone' | 'stale'
+
+
+@dataclass(frozen=True)
+class Overdue:
+    id: str
+    team: str
+    kind: str
+
+
+class Scheduler:
+    """The scripts above, registered once, with typed arguments and results. A store
+    failure is raised as a `store.StoreFailure`, never as a redis exception."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        ledger: SlotLedger,
+        *,
+        max_queued: int,
+        team_max_queued: Mapping[str, int],
+    ) -> None:
+        self.redis = redis
+        self.ledger = ledger  # its limit, caps, weights, lease and owner apply here too
+        self.max_queued = max_queued
+        self.team_max_queued = dict(team_max_queued)
+        self._register(redis)
+
+    def on(self, redis: Redis) -> Scheduler:
+        """The same scheduler on another client (the dispatcher's: the tracker's
+        connections, which waiting creates can never take)."""
+        other = copy.copy(self)
+        other.redis = redis
+        other._register(redis)
+        return other
+
+    def _register(self, redis: Redis) -> None:
+        self._enqueue = redis.register_script(ENQUEUE_SCRIPT)
+        self._take = redis.register_script(TAKE_SCRIPT)
+        self._requeue = redis.register_script(REQUEUE_SCRIPT)
+        self._done = redis.register_script(DONE_SCRIPT)
+        self._cancel = redis.register_script(CANCEL_SCRIPT)
+        self._overdue = redis.register_script(OVERDUE_SCRIPT)
+        self._position = redis.register_script(POSITION_SCRIPT)
+
+    def set_team_limits(self, team_max_queued: Mapping[str, int]) -> None:
+        self.team_max_queued = dict(team_max_queued)
+
+    @translated
+    async def enqueue(
+        self,
+        job_id: str,
+        slot_id: str,
+        *,
+        team: str,
+        kind: str,
+        want: Mapping[str, str],
+        request: StoredRequest,
+        video: dict[str, Any],
+    ) -> Enqueued:
+        """Start now, or store the job (and `video`, its queued object) for later."""
+        encoded_want = json.dumps(dict(want), separators=(",", ":")) if want else "{}"
+        if len(encoded_want) > MAX_WANT_BYTES:
+            raise ValueError(f"a slot's want must stay under {MAX_WANT_BYTES} bytes")
+        ledger = self.ledger
+        team_cap = self.team_max_queued.get(team)
+        result = await self._enqueue(
+            keys=[*KEYS, video_key(job_id), team_index_key(team), VIDEO_SEQ],
+            args=[
+                job_id,
+                slot_id,
+                team,
+                kind,
+                encoded_want,
+                ledger.limit,
+                ledger.lease_ms,
+                ledger.owner,
+                ledger.caps,
+                ledger.weights,
+                ledger.fair_window_ms,
+                request.meta(),
+                request.body,
+                self.max_queued,
+                "" if team_cap is None else team_cap,
+                *record_args(video, json.dumps(video).encode()),
+            ],
+        )
+        if int(result[0]) == 1:
+            return Enqueued("admitted", kick=bool(int(result[2])))
+        return Enqueued(_text(result[1]), int(result[2]), bool(int(result[3])))
+
+    @translated
+    async def take(self) -> TakenJob | None:
+        """The next queued job the fair-share order gives a free slot, reserved for this
+        replica; None when no slot is free or no queued job's turn has come."""
+        ledger = self.ledger
+        result = await self._take(
+            keys=KEYS,
+            args=[
+                ledger.owner,
+                ledger.limit,
+                ledger.lease_ms,
+                ledger.caps,
+                ledger.weights,
+                ledger.fair_window_ms,
+            ],
+        )
+        if not result:
+            return None
+        job_id, slot_id, team, kind, want, meta = (_text(v) for v in result[:6])
+        body, accepted, now = result[6], _text(result[7]), _text(result[8])
+        fields = json.loads(meta)
+        request = StoredRequest(
+            path=str(fields["path"]),
+            content_type=str(fields["content_type"]),
+            headers={str(k): str(v) for k, v in fields.get("headers", {}).items()},
+            body=body if isinstance(body, bytes) else str(body).encode(),
+            source=str(fields.get("source", "")),
+        )
+        return TakenJob(
+            job_id,
+            slot_id,
+            team,
+            kind,
+            {str(k): str(v) for k, v in json.loads(want or "{}").items()},
+            request,
+            (int(now) - int(accepted)) / 1000,
+        )
+
+    @translated
+    async def requeue(
+        self, job_id: str, slot_id: str, *, count_attempt: bool, pause_s: float = 0.0
+    ) -> Requeued:
+        """Free the job's slot and put it back first in its team's queue."""
+        result = await self._requeue(
+            keys=KEYS,
+            args=[
+                job_id,
+                slot_id,
+                RELEASED_CHANNEL,
+                1 if count_attempt else 0,
+                MAX_REQUEUES,
+                int(pause_s * 1000),
+            ],
+        )
+        return Requeued(release_of(result), _text(result[-1]))
+
+    @translated
+    async def done(self, job_id: str) -> bool:
+        """The job's start is settled; True if its client deleted it meanwhile."""
+        return bool(int(await self._done(keys=KEYS, args=[job_id])))
+
+    @translated
+    async def cancel(self, job_id: str, team: str) -> int:
+        """1: a queued job deleted; 2: being started (deleted upstream once started);
+        0: not one the scheduler holds for `team`."""
+        return int(await self._cancel(keys=KEYS, args=[job_id, team]))
+
+    @translated
+    async def overdue(self, max_queue_s: float) -> list[Overdue]:
+        """Jobs queued past `max_queue_s`, taken out of the queue."""
+        result = await self._overdue(keys=KEYS, args=[int(max_queue_s * 1000), OVERDUE_BATCH])
+        values = [_text(v) for v in result]
+        return [Overdue(*values[i : i + 3]) for i in range(0, len(values), 3)]
+
+    @translated
+    async def position(self, job_id: str) -> int | None:
+        """Where a queued job stands (1 = next), or None when it is not queued."""
+        result = await self._position(keys=KEYS, args=[job_id, self.ledger.weights])
+        return int(result[0]) if result else None
+
+
+def mint_job_id() -> str:
+    """A gateway id in the form upstream's ids have: `video_` and 32 lowercase hex."""
+    return f"video_{uuid.uuid4().hex}"
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
