@@ -1046,7 +1046,13 @@ def run_soak(
             workdir, token, queue_s=config.queue_s, run_s=config.run_s, max_running=LIMIT
         )
         gateway_settings = gateway_config(simulator.url, store.url, token, keys)
-        gateway_settings["quota"] = {"max_in_flight": LIMIT, "wait_s": config.wait_s}
+        # Wait mode (CONTRACT §8): the clients check the answers of a create that waits,
+        # then 429s; the queue's own soak is the acceptance test's.
+        gateway_settings["quota"] = {
+            "when_full": "wait",
+            "max_in_flight": LIMIT,
+            "wait_s": config.wait_s,
+        }
         gateway_settings["tracker"] = {
             "poll_interval_s": config.poll_s,
             "lease_s": config.lease_s,

@@ -24,8 +24,9 @@ against exactly what reached upstream for that call (calls are sequential):
   one for its own limit, saw no credential but the gateway's token, every slot comes
   free, and the gateway is still healthy.
 
-The fuzzing gateway is this module's own (`quota.wait_s: 0`, so a full quota answers 429
-at once; a 64 KiB body cap, so 413 is reachable) in front of its own simulator with
+The fuzzing gateway is this module's own (`quota.when_full: wait` and `wait_s: 0`, so a
+full quota answers 429 at once instead of queueing a job that would reach upstream later;
+a 64 KiB body cap, so 413 is reachable) in front of its own simulator with
 short jobs, on its own store (a `Rig`: nothing is shared with the session stack).
 """
 
@@ -158,7 +159,7 @@ class FuzzTarget:
 def fuzz_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzTarget]:
     with Rig.open(tmp_path_factory.mktemp("fuzz"), queue_s=0.1, run_s=0.3) as rig:
         gateway = rig.start_gateway(
-            quota={"max_in_flight": 2, "wait_s": 0},
+            quota={"when_full": "wait", "max_in_flight": 2, "wait_s": 0},
             limits={"max_body_bytes": BODY_CAP, "body_timeout_s": 5},
             metrics={"bearer_token": METRICS_TOKEN},
         )

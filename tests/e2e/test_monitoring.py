@@ -177,7 +177,7 @@ class Replicas(Rig):
 
     def start_replicas(self) -> None:
         config: dict[str, Any] = {
-            "quota": {"max_in_flight": LIMIT, "wait_s": WAIT_S},
+            "quota": {"when_full": "wait", "max_in_flight": LIMIT, "wait_s": WAIT_S},
             "tracker": {"poll_interval_s": POLL_S, "lease_s": LEASE_S},
             "team_caps": {"gamma": 1},
         }

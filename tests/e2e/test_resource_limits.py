@@ -120,7 +120,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         rig.start_gateway(
             upstream={"timeout_s": TIMEOUT_S},
             tracker={"poll_interval_s": 0.3, "lease_s": 2},
-            quota={"max_in_flight": LIMIT, "wait_s": 20},
+            quota={"when_full": "wait", "max_in_flight": LIMIT, "wait_s": 20},
             limits={
                 "max_body_bytes": MAX_BODY,
                 "body_timeout_s": BODY_TIMEOUT_S,

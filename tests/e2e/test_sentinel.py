@@ -214,7 +214,7 @@ def gateways(cluster: Cluster, rig: Rig) -> Iterator[list[Process]]:
             2,
             store={"sentinel": {"master_name": MASTER, "hosts": cluster.sentinel_hosts}},
             tracker=TRACKER,
-            quota={"max_in_flight": LIMIT, "wait_s": 1.0},
+            quota={"when_full": "wait", "max_in_flight": LIMIT, "wait_s": 1.0},
         )
     finally:
         rig.stop_gateways(signal.SIGKILL)

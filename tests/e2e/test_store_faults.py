@@ -257,7 +257,7 @@ def rig_base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxiedRig]:
         rig.start_gateway(
             upstream={"timeout_s": UPSTREAM_TIMEOUT_S},
             tracker=TRACKER,
-            quota={"max_in_flight": LIMIT, "wait_s": 1},
+            quota={"when_full": "wait", "max_in_flight": LIMIT, "wait_s": 1},
         )
         yield rig
 

@@ -48,7 +48,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     with Rig.open(workdir, teams=TEAMS, queue_s=0.2, run_s=1.0) as rig:
         rig.start_gateway(
             tracker={"poll_interval_s": POLL_S, "lease_s": 5},
-            quota={"max_in_flight": LIMIT, "wait_s": WAIT_S},
+            quota={"when_full": "wait", "max_in_flight": LIMIT, "wait_s": WAIT_S},
         )
         yield rig
 

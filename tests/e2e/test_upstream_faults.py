@@ -62,7 +62,7 @@ def rig_base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         rig.start_gateway(
             upstream={"timeout_s": TIMEOUT_S},
             tracker=TRACKER,
-            quota={"max_in_flight": LIMIT, "wait_s": WAIT_S},
+            quota={"when_full": "wait", "max_in_flight": LIMIT, "wait_s": WAIT_S},
         )
         yield rig
 
