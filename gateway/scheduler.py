@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.typing import EncodableT
 
 from .ledger import MAX_WANT_BYTES, Release, SlotLedger, release_of
 from .registry import RECORD_LUA, record_args
@@ -41,18 +42,26 @@ MAX_REQUEUES = 2
 OVERDUE_BATCH = 50
 
 # A queued job's position (1 = the next to start), or nil when it is not queued: an
-# estimate under fair share, its place in its team's FIFO plus the other teams' jobs
-# that their weights would start before it (each team's own FIFO bounds its share).
+# estimate of how many jobs the fair-share order starts before it. Its team starts its
+# earlier `rank` jobs first; each start adds about `typical` ms to a team's slot time,
+# so another team starts jobs while its share (slot time per weight, as `plan` reads
+# it) stays below this team's share at this job's turn, up to what it has queued.
 POSITION_LUA = """
-local function position_of(id, team, weights)
+local function position_of(id, team, weights, typical, window)
   local rank = redis.call('ZRANK', queue_of(team), id)
   if not rank then return nil end
-  local mine = weight(weights, team)
+  local state = holdings(now_ms())
+  local function share(t)
+    return (used_ms(t, state.now, window) + (state.running[t] or 0)) / weight(weights, t)
+  end
+  local mine = share(team) + rank * typical / weight(weights, team)
   local position = rank + 1
   for _, t in ipairs(redis.call('SMEMBERS', queued_teams)) do
     if t ~= team then
-      local share = math.floor(rank * weight(weights, t) / mine)
-      position = position + math.min(redis.call('ZCARD', queue_of(t)), share)
+      local ahead = math.ceil((mine - share(t)) * weight(weights, t) / typical)
+      if ahead > 0 then
+        position = position + math.min(redis.call('ZCARD', queue_of(t)), ahead)
+      end
     end
   end
   return position
@@ -63,7 +72,8 @@ end
 # index and the registry's sequence. ARGV: 1 job id, 2 slot id, 3 team, 4 kind, 5 want
 # (JSON), 6 limit, 7 lease ms, 8 owner, 9 caps (JSON), 10 weights (JSON), 11 fair window
 # ms, 12 meta (JSON: path, content type, headers, source), 13 body, 14 max queued,
-# 15 the team's max queued ('' none), 16.. the registry record's arguments (`record_args`).
+# 15 the team's max queued ('' none), 16-19 the registry record's arguments
+# (`record_args`), 20 a typical job's slot time in ms (for the position estimate).
 # Returns {1, 'admitted', kick}: the slot is reserved, send it now; {0, 'queued',
 # position, kick}; or {0, 'queue_full' | 'team_queue_full', 0, kick}.
 ENQUEUE_SCRIPT = (
@@ -111,7 +121,8 @@ redis.call('HINCRBY', queued_by_team, team, 1)
 record_video(KEYS[15], KEYS[16], KEYS[17], ARGV[1], team, ARGV[4], 'queued',
              ARGV[16], ARGV[17], ARGV[18], ARGV[19])
 redis.call('HSET', KEYS[15], 'upstream', '')  -- upstream does not know it yet
-return {0, 'queued', position_of(id, team, weights), kick}
+return {0, 'queued', position_of(id, team, weights, tonumber(ARGV[20]), tonumber(ARGV[11])),
+        kick}
 """
 )
 
@@ -237,14 +248,15 @@ return out
 """
 )
 
-# Where a queued job stands. ARGV: job id, weights (JSON). Returns {position} or {}
-# when it is not queued.
+# Where a queued job stands. ARGV: job id, weights (JSON), a typical job's slot time
+# ms, fair window ms. Returns {position} or {} when it is not queued.
 POSITION_SCRIPT = (
     PRELUDE
     + POSITION_LUA
     + """
 local team = redis.call('HGET', job_of(ARGV[1]), 'team')
-local position = team and position_of(ARGV[1], team, cjson.decode(ARGV[2]))
+local position = team and position_of(ARGV[1], team, cjson.decode(ARGV[2]),
+                                      tonumber(ARGV[3]), tonumber(ARGV[4]))
 if not position then return {} end
 return {position}
 """
@@ -357,8 +369,10 @@ class Scheduler:
         want: Mapping[str, str],
         request: StoredRequest,
         video: dict[str, Any],
+        typical_job_s: float = 30.0,
     ) -> Enqueued:
-        """Start now, or store the job (and `video`, its queued object) for later."""
+        """Start now, or store the job (and `video`, its queued object) for later;
+        `typical_job_s` (jobs seen to end lately) goes into its position estimate."""
         encoded_want = json.dumps(dict(want), separators=(",", ":")) if want else "{}"
         if len(encoded_want) > MAX_WANT_BYTES:
             raise ValueError(f"a slot's want must stay under {MAX_WANT_BYTES} bytes")
@@ -383,6 +397,7 @@ class Scheduler:
                 self.max_queued,
                 "" if team_cap is None else team_cap,
                 *record_args(video, json.dumps(video).encode()),
+                _typical_ms(typical_job_s),
             ],
         )
         if int(result[0]) == 1:
@@ -464,15 +479,25 @@ class Scheduler:
         return [Overdue(*values[i : i + 3]) for i in range(0, len(values), 3)]
 
     @translated
-    async def position(self, job_id: str) -> int | None:
+    async def position(self, job_id: str, typical_job_s: float = 30.0) -> int | None:
         """Where a queued job stands (1 = next), or None when it is not queued."""
-        result = await self._position(keys=KEYS, args=[job_id, self.ledger.weights])
+        args: list[EncodableT] = [
+            job_id,
+            self.ledger.weights,
+            _typical_ms(typical_job_s),
+            self.ledger.fair_window_ms,
+        ]
+        result = await self._position(keys=KEYS, args=args)
         return int(result[0]) if result else None
 
 
 def mint_job_id() -> str:
     """A gateway id in the form upstream's ids have: `video_` and 32 lowercase hex."""
     return f"video_{uuid.uuid4().hex}"
+
+
+def _typical_ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
 
 
 def _text(value: Any) -> str:

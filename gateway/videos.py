@@ -325,6 +325,7 @@ class VideoRoutes:
             want=job.want,
             request=stored,
             video=video,
+            typical_job_s=self.slots.typical_job_s,
         )
         async with self.slots.start_or_queue(team, job.kind, enqueue) as decision:
             if isinstance(decision, Ticket):
@@ -373,7 +374,9 @@ class VideoRoutes:
         if record.upstream_id is None:
             # Queued (upstream does not know it yet), or failed before it started: the
             # gateway's own record is the whole truth, and upstream is not asked.
-            position = await self.queue.scheduler.position(video_id) if self.queue else None
+            position = None
+            if self.queue is not None:
+                position = await self.queue.scheduler.position(video_id, self.slots.typical_job_s)
             headers = self._queue_headers(position) if record.queued else {}
             return Response(record.body, media_type="application/json", headers=headers)
         refreshed = await self._refresh(self.upstream.for_request(request), record)

@@ -663,11 +663,6 @@ def test_a_team_arriving_behind_a_long_queue_starts_at_the_next_free_slot(rig: R
     assert rig.stats()["limit_hits"] == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product: x-queue-position ignores slot time used (scheduler.POSITION_LUA), so "
-    "alpha's first queued job still reads 1 beside beta's, which starts first",
-)
 def test_queue_positions_follow_the_fair_order(rig: Rig) -> None:
     """1 = the next to start (§8.2): once beta's job is ahead, alpha's read 2..11."""
     start(rig)
