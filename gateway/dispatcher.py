@@ -33,6 +33,7 @@ from typing import Any
 from .answers import failed_object, in_client_ids, video_object
 from .errors import QUEUE_TIMEOUT, GatewayError, UpstreamError
 from .ledger import Slot
+from .matching import loads_object
 from .metrics import GatewayMetrics
 from .parse import whole_number
 from .quota import JobSlots, SlotFate, fate_of
@@ -260,11 +261,7 @@ class Dispatcher:
 
 
 def _stored_video(record: VideoRecord) -> dict[str, Any]:
-    try:
-        video = json.loads(record.body)
-    except ValueError:
-        video = None
-    return video if isinstance(video, dict) else {"id": record.id, "object": "video"}
+    return loads_object(record.body) or {"id": record.id, "object": "video"}
 
 
 def _retry_after_s(reply: Reply) -> float:

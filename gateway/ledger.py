@@ -15,7 +15,6 @@ counted. Expiry never frees a slot by itself.
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
@@ -25,7 +24,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from .store import BEATS, HOLDERS, JOBS, QUEUED_BY_TEAM, RELEASED_CHANNEL, SLOTS
-from .store_clients import translated
+from .store_clients import OnClient, translated
 from .store_lua import KEYS, PRELUDE
 
 log = logging.getLogger("gateway.ledger")
@@ -70,14 +69,7 @@ arrival = tonumber(arrival)
 redis.call('ZADD', beats, now + tonumber(ARGV[5]), slot)
 local caps, weights = cjson.decode(ARGV[9]), cjson.decode(ARGV[11])
 local state = holdings(now)
-local admitted, kick = false, 0
-for _, p in ipairs(plan(state, limit, caps, weights, tonumber(ARGV[12]))) do
-  if p[1] == slot then
-    admitted = true
-  elseif redis.call('EXISTS', job_of(p[1])) == 1 then
-    kick = 1
-  end
-end
+local admitted, kick = decide(slot, state, limit, caps, weights, tonumber(ARGV[12]))
 if admitted then
   reserve(slot, team, ARGV[7], cjson.decode(ARGV[8]), ARGV[6], tonumber(ARGV[4]), now, '')
   leave_queue(slot)
@@ -273,7 +265,7 @@ class Snapshot:
     waiting: int
 
 
-class SlotLedger:
+class SlotLedger(OnClient):
     """The scripts above, registered once, with typed arguments and results. A store
     failure is raised as a `store.StoreFailure`, never as a redis exception."""
 
@@ -297,15 +289,6 @@ class SlotLedger:
         self.fair_window_ms = int(fair_window_s * 1000)
         self.set_caps(team_caps, team_weights or {})
         self._register(redis)
-
-    def on(self, redis: Redis) -> SlotLedger:
-        """The same ledger with its scripts sent on another client: the tracker's, so
-        that waiting creates can never take the connections that renew, adopt and
-        release need (a slot freed late is a slot nobody can use)."""
-        other = copy.copy(self)
-        other.redis = redis
-        other._register(redis)
-        return other
 
     def _register(self, redis: Redis) -> None:
         self._acquire = redis.register_script(ACQUIRE_SCRIPT)

@@ -57,7 +57,7 @@ def wanted(kind: str, fields: Mapping[str, Any], source: str | None, source_body
     bounded (`_bounded`): an inherited one comes from upstream's answer, unchecked.
     """
     want: Want = {"prompt": fingerprint(str(fields["prompt"]))}
-    origin = _object(source_body) if source is not None else {}
+    origin = loads_object(source_body) if source is not None else {}
     for name in _ECHOED if kind != "extension" else ("model", "size"):
         own, inherited = _field(name, fields.get(name)), _field(name, origin.get(name))
         if own is not None and name in _TAKES.get(kind, ()):
@@ -175,7 +175,8 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _object(body: str) -> dict[str, Any]:
+def loads_object(body: str) -> dict[str, Any]:
+    """A stored JSON body as an object; {} for anything else (it came from upstream)."""
     try:
         value = json.loads(body)
     except ValueError:

@@ -19,7 +19,6 @@ Every script is atomic and uses Redis time; all keys are in `store`.
 
 from __future__ import annotations
 
-import copy
 import json
 import uuid
 from collections.abc import Mapping
@@ -32,7 +31,7 @@ from redis.typing import EncodableT
 from .ledger import MAX_WANT_BYTES, Release, SlotLedger, release_of
 from .registry import RECORD_LUA, record_args
 from .store import RELEASED_CHANNEL, VIDEO_SEQ, team_index_key, video_key
-from .store_clients import translated
+from .store_clients import OnClient, translated
 from .store_lua import KEYS, PRELUDE
 
 # A lost create that never appeared upstream goes back to the head of the queue at most
@@ -89,14 +88,7 @@ redis.call('ZADD', queue_of(team), arrival, id)
 redis.call('SADD', queued_teams, team)
 local caps, weights = cjson.decode(ARGV[9]), cjson.decode(ARGV[10])
 local state = holdings(now)
-local admitted, kick = false, 0
-for _, p in ipairs(plan(state, limit, caps, weights, tonumber(ARGV[11]))) do
-  if p[1] == id then
-    admitted = true
-  elseif redis.call('EXISTS', job_of(p[1])) == 1 then
-    kick = 1
-  end
-end
+local admitted, kick = decide(id, state, limit, caps, weights, tonumber(ARGV[11]))
 if admitted then
   leave_fifo(team, id)
   reserve(slot, team, ARGV[4], cjson.decode(ARGV[5]), ARGV[8], tonumber(ARGV[7]), now, '')
@@ -320,7 +312,7 @@ class Overdue:
     kind: str
 
 
-class Scheduler:
+class Scheduler(OnClient):
     """The scripts above, registered once, with typed arguments and results. A store
     failure is raised as a `store.StoreFailure`, never as a redis exception."""
 
@@ -337,14 +329,6 @@ class Scheduler:
         self.max_queued = max_queued
         self.team_max_queued = dict(team_max_queued)
         self._register(redis)
-
-    def on(self, redis: Redis) -> Scheduler:
-        """The same scheduler on another client (the dispatcher's: the tracker's
-        connections, which waiting creates can never take)."""
-        other = copy.copy(self)
-        other.redis = redis
-        other._register(redis)
-        return other
 
     def _register(self, redis: Redis) -> None:
         self._enqueue = redis.register_script(ENQUEUE_SCRIPT)

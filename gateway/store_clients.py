@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import functools
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, Self, TypeVar
 
 import redis
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -151,6 +152,24 @@ def _options(retry_once: bool) -> dict[str, Any]:
         "retry": Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
         "retry_on_error": [redis.exceptions.ConnectionError],
     }
+
+
+class OnClient:
+    """An owner of Lua scripts, registered once per client (as redis-py's `Lock`)."""
+
+    redis: Redis
+
+    def _register(self, redis: Redis) -> None:
+        raise NotImplementedError
+
+    def on(self, redis: Redis) -> Self:
+        """The same owner with its scripts sent on another client: the tracker's and the
+        dispatcher's, so that waiting creates can never take the connections that
+        renew, adopt, release and start need (a slot freed late is a slot nobody uses)."""
+        other = copy.copy(self)
+        other.redis = redis
+        other._register(redis)
+        return other
 
 
 def connect(

@@ -192,6 +192,20 @@ local function plan(state, limit, caps, weights, window)
   return picks
 end
 
+-- Does the fair-share order give `member` one of the free slots now? Also whether it
+-- gives one to a queued job (then the caller wakes its dispatcher to take it): kick 1.
+local function decide(member, state, limit, caps, weights, window)
+  local admitted, kick = false, 0
+  for _, p in ipairs(plan(state, limit, caps, weights, window)) do
+    if p[1] == member then
+      admitted = true
+    elseif redis.call('EXISTS', job_of(p[1])) == 1 then
+      kick = 1
+    end
+  end
+  return admitted, kick
+end
+
 -- Count a slot for a job about to be sent: leased to its owner for `lease` ms.
 local function reserve(slot, team, kind, want, owner, lease, now, gid)
   redis.call('ZADD', holders, now + lease, slot)

@@ -45,7 +45,7 @@ from .errors import (
     video_not_ready,
 )
 from .logs import note
-from .matching import wanted
+from .matching import loads_object, wanted
 from .metrics import GatewayMetrics
 from .openapi import FILE, VIDEO_ID, obj, operation, text
 from .params import check_job_params
@@ -309,7 +309,7 @@ class VideoRoutes:
             job_id,
             kind=job.kind,
             fields=job.body.fields,
-            inherited=_object(job.source.body) if job.source else {},
+            inherited=loads_object(job.source.body) if job.source else {},
             defaults=self.queue.defaults,
             source=job.source.id if job.source else None,
             created_at=int(self.clock()),
@@ -697,14 +697,6 @@ async def _whole(outgoing: RequestBody | bytes) -> tuple[bytes, str]:
         return outgoing, "application/json"
     chunks = [chunk async for chunk in outgoing.raw()]
     return b"".join(chunks), outgoing.content_type
-
-
-def _object(body: str) -> dict[str, Any]:
-    try:
-        value = json.loads(body)
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def _in_client_ids(reply: Reply, record: VideoRecord) -> Reply:

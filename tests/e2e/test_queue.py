@@ -63,13 +63,8 @@ def rig_base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
 
 @pytest.fixture
 def rig(rig_base: Rig) -> Iterator[Rig]:
-    """An empty store and a fresh simulator; every gateway the test starts is stopped."""
-    rig_base.redis.flushall()
-    rig_base.sim("POST", "/_sim/reset")
-    try:
-        yield rig_base
-    finally:
-        rig_base.stop_gateways()
+    with rig_base.fresh() as rig:
+        yield rig
 
 
 def start(

@@ -141,6 +141,17 @@ class Rig:
         self.stop_gateways()
         self.redis.close()
 
+    @contextlib.contextmanager
+    def fresh(self) -> Iterator[Self]:
+        """This rig for one test: an empty store and a reset simulator; every gateway the
+        test starts is stopped after it."""
+        self.redis.flushall()
+        self.sim("POST", "/_sim/reset")
+        try:
+            yield self
+        finally:
+            self.stop_gateways()
+
     # -- gateways
 
     def config(
