@@ -207,8 +207,8 @@ class Gateway:
                 self.slots.listen(self.ledger.releases(self.stores.pubsub)), "release-listener"
             ),
             start_background(self.readiness.run(), "readiness"),
-            start_background(self.dispatcher.run(), "dispatcher"),
         ]
+        dispatching = start_background(self.dispatcher.run(), "dispatcher")
         await self.probe.warn_if_volatile()
         if self.config_path is not None:
             reloader = TeamsReloader(self.config_path, self.settings, self.apply_teams)
@@ -216,12 +216,15 @@ class Gateway:
         try:
             yield
         finally:
+            # No new starts; the queued jobs this replica is sending get upstream's
+            # answer while the tracker still renews their slots (a start cut off here,
+            # or one whose lease ran out, would be settled elsewhere as a lost start).
+            dispatching.cancel()
+            await asyncio.gather(dispatching, return_exceptions=True)
+            await self.dispatcher.drain(self.settings.upstream.timeout_s)
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
-            # Queued jobs this replica is sending: let upstream answer (a job cut off
-            # here would only be settled later, as a lost start).
-            await self.dispatcher.drain(self.settings.upstream.timeout_s)
             await self.upstream.aclose()
             await self.stores.aclose()
 

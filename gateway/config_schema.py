@@ -174,6 +174,7 @@ _Item = TypeVar("_Item")
 # A YAML list, held as a tuple. Strict: a YAML set (`!!set`) is no list.
 NonEmpty = Annotated[tuple[_Item, ...], Strict(), Field(min_length=1), BeforeValidator(_as_tuple)]
 Seconds = Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False)]
+MAX_QUEUE_S = 7 * 86400.0
 SecondsOrZero = Annotated[StrictFloat, Field(ge=0, allow_inf_nan=False)]
 Count = Annotated[StrictInt, Field(ge=1)]
 # Surrounding spaces dropped (an editor's or a shell's), then one line, not empty.
@@ -308,10 +309,18 @@ class QuotaSettings:
     # `wait`: the request waits up to wait_s, then 429, as before the queue.
     when_full: Literal["queue", "wait"] = "queue"
     max_queued: Count = 500  # queued jobs, all teams together; beyond: 429 queue_full
-    max_queue_s: Seconds = 86400.0  # a job queued longer fails with queue_timeout
+    # A job queued longer fails with queue_timeout; at most a week, the life of a queued
+    # job's record (registry.UNSETTLED_TTL_S).
+    max_queue_s: Seconds = 86400.0
     # A larger request body (an upload) is not stored in Redis: it waits as in `wait`.
     max_queued_body_bytes: Count = 8_388_608
     fair_window_s: Seconds = 3600.0  # how far back slot time counts for the fair share
+
+    @model_validator(mode="after")
+    def _queue_outlived_by_its_records(self) -> QuotaSettings:
+        if self.max_queue_s > MAX_QUEUE_S:
+            raise _refused_at([(("max_queue_s",), f"must be at most {MAX_QUEUE_S:g} (a week)")])
+        return self
 
 
 @dataclass(frozen=True, config=SECTION)

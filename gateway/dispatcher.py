@@ -28,16 +28,16 @@ import contextlib
 import json
 import logging
 import time
+import uuid
 from typing import Any
 
-from .answers import failed_object, in_client_ids, video_object
+from .answers import in_client_ids, video_object
 from .errors import QUEUE_TIMEOUT, GatewayError, UpstreamError
 from .ledger import Slot
-from .matching import loads_object
 from .metrics import GatewayMetrics
 from .parse import whole_number
 from .quota import JobSlots, SlotFate, fate_of
-from .registry import VideoRecord, VideoRegistry
+from .registry import VideoRegistry
 from .scheduler import Scheduler, TakenJob
 from .sources import source_refusal
 from .store import StoreFailure
@@ -95,12 +95,18 @@ class Dispatcher:
         its own. Returns how many were taken."""
         taken = 0
         while True:
-            job = await self.scheduler.take()
+            # In flight before it can be reserved: this replica's tracker only renews it.
+            slot_id = f"slot_{uuid.uuid4().hex}"
+            self.slots.in_flight.add(slot_id)
+            try:
+                job = await self.scheduler.take(slot_id)
+            except BaseException:
+                self.slots.in_flight.discard(slot_id)
+                raise
             if job is None:
+                self.slots.in_flight.discard(slot_id)
                 return taken
             taken += 1
-            # In flight before anything can go wrong: the tracker only renews the slot.
-            self.slots.in_flight.add(job.slot_id)
             task = asyncio.create_task(self._start(job), name=f"start {job.id}")
             self._starts.add(task)
             task.add_done_callback(self._starts.discard)
@@ -134,9 +140,7 @@ class Dispatcher:
         """Send the job upstream and settle its slot; True when settled here."""
         refusal = await self._check_source(job)
         if refusal is not None:
-            await self.slots.finish(slot_id=job.slot_id, outcome="refused")
-            await self._fail(job.id, str(refusal.code), refusal.message)
-            await self.scheduler.done(job.id)
+            await self._refuse(job, str(refusal.code), refusal.message)
             return True
         calls = self.upstream.for_stored(job.request.headers, None)
         try:
@@ -166,9 +170,7 @@ class Dispatcher:
             return True
         if fate is SlotFate.RELEASE:
             error = error_from_reply(outcome, outcome.scrub)
-            await self.slots.finish(slot_id=job.slot_id, outcome="refused")
-            await self._fail(job.id, str(error.code or "upstream_error"), error.message)
-            await self.scheduler.done(job.id)
+            await self._refuse(job, str(error.code or "upstream_error"), error.message)
             return True
         try:
             video = video_object(outcome)
@@ -188,45 +190,54 @@ class Dispatcher:
         video: dict[str, Any],
     ) -> None:
         """Upstream runs the queued job as `video["id"]`: the slot counts it and the
-        record learns it (by the dispatcher, or by the tracker that found a lost start)."""
+        record learns it, in one script (by the dispatcher, or by the tracker that found
+        a lost start)."""
         upstream_id = str(video["id"])
-        ids = {upstream_id: job_id}
-        source = video.get("remixed_from_video_id")
-        if isinstance(source, str) and source:
-            known_as = await self.registry.gateway_id(source)
-            if known_as is not None:
-                ids[source] = known_as
-        await self.slots.ledger.bind(
-            slot_id, upstream_id, team=team, kind=kind, ids=ids, gid=job_id
-        )
+        ids = {upstream_id: job_id, **await self.registry.known_sources(video)}
         seen = in_client_ids(video, ids)
-        recorded = await self.registry.started(
-            job_id, upstream_id, dict(ids), seen, json.dumps(seen).encode()
+        started = await self.scheduler.started(
+            job_id,
+            slot_id,
+            team=team,
+            kind=kind,
+            ids=ids,
+            video=seen,
+            body=json.dumps(seen).encode(),
         )
-        deleted = await self.scheduler.done(job_id)
         log.info(
             "queued job started",
             extra={"team": team, "kind": kind, "video_id": job_id, "upstream_id": upstream_id},
         )
-        if deleted or not recorded:
-            # Its client deleted it while it was being started: delete it upstream too.
-            calls = self.upstream.for_tracker()
-            with contextlib.suppress(UpstreamError):
-                await calls.call("DELETE", f"videos/{upstream_id}")
+        if started.deleted or not started.recorded:
+            await self._delete_upstream(upstream_id)
+
+    async def _delete_upstream(self, upstream_id: str) -> None:
+        """Its client deleted the job while it was being started: delete it upstream
+        too. The slot is freed only on evidence that the job is gone; otherwise it
+        stays counted until the tracker sees the job end."""
+        try:
+            reply = await self.upstream.for_tracker().call("DELETE", f"videos/{upstream_id}")
+        except UpstreamError:
+            reply = None
+        if reply is not None and (reply.status < 300 or reply.status == 404):
             await self.slots.finish(video_id=upstream_id, outcome="deleted")
+        else:
+            log.warning("could not delete a job deleted while it started; it runs to its end")
+
+    async def _refuse(self, job: TakenJob, code: str, message: str) -> None:
+        """The job will not start: `failed` with `code`, its slot freed."""
+        release = await self.scheduler.refuse(job.id, job.slot_id, code, message)
+        if release is not None:
+            self.metrics.job_ended(job.team, job.kind, "refused", release.held_s)
+        log.info("queued job refused at its start", extra={"video_id": job.id, "code": code})
 
     async def never_started(self, slot: Slot) -> None:
         """A lost start that never appeared upstream (the tracker's verdict): the job
         goes back first in its queue, or fails after `MAX_REQUEUES` tries."""
         requeued = await self.scheduler.requeue(slot.gid, slot.id, count_attempt=True)
-        if requeued.release is not None:
+        # Counted once per job: when it is given up on, not at each try.
+        if requeued.release is not None and requeued.verdict in ("failed", "gone"):
             self.metrics.job_ended(slot.team, slot.kind, "never_started", requeued.release.held_s)
-        if requeued.verdict == "failed":
-            await self._fail(
-                slot.gid,
-                "upstream_error",
-                "Upstream never started this job after several tries.",
-            )
         log.info(
             "a queued job's lost start never appeared upstream",
             extra={"video_id": slot.gid, "outcome": requeued.verdict},
@@ -236,11 +247,18 @@ class Dispatcher:
         """Jobs queued past `quota.max_queue_s` fail with `queue_timeout`."""
         for job in await self.scheduler.overdue(self.max_queue_s):
             self.metrics.job_ended(job.team, job.kind, QUEUE_TIMEOUT, 0.0)
-            await self._fail(
-                job.id,
-                QUEUE_TIMEOUT,
-                f"The job waited in the queue longer than {self.max_queue_s:g} s.",
-            )
+            log.info("queued job timed out", extra={"video_id": job.id, "team": job.team})
+
+    async def give_up(self, slot: Slot) -> bool:
+        """`quota.max_job_s` passed and the start of the queued job on `slot` was never
+        settled (upstream's listing never answered): free the slot, the job `failed`.
+        True for the one call that freed it."""
+        release = await self.scheduler.refuse(
+            slot.gid, slot.id, "upstream_error", "The job's start was never confirmed upstream."
+        )
+        if release is not None:
+            self.metrics.job_ended(slot.team, slot.kind, "lease_expired", release.held_s)
+        return release is not None
 
     async def _check_source(self, job: TakenJob) -> GatewayError | None:
         """A remix/edit/extension source may have expired or gone while the job waited."""
@@ -249,19 +267,6 @@ class Dispatcher:
         record = await self.registry.owned(job.team, job.request.source)
         param = "video_id" if job.kind == "remix" else "video.id"
         return source_refusal(record, param, now=self.clock())
-
-    async def _fail(self, job_id: str, code: str, message: str) -> None:
-        """The job's record reads `failed` with `code` (a job deleted meanwhile stays so)."""
-        record = await self.registry.get(job_id)
-        if record is None:
-            return
-        video = failed_object(_stored_video(record), code, message)
-        await self.registry.update(job_id, video, json.dumps(video).encode())
-        log.info("queued job failed", extra={"video_id": job_id, "code": code})
-
-
-def _stored_video(record: VideoRecord) -> dict[str, Any]:
-    return loads_object(record.body) or {"id": record.id, "object": "video"}
 
 
 def _retry_after_s(reply: Reply) -> float:

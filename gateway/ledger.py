@@ -105,39 +105,7 @@ return 1
 BIND_SCRIPT = (
     _PRELUDE
     + """
-local slot, video = ARGV[1], ARGV[2]
-local now = now_ms()
-local raw = redis.call('HGET', slots, slot)
-local rec
-if raw then
-  rec = cjson.decode(raw)
-else
-  rec = {team = ARGV[5], kind = ARGV[6], owner = ARGV[4], started = now}
-end
-local prev = redis.call('HGET', jobs, video)
-if prev and prev ~= slot then
-  local praw = redis.call('HGET', slots, prev)
-  if praw then
-    local p = cjson.decode(praw)
-    p.state = 'unknown'
-    p.video = ''
-    redis.call('HSET', slots, prev, cjson.encode(p))
-  end
-end
-if rec.video and rec.video ~= '' and rec.video ~= video
-   and redis.call('HGET', jobs, rec.video) == slot then
-  redis.call('HDEL', jobs, rec.video)
-end
-rec.state = 'bound'
-rec.video = video
-if ARGV[7] ~= '' then rec.ids = cjson.decode(ARGV[7]) end
-if ARGV[8] ~= '' then rec.gid = ARGV[8] end
-redis.call('HSET', slots, slot, cjson.encode(rec))
-redis.call('HSET', jobs, video, slot)
-local deadline = now + tonumber(ARGV[3])
-local current = redis.call('ZSCORE', holders, slot)
-if current and tonumber(current) > deadline then deadline = tonumber(current) end
-redis.call('ZADD', holders, deadline, slot)
+bind_slot(ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
 return 1
 """
 )

@@ -84,17 +84,26 @@ class Started:
 class Ticket:
     """One admitted slot, as seen by the request that asked for it."""
 
-    def __init__(self, slots: JobSlots, slot_id: str, team: Team, kind: str) -> None:
+    def __init__(
+        self,
+        slots: JobSlots,
+        slot_id: str,
+        team: Team,
+        kind: str,
+        ids: Mapping[str, str] | None = None,
+    ) -> None:
         self._slots = slots
         self.slot_id = slot_id
         self.team = team
         self.kind = kind
+        self.ids = ids  # the source's ids its client knows by others (see `bind`)
         self.settled = False
 
     async def bind(self, video_id: str) -> None:
-        await _shielded(
-            self._slots.ledger.bind(self.slot_id, video_id, team=self.team.name, kind=self.kind)
+        bind = self._slots.ledger.bind(
+            self.slot_id, video_id, team=self.team.name, kind=self.kind, ids=self.ids
         )
+        await _shielded(bind)
         self.settled = True
         log.info(
             "job started",
@@ -177,9 +186,11 @@ class JobSlots:
         kind: str,
         want: Mapping[str, str],
         disconnected: Callable[[], Awaitable[bool]],
+        ids: Mapping[str, str] | None = None,
     ) -> AsyncIterator[Ticket]:
         """A slot for one job; `want` (see `matching.wanted`) lets the tracker recognise
-        the job if the create's answer is lost."""
+        the job if the create's answer is lost; `ids` (upstream id -> gateway id of the
+        job's source, when it started from the queue) go with the slot to the tracker."""
         slot_id = f"slot_{uuid.uuid4().hex}"
         # In flight before it can be admitted: a tracker tick that reads the ledger just
         # after the admission must not take the slot for one whose request has ended.
@@ -189,12 +200,16 @@ class JobSlots:
         except BaseException:
             self.in_flight.discard(slot_id)
             raise
-        async with self._ticket(slot_id, team, kind) as ticket:
+        async with self._ticket(slot_id, team, kind, ids) as ticket:
             yield ticket
 
     @contextlib.asynccontextmanager
     async def start_or_queue(
-        self, team: Team, kind: str, enqueue: Callable[[str], Awaitable[Enqueued]]
+        self,
+        team: Team,
+        kind: str,
+        enqueue: Callable[[str], Awaitable[Enqueued]],
+        ids: Mapping[str, str] | None = None,
     ) -> AsyncIterator[Ticket | Enqueued]:
         """`when_full: queue`: one decision, no wait. `enqueue` (the scheduler's, given
         the slot id to reserve) starts the job now, and this yields its ticket, or it
@@ -212,14 +227,16 @@ class JobSlots:
             self.in_flight.discard(slot_id)
             yield decision
             return
-        async with self._ticket(slot_id, team, kind) as ticket:
+        async with self._ticket(slot_id, team, kind, ids) as ticket:
             yield ticket
 
     @contextlib.asynccontextmanager
-    async def _ticket(self, slot_id: str, team: Team, kind: str) -> AsyncIterator[Ticket]:
+    async def _ticket(
+        self, slot_id: str, team: Team, kind: str, ids: Mapping[str, str] | None
+    ) -> AsyncIterator[Ticket]:
         """The admitted slot's ticket; a way out that did not settle it leaves it
         `unknown` (the job may exist upstream)."""
-        ticket = Ticket(self, slot_id, team, kind)
+        ticket = Ticket(self, slot_id, team, kind, ids)
         try:
             yield ticket
         finally:

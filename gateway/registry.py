@@ -66,16 +66,20 @@ return 1
 """
 )
 
-# A queued job started upstream. KEYS[1] its video hash (by the gateway's id), KEYS[2]
-# the alias key of upstream's id. ARGV: upstream id, ids (JSON), status, expires_at,
-# body, ttl seconds, the gateway id. Returns 0 when the record is gone (deleted).
-STARTED_SCRIPT = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], 'upstream', ARGV[1], 'ids', ARGV[2], 'status', ARGV[3],
-           'expires_at', ARGV[4], 'body', ARGV[5])
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6]))
-redis.call('SET', KEYS[2], ARGV[7], 'EX', tonumber(ARGV[6]))
-return 1
+# A queued job started upstream: its record (by the gateway's id) learns upstream's
+# id, the ids its answers are rewritten with, and upstream's first answer; upstream's id
+# gets an alias naming the gateway's. Shared with the scheduler, which calls it in the
+# script that binds the job's slot (`scheduler.STARTED_SCRIPT`). Returns 0 when the
+# record is gone (its client deleted it).
+STARTED_LUA = """
+local function start_record(kvideo, kalias, upstream, ids, status, expires, body, ttl, id)
+  if redis.call('EXISTS', kvideo) == 0 then return 0 end
+  redis.call('HSET', kvideo, 'upstream', upstream, 'ids', ids, 'status', status,
+             'expires_at', expires, 'body', body)
+  redis.call('EXPIRE', kvideo, tonumber(ttl))
+  redis.call('SET', kalias, id, 'EX', tonumber(ttl))
+  return 1
+end
 """
 
 # KEYS[1] video hash. ARGV: status, expires_at, body, ttl seconds.
@@ -165,7 +169,6 @@ class VideoRegistry:
         self._record = redis.register_script(RECORD_SCRIPT)
         self._update = redis.register_script(UPDATE_SCRIPT)
         self._forget = redis.register_script(FORGET_SCRIPT)
-        self._started = redis.register_script(STARTED_SCRIPT)
 
     @translated
     async def record(
@@ -192,27 +195,6 @@ class VideoRegistry:
         )
 
     @translated
-    async def started(
-        self, job_id: str, upstream_id: str, ids: dict[str, str], video: dict[str, Any], body: bytes
-    ) -> bool:
-        """A queued job started upstream as `upstream_id`: the record (by the gateway's
-        id) learns it, with upstream's answer already in the client's ids. False when the
-        record is gone (deleted while it started)."""
-        started = await self._started(
-            keys=[video_key(job_id), alias_key(upstream_id)],
-            args=[
-                upstream_id,
-                json.dumps(ids),
-                str(video.get("status") or ""),
-                _expiry_arg(video),
-                body,
-                _ttl(video),
-                job_id,
-            ],
-        )
-        return bool(started)
-
-    @translated
     async def update(self, video_id: str, video: dict[str, Any], body: bytes) -> bool:
         """Store what upstream just said of `video_id`; False if there is no record of it.
 
@@ -233,9 +215,14 @@ class VideoRegistry:
         return bool(updated)
 
     @translated
-    async def gateway_id(self, upstream_id: str) -> str | None:
-        """The gateway's id of a job that started from the queue, by upstream's id."""
-        return _str(await self._redis.get(alias_key(upstream_id)))
+    async def known_sources(self, video: dict[str, Any]) -> dict[str, str]:
+        """The video `video` was remixed from, when its client knows it by a gateway id
+        (it started from the queue): upstream id -> gateway id, to rewrite in answers."""
+        source = video.get("remixed_from_video_id")
+        if not isinstance(source, str) or not source:
+            return {}
+        known_as = _str(await self._redis.get(alias_key(source)))
+        return {source: known_as} if known_as else {}
 
     @translated
     async def get(self, video_id: str) -> VideoRecord | None:
@@ -379,6 +366,12 @@ class StoreProbe:
 def _config_value(reply: dict[Any, Any], key: str) -> str:
     value = reply.get(key, reply.get(key.encode(), ""))
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def started_args(ids: dict[str, str], video: dict[str, Any], body: bytes) -> list[EncodableT]:
+    """`STARTED_LUA`'s ids, status, expires_at, body and ttl."""
+    status = str(video.get("status") or "")
+    return [json.dumps(ids), status, _expiry_arg(video), body, _ttl(video)]
 
 
 def record_args(video: dict[str, Any], body: bytes) -> list[EncodableT]:

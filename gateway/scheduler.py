@@ -29,8 +29,8 @@ from redis.asyncio import Redis
 from redis.typing import EncodableT
 
 from .ledger import MAX_WANT_BYTES, Release, SlotLedger, release_of
-from .registry import RECORD_LUA, record_args
-from .store import RELEASED_CHANNEL, VIDEO_SEQ, team_index_key, video_key
+from .registry import RECORD_LUA, STARTED_LUA, record_args, started_args
+from .store import RELEASED_CHANNEL, VIDEO_SEQ, alias_key, team_index_key, video_key
 from .store_clients import OnClient, translated
 from .store_lua import KEYS, PRELUDE
 
@@ -39,6 +39,7 @@ from .store_lua import KEYS, PRELUDE
 MAX_REQUEUES = 2
 # Jobs past `max_queue_s` taken out per call, so one call stays short.
 OVERDUE_BATCH = 50
+NEVER_STARTED_MESSAGE = "Upstream never started this job after several tries."
 
 # A queued job's position (1 = the next to start), or nil when it is not queued: an
 # estimate of how many jobs the fair-share order starts before it. Its team starts its
@@ -110,19 +111,20 @@ redis.call('HSET', job_of(id), 'team', team, 'kind', ARGV[4], 'want', ARGV[5],
            'attempts', 0)
 redis.call('ZADD', queued, now, id)
 redis.call('HINCRBY', queued_by_team, team, 1)
-record_video(KEYS[15], KEYS[16], KEYS[17], ARGV[1], team, ARGV[4], 'queued',
+record_video(KEYS[16], KEYS[17], KEYS[18], ARGV[1], team, ARGV[4], 'queued',
              ARGV[16], ARGV[17], ARGV[18], ARGV[19])
-redis.call('HSET', KEYS[15], 'upstream', '')  -- upstream does not know it yet
+redis.call('HSET', KEYS[16], 'upstream', '')  -- upstream does not know it yet
 return {0, 'queued', position_of(id, team, weights, tonumber(ARGV[20]), tonumber(ARGV[11])),
         kick}
 """
 )
 
 # Give the next free slot to a queued job. ARGV: owner, limit, lease ms, caps, weights,
-# fair window ms. The first queued job among the fair-share picks is taken out of the
-# queue and a slot reserved for it (owner: the caller); a live waiter among the picks
-# keeps its slot for its own next try. Returns {} or {id, slot, team, kind, want, meta,
-# body, accepted ms, now ms}.
+# fair window ms, the slot id to reserve (the caller's: it marks it in flight first, so
+# its own tracker never takes the slot for an orphan). The first queued job among the
+# fair-share picks is taken out of the queue and the slot reserved for it (owner: the
+# caller); a live waiter among the picks keeps its slot for its own next try. Returns
+# {} or {id, slot, team, kind, want, meta, body, accepted ms, now ms}.
 TAKE_SCRIPT = (
     PRELUDE
     + """
@@ -136,8 +138,8 @@ for _, p in ipairs(plan(state, limit, cjson.decode(ARGV[4]), cjson.decode(ARGV[5
   local job = job_of(id)
   if redis.call('EXISTS', job) == 1 then
     unqueue(team, id)
-    local f = redis.call('HMGET', job, 'kind', 'want', 'meta', 'body', 'accepted', 'attempts')
-    local slot = 'slot_' .. string.sub(id, 7) .. '_' .. (f[6] or '0')
+    local f = redis.call('HMGET', job, 'kind', 'want', 'meta', 'body', 'accepted')
+    local slot = ARGV[7]
     reserve(slot, team, f[1], cjson.decode(f[2]), owner, tonumber(ARGV[3]), now, id)
     redis.call('HSET', job, 'slot', slot)
     return {id, slot, team, f[1], f[2], f[3], f[4], f[5], tostring(now)}
@@ -152,8 +154,9 @@ return {}
 # The job's create never reached upstream (a lost answer that never appeared, or
 # upstream's 429): free its slot and put it back at the head of its team's FIFO (its
 # own arrival number). ARGV: job id, slot id, channel, count the attempt (1/0), the
-# most attempts, pause ms (upstream's retry-after; 0 none). Returns the slot's release
-# (`store_lua.free_slot`) followed by 'requeued' | 'failed' (too many attempts) |
+# most attempts, pause ms (upstream's retry-after; 0 none), the failure's message (its
+# record reads `failed`, `upstream_error`, once the attempts are used up). Returns the
+# slot's release (`store_lua.free_slot`) followed by 'requeued' | 'failed' (too many attempts) |
 # 'gone' (deleted meanwhile) | 'stale' (the slot was freed already: nothing done).
 REQUEUE_SCRIPT = (
     PRELUDE
@@ -173,6 +176,7 @@ else
   if attempts > tonumber(ARGV[5]) then
     verdict = 'failed'
     redis.call('DEL', job)
+    fail_record(id, 'upstream_error', ARGV[7])
   else
     redis.call('HSET', job, 'attempts', attempts)
     redis.call('HDEL', job, 'slot')
@@ -190,14 +194,40 @@ return freed
 )
 
 
-# The job's start is settled (upstream started it, or refused it): forget the stored
-# request. ARGV: job id. Returns 1 if its client deleted it while it was being started.
-DONE_SCRIPT = (
+# Upstream started the queued job: in one script, the slot counts upstream's job, the
+# job's record learns upstream's id (and its alias), and the stored request goes.
+# KEYS: `store_lua.KEYS`, then the alias key of upstream's id. ARGV: job id, slot id,
+# upstream id, lease ms, owner, team, kind, ids (JSON), then `registry.started_args`'
+# status, expires_at, body and ttl. Returns {recorded, deleted}: recorded 0 when the
+# record is gone, deleted 1 when its client deleted it while it was being started
+# (either way the caller deletes it upstream).
+STARTED_SCRIPT = (
+    PRELUDE
+    + STARTED_LUA
+    + """
+local id = ARGV[1]
+bind_slot(ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7], ARGV[8], id)
+local deleted = redis.call('HGET', job_of(id), 'deleted') == '1' and 1 or 0
+redis.call('DEL', job_of(id))
+local recorded = start_record(video_of(id), KEYS[16], ARGV[3], ARGV[8], ARGV[9], ARGV[10],
+                              ARGV[11], ARGV[12], id)
+return {recorded, deleted}
+"""
+)
+
+# The job will not start (upstream refused it, its source expired, or its start was
+# never settled before `quota.max_job_s`): free its slot, its record reads `failed`
+# with the code, and the stored request goes, in one script. ARGV: job id, slot id,
+# channel, code, message. Returns the slot's release (`store_lua.free_slot`).
+REFUSE_SCRIPT = (
     PRELUDE
     + """
-local deleted = redis.call('HGET', job_of(ARGV[1]), 'deleted')
-redis.call('DEL', job_of(ARGV[1]))
-return deleted == '1' and 1 or 0
+local freed = free_slot(ARGV[2], ARGV[3])
+if freed[1] == 1 then  -- else another settled the job first: nothing to do
+  fail_record(ARGV[1], ARGV[4], ARGV[5])
+  redis.call('DEL', job_of(ARGV[1]))
+end
+return freed
 """
 )
 
@@ -220,8 +250,9 @@ return 2
 """
 )
 
-# Jobs queued longer than ARGV[1] ms: taken out of the queue and forgotten, at most
-# ARGV[2] of them. Returns {id, team, kind, ...}.
+# Jobs queued longer than ARGV[1] ms: taken out of the queue, their records `failed`
+# with `queue_timeout` (message ARGV[3]), at most ARGV[2] of them. Returns {id, team,
+# kind, ...}.
 OVERDUE_SCRIPT = (
     PRELUDE
     + """
@@ -232,6 +263,7 @@ for _, id in ipairs(due) do
   local f = redis.call('HMGET', job_of(id), 'team', 'kind')
   if f[1] then unqueue(f[1], id) else redis.call('ZREM', queued, id) end
   redis.call('DEL', job_of(id))
+  fail_record(id, 'queue_timeout', ARGV[3])
   out[#out + 1] = id
   out[#out + 1] = f[1] or ''
   out[#out + 1] = f[2] or ''
@@ -306,6 +338,12 @@ class Requeued:
 
 
 @dataclass(frozen=True)
+class Started:
+    recorded: bool  # False: the job's record is gone (deleted while it started)
+    deleted: bool  # its client deleted it while it was being started
+
+
+@dataclass(frozen=True)
 class Overdue:
     id: str
     team: str
@@ -334,7 +372,8 @@ class Scheduler(OnClient):
         self._enqueue = redis.register_script(ENQUEUE_SCRIPT)
         self._take = redis.register_script(TAKE_SCRIPT)
         self._requeue = redis.register_script(REQUEUE_SCRIPT)
-        self._done = redis.register_script(DONE_SCRIPT)
+        self._started = redis.register_script(STARTED_SCRIPT)
+        self._refuse = redis.register_script(REFUSE_SCRIPT)
         self._cancel = redis.register_script(CANCEL_SCRIPT)
         self._overdue = redis.register_script(OVERDUE_SCRIPT)
         self._position = redis.register_script(POSITION_SCRIPT)
@@ -389,9 +428,10 @@ class Scheduler(OnClient):
         return Enqueued(_text(result[1]), int(result[2]), bool(int(result[3])))
 
     @translated
-    async def take(self) -> TakenJob | None:
-        """The next queued job the fair-share order gives a free slot, reserved for this
-        replica; None when no slot is free or no queued job's turn has come."""
+    async def take(self, slot_id: str) -> TakenJob | None:
+        """The next queued job the fair-share order gives a free slot, with `slot_id`
+        reserved for it by this replica; None when no slot is free or no queued job's
+        turn has come."""
         ledger = self.ledger
         result = await self._take(
             keys=KEYS,
@@ -402,6 +442,7 @@ class Scheduler(OnClient):
                 ledger.caps,
                 ledger.weights,
                 ledger.fair_window_ms,
+                slot_id,
             ],
         )
         if not result:
@@ -440,14 +481,51 @@ class Scheduler(OnClient):
                 1 if count_attempt else 0,
                 MAX_REQUEUES,
                 int(pause_s * 1000),
+                NEVER_STARTED_MESSAGE,
             ],
         )
         return Requeued(release_of(result), _text(result[-1]))
 
     @translated
-    async def done(self, job_id: str) -> bool:
-        """The job's start is settled; True if its client deleted it meanwhile."""
-        return bool(int(await self._done(keys=KEYS, args=[job_id])))
+    async def started(
+        self,
+        job_id: str,
+        slot_id: str,
+        *,
+        team: str,
+        kind: str,
+        ids: dict[str, str],
+        video: dict[str, Any],
+        body: bytes,
+    ) -> Started:
+        """Upstream runs the job as `video` (already in the client's `ids`, upstream's
+        id among them): the slot counts it, the record learns it, the request goes."""
+        upstream_id = next(up for up, gid in ids.items() if gid == job_id)
+        ledger = self.ledger
+        result = await self._started(
+            keys=[*KEYS, alias_key(upstream_id)],
+            args=[
+                job_id,
+                slot_id,
+                upstream_id,
+                ledger.lease_ms,
+                ledger.owner,
+                team,
+                kind,
+                json.dumps(ids),
+                *started_args(ids, video, body)[1:],
+            ],
+        )
+        return Started(recorded=bool(int(result[0])), deleted=bool(int(result[1])))
+
+    @translated
+    async def refuse(self, job_id: str, slot_id: str, code: str, message: str) -> Release | None:
+        """The job will not start: its slot is freed and its record reads `failed` with
+        `code`. The slot's release, for the one call that freed it."""
+        result = await self._refuse(
+            keys=KEYS, args=[job_id, slot_id, RELEASED_CHANNEL, code, message]
+        )
+        return release_of(result)
 
     @translated
     async def cancel(self, job_id: str, team: str) -> int:
@@ -458,7 +536,9 @@ class Scheduler(OnClient):
     @translated
     async def overdue(self, max_queue_s: float) -> list[Overdue]:
         """Jobs queued past `max_queue_s`, taken out of the queue."""
-        result = await self._overdue(keys=KEYS, args=[int(max_queue_s * 1000), OVERDUE_BATCH])
+        message = f"The job waited in the queue longer than {max_queue_s:g} s."
+        args: list[EncodableT] = [int(max_queue_s * 1000), OVERDUE_BATCH, message]
+        result = await self._overdue(keys=KEYS, args=args)
         values = [_text(v) for v in result]
         return [Overdue(*values[i : i + 3]) for i in range(0, len(values), 3)]
 

@@ -97,6 +97,8 @@ JOB_PREFIX = PREFIX + "job:"
 
 # The registry.
 VIDEO_SEQ = PREFIX + "seq"
+# A video's hash is this prefix + its id (`video_key`); the scripts receive the prefix.
+VIDEO_PREFIX = PREFIX + "video:"
 
 
 def queue_key(team: str) -> str:
@@ -120,7 +122,7 @@ def alias_key(upstream_id: str) -> str:
 
 
 def video_key(video_id: str) -> str:
-    return f"{PREFIX}video:{video_id}"
+    return VIDEO_PREFIX + video_id
 
 
 def team_index_key(team: str) -> str:

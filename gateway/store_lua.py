@@ -31,6 +31,7 @@ from .store import (
     SLOTS,
     USED_PREFIX,
     USED_SUM,
+    VIDEO_PREFIX,
     WAITER_TEAM,
 )
 
@@ -49,6 +50,7 @@ KEYS = [
     USED_PREFIX,
     PAUSED_UNTIL,
     JOB_PREFIX,
+    VIDEO_PREFIX,
 ]
 
 PRELUDE = """
@@ -58,6 +60,7 @@ local queued, queued_by_team, used_sum, paused_until = KEYS[9], KEYS[10], KEYS[1
 local function queue_of(team) return KEYS[8] .. team end
 local function used_of(team) return KEYS[12] .. team end
 local function job_of(id) return KEYS[14] .. id end
+local function video_of(id) return KEYS[15] .. id end
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -213,6 +216,62 @@ local function reserve(slot, team, kind, want, owner, lease, now, gid)
                kind = kind, want = want}
   if gid ~= nil and gid ~= '' then rec.gid = gid end
   redis.call('HSET', slots, slot, cjson.encode(rec))
+end
+
+-- The slot now counts upstream's job `video` (the create answered, or the tracker found
+-- it). It is (re)counted even if it was released meanwhile, because the job runs
+-- upstream either way. If another slot had claimed this job (the tracker's guess for a
+-- lost answer), that slot goes back to `unknown` to be settled again. `ids` (JSON
+-- upstream id -> gateway id, or '') and `gid` (a queued job's gateway id, or '') travel
+-- with the slot, so the tracker answers in the client's ids.
+local function bind_slot(slot, video, lease, owner, team, kind, ids, gid)
+  local now = now_ms()
+  local raw = redis.call('HGET', slots, slot)
+  local rec
+  if raw then
+    rec = cjson.decode(raw)
+  else
+    rec = {team = team, kind = kind, owner = owner, started = now}
+  end
+  local prev = redis.call('HGET', jobs, video)
+  if prev and prev ~= slot then
+    local praw = redis.call('HGET', slots, prev)
+    if praw then
+      local p = cjson.decode(praw)
+      p.state = 'unknown'
+      p.video = ''
+      redis.call('HSET', slots, prev, cjson.encode(p))
+    end
+  end
+  if rec.video and rec.video ~= '' and rec.video ~= video
+     and redis.call('HGET', jobs, rec.video) == slot then
+    redis.call('HDEL', jobs, rec.video)
+  end
+  rec.state = 'bound'
+  rec.video = video
+  if ids ~= '' then rec.ids = cjson.decode(ids) end
+  if gid ~= '' then rec.gid = gid end
+  redis.call('HSET', slots, slot, cjson.encode(rec))
+  redis.call('HSET', jobs, video, slot)
+  local deadline = now + lease
+  local current = redis.call('ZSCORE', holders, slot)
+  if current and tonumber(current) > deadline then deadline = tonumber(current) end
+  redis.call('ZADD', holders, deadline, slot)
+end
+
+-- A queued job that will never start reads `failed` with `code` in its record (the
+-- video object the client polls), in the same script that takes it out: no job is
+-- left reading `queued` with nothing behind it. Returns 0 when the record is gone.
+local function fail_record(id, code, message)
+  local key = video_of(id)
+  local body = redis.call('HGET', key, 'body')
+  if not body then return 0 end
+  local ok, video = pcall(cjson.decode, body)
+  if not ok or type(video) ~= 'table' then video = {id = id, object = 'video'} end
+  video.status = 'failed'
+  video.error = {code = code, message = message}
+  redis.call('HSET', key, 'status', 'failed', 'body', cjson.encode(video))
+  return 1
 end
 
 -- Free a slot (idempotent): only the call that freed it gets {1, team, kind, started

@@ -151,7 +151,15 @@ class Tracker:
         return replace(slot, owner=self.ledger.owner, state=state)
 
     async def _expire(self, slot: Slot) -> None:
-        if await self.slots.finish(slot_id=slot.id, outcome="lease_expired", ledger=self.ledger):
+        if slot.gid and slot.state != "bound" and self.queue is not None:
+            # A queued job whose start was never settled: it fails, rather than be left
+            # reading `queued` with nothing behind it.
+            freed = await self.queue.give_up(slot)
+        else:
+            freed = await self.slots.finish(
+                slot_id=slot.id, outcome="lease_expired", ledger=self.ledger
+            )
+        if freed:
             log.warning(
                 "released a job never seen to end after quota.max_job_s",
                 extra={"team": slot.team, "video_id": slot.video},
@@ -270,8 +278,10 @@ class Tracker:
                     slot_id=slot.id, outcome=str(job["status"]), ledger=self.ledger
                 )
             return
-        await self.ledger.bind(slot.id, job["id"], team=slot.team, kind=slot.kind)
-        await self.registry.record(slot.team, slot.kind, job, json.dumps(job).encode())
+        ids = await self.registry.known_sources(job)
+        await self.ledger.bind(slot.id, job["id"], team=slot.team, kind=slot.kind, ids=ids)
+        seen = in_client_ids(job, ids)
+        await self.registry.record(slot.team, slot.kind, seen, json.dumps(seen).encode(), ids)
         log.info("found the job of a create whose answer was lost", extra={"video_id": job["id"]})
         if job.get("status") in TERMINAL_STATUSES:
             await self.slots.finish(slot_id=slot.id, outcome=str(job["status"]), ledger=self.ledger)

@@ -292,7 +292,7 @@ class VideoRoutes:
         if self.queue is not None and size <= self.queue.max_body_bytes:
             job = _QueueCandidate(kind, path, body, outgoing, want, source)
             return await self._start_or_queue(request, calls, job)
-        async with self.slots.hold(team, kind, want, request.is_disconnected) as ticket:
+        async with self.slots.hold(team, kind, want, request.is_disconnected, ids) as ticket:
             started = await ticket.forward(_send(calls, path, outgoing))
             return await self._record_started(team, kind, started, ids)
 
@@ -327,11 +327,11 @@ class VideoRoutes:
             video=video,
             typical_job_s=self.slots.typical_job_s,
         )
-        async with self.slots.start_or_queue(team, job.kind, enqueue) as decision:
+        ids = job.source.source_ids() if job.source else {}
+        async with self.slots.start_or_queue(team, job.kind, enqueue, ids) as decision:
             if isinstance(decision, Ticket):
                 send = calls.call("POST", job.path, content=content, content_type=content_type)
                 started = await decision.forward(send)
-                ids = job.source.source_ids() if job.source else {}
                 return await self._record_started(team, job.kind, started, ids)
         if decision.outcome == "queued":
             note(video_id=job_id, queued=True)
@@ -389,16 +389,12 @@ class VideoRoutes:
         video_id = _path_id(request, "video_id")
         record = await self._owned(request, video_id)
         if record.upstream_id is None:
-            # Not started: it leaves the queue and never reaches upstream (or, caught
-            # while being started, is deleted upstream by its starter: CONTRACT §8.5).
-            cancelled = 0
-            if self.queue is not None:
-                cancelled = await self.queue.scheduler.cancel(video_id, record.team)
-            await self.registry.forget(video_id, record.team)
-            if cancelled == 1:  # (one being started is counted when it is deleted upstream)
-                self.metrics.job_ended(record.team, record.kind, "deleted", 0.0)
-            deleted = {"id": video_id, "object": "video.deleted", "deleted": True}
-            return Response(json.dumps(deleted), media_type="application/json")
+            started = await self._delete_unstarted(record)
+            if started is None:
+                deleted = {"id": video_id, "object": "video.deleted", "deleted": True}
+                return Response(json.dumps(deleted), media_type="application/json")
+            record = started  # it started meanwhile: delete it upstream, below
+        assert record.upstream_id is not None
         upstream_id = record.upstream_id
         reply = await self.upstream.for_request(request).call("DELETE", f"videos/{upstream_id}")
         if reply.status == 404:
@@ -408,6 +404,23 @@ class VideoRoutes:
         await self.registry.forget(video_id, record.team)
         await self.slots.finish(video_id=upstream_id, outcome="deleted")
         return _passthrough(_in_client_ids(reply, record))
+
+    async def _delete_unstarted(self, record: VideoRecord) -> VideoRecord | None:
+        """Delete a job upstream has not started: it leaves the queue and never reaches
+        upstream (or, caught while being started, is deleted upstream by its starter:
+        CONTRACT §8.5). None when done; the record as it now stands when the job started
+        in the meantime (the caller deletes it upstream)."""
+        cancelled = 0
+        if self.queue is not None and not record.terminal:
+            cancelled = await self.queue.scheduler.cancel(record.id, record.team)
+            if cancelled == 0:
+                fresh = await self.registry.owned(record.team, record.id)
+                if fresh is not None and fresh.upstream_id is not None:
+                    return fresh
+        await self.registry.forget(record.id, record.team)
+        if cancelled == 1:  # (one being started is counted when it is deleted upstream)
+            self.metrics.job_ended(record.team, record.kind, "deleted", 0.0)
+        return None
 
     @operation(
         "Download a video, its thumbnail or spritesheet",

@@ -96,9 +96,10 @@ CALLS: dict[str, Callable[[Owners], Awaitable[Any]]] = {
     "ledger.read_usage": lambda o: read_usage(o.ledger.redis),
     "registry.record": lambda o: o.registry.record("alpha", "create", VIDEO, b"{}"),
     "registry.update": lambda o: o.registry.update(VIDEO_ID, VIDEO, b"{}"),
-    "registry.started": lambda o: o.registry.started(VIDEO_ID, "video_up", {}, VIDEO, b"{}"),
     "registry.get": lambda o: o.registry.get(VIDEO_ID),
-    "registry.gateway_id": lambda o: o.registry.gateway_id(VIDEO_ID),
+    "registry.known_sources": lambda o: o.registry.known_sources(
+        {"remixed_from_video_id": VIDEO_ID}
+    ),
     "registry.owned": lambda o: o.registry.owned("alpha", VIDEO_ID),
     "registry.known": lambda o: o.registry.known([VIDEO_ID]),
     "registry.forget": lambda o: o.registry.forget(VIDEO_ID, "alpha"),
@@ -113,9 +114,18 @@ CALLS: dict[str, Callable[[Owners], Awaitable[Any]]] = {
     "scheduler.enqueue": lambda o: o.scheduler.enqueue(
         "video_q1", "slot_q1", team="alpha", kind="create", want={}, request=STORED, video=VIDEO
     ),
-    "scheduler.take": lambda o: o.scheduler.take(),
+    "scheduler.take": lambda o: o.scheduler.take("slot_q2"),
     "scheduler.requeue": lambda o: o.scheduler.requeue("video_q1", "slot_q1", count_attempt=True),
-    "scheduler.done": lambda o: o.scheduler.done("video_q1"),
+    "scheduler.started": lambda o: o.scheduler.started(
+        "video_q1",
+        "slot_q1",
+        team="alpha",
+        kind="create",
+        ids={"video_up": "video_q1"},
+        video=VIDEO,
+        body=b"{}",
+    ),
+    "scheduler.refuse": lambda o: o.scheduler.refuse("video_q1", "slot_q1", "code", "message"),
     "scheduler.cancel": lambda o: o.scheduler.cancel("video_q1", "alpha"),
     "scheduler.overdue": lambda o: o.scheduler.overdue(60),
     "scheduler.position": lambda o: o.scheduler.position("video_q1"),

@@ -332,6 +332,10 @@ def with_team(index: int, **team: Any) -> dict[str, Any]:
         (minimal(quota={"max_queued": 0}), "quota.max_queued: must be at least 1"),
         (minimal(quota={"max_queued": "500"}), "quota.max_queued: expected a whole number"),
         (minimal(quota={"max_queue_s": 0}), "quota.max_queue_s: must be positive"),
+        (
+            minimal(quota={"max_queue_s": 8 * 86400}),
+            "quota.max_queue_s: must be at most 604800 (a week)",
+        ),
         (minimal(quota={"max_queue_s": "1d"}), "quota.max_queue_s: expected a number"),
         (
             minimal(quota={"max_queued_body_bytes": 0}),
