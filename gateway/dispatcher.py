@@ -142,7 +142,7 @@ class Dispatcher:
         if refusal is not None:
             await self._refuse(job, str(refusal.code), refusal.message)
             return True
-        calls = self.upstream.for_stored(job.request.headers, None)
+        calls = self.upstream.for_stored(job.request.headers, job.request.request_id or None)
         try:
             outcome: Reply | UpstreamError = await calls.call(
                 "POST",

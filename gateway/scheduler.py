@@ -296,6 +296,7 @@ class StoredRequest:
     headers: dict[str, str]  # the client's headers the gateway forwards (allow-listed)
     body: bytes
     source: str = ""  # the gateway's id of the remix/edit/extension source, if any
+    request_id: str = ""  # the client's request's: upstream sees it on the start too
 
     def meta(self) -> str:
         return json.dumps(
@@ -304,6 +305,7 @@ class StoredRequest:
                 "content_type": self.content_type,
                 "headers": self.headers,
                 "source": self.source,
+                "request_id": self.request_id,
             },
             separators=(",", ":"),
         )
@@ -456,6 +458,7 @@ class Scheduler(OnClient):
             headers={str(k): str(v) for k, v in fields.get("headers", {}).items()},
             body=body if isinstance(body, bytes) else str(body).encode(),
             source=str(fields.get("source", "")),
+            request_id=str(fields.get("request_id", "")),
         )
         return TakenJob(
             job_id,

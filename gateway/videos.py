@@ -315,7 +315,12 @@ class VideoRoutes:
             created_at=int(self.clock()),
         )
         stored = StoredRequest(
-            job.path, content_type, calls.forwarded, content, job.source.id if job.source else ""
+            job.path,
+            content_type,
+            calls.forwarded,
+            content,
+            job.source.id if job.source else "",
+            calls.request_id or "",
         )
         enqueue = partial(
             self.queue.scheduler.enqueue,
