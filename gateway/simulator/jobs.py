@@ -43,6 +43,10 @@ class SimulatorSettings:
     job's run time is drawn uniformly from run_s * (1 - spread) .. run_s * (1 + spread),
     from a generator seeded with `seed` (again on every reset and every new seed), so a
     run is reproducible and fair-share tests still see unequal jobs.
+
+    `result_seconds` plays an upstream that produced (and billed) another length than the
+    one asked for: every job admitted while it is set reports it as `seconds` once
+    completed; while running, and when it failed, it reports the asked length.
     """
 
     token: str | None = None
@@ -55,6 +59,7 @@ class SimulatorSettings:
     time_scale: float = 1.0  # simulated seconds per real second
     run_s_spread: float = 0.0  # 0..1
     seed: int = 0
+    result_seconds: int | None = None  # a completed job reports this length, not the asked one
 
     def update(self, values: Mapping[str, Any]) -> None:
         """Apply a partial update, all or nothing; raises ValueError(field, reason)."""
@@ -78,14 +83,12 @@ def _check_setting(name: str, value: Any) -> Any:
         if value is None or (isinstance(value, str) and value):
             return value
         raise ValueError(name, "must be a non-empty string or null")
-    if value is None and name in ("content_bytes", "poll_after_ms"):
+    if value is None and name in ("content_bytes", "poll_after_ms", "result_seconds"):
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
         raise ValueError(name, "must be a non-negative number")
-    if name in ("max_running", "content_bytes", "poll_after_ms", "seed"):
-        if not math.isfinite(value) or value != int(value):
-            raise ValueError(name, "must be an integer")
-        return int(value)
+    if name in ("max_running", "content_bytes", "poll_after_ms", "seed", "result_seconds"):
+        return _whole(name, value)
     if not math.isfinite(value):
         raise ValueError(name, "must be finite")
     if name == "time_scale" and value == 0:
@@ -93,6 +96,14 @@ def _check_setting(name: str, value: Any) -> Any:
     if name == "run_s_spread" and value > 1:
         raise ValueError(name, "must be between 0 and 1")
     return float(value)
+
+
+def _whole(name: str, value: float) -> int:
+    if not math.isfinite(value) or value != int(value):
+        raise ValueError(name, "must be an integer")
+    if name == "result_seconds" and value == 0:
+        raise ValueError(name, "must be a positive integer or null")
+    return int(value)
 
 
 class SimError(Exception):
@@ -150,6 +161,7 @@ class Job:
     finished: float
     expire_s: float
     outcome: str
+    result_seconds: str | None = None  # what a completed job reports instead of the asked length
 
     def status(self, now: float) -> str:
         if now < self.started:
@@ -200,7 +212,9 @@ class Job:
             "created_at": int(self.created),
             "completed_at": self.completed_at if terminal else None,
             "expires_at": self.expires_at if status == "completed" else None,
-            "seconds": self.spec.seconds,
+            "seconds": self.result_seconds
+            if status == "completed" and self.result_seconds
+            else self.spec.seconds,
             "size": self.spec.size,
             "prompt": self.spec.prompt,
             "remixed_from_video_id": self.spec.remixed_from,
@@ -291,6 +305,9 @@ class JobBook:
             finished=started + self._run_s(),
             expire_s=self.settings.expire_s,
             outcome=_outcome(spec.prompt),
+            result_seconds=None
+            if self.settings.result_seconds is None
+            else str(self.settings.result_seconds),
         )
         self.jobs[job.id] = job
         self.jobs_created += 1

@@ -1162,3 +1162,35 @@ async def test_official_sdk_round_trip(clock):
         assert deleted.deleted is True
         with pytest.raises(openai.NotFoundError):
             await sdk.videos.retrieve(video.id)
+
+
+async def test_result_seconds_makes_a_completed_job_report_another_length(client, clock):
+    """An upstream that produced (and billed) 8 s for a request of 4: the job reports the
+    asked length while it runs, the knob's once completed; a failed one keeps the asked."""
+    config = (await client.post("/_sim/config", json={"result_seconds": 8})).json()
+    assert config["result_seconds"] == 8
+    video = await create(client, seconds="4")
+    failed = await create(client, "a cat #fail", seconds="4")
+    assert video["seconds"] == "4"
+    clock.advance(2)
+    running = (await client.get(f"/v1/videos/{video['id']}", headers=AUTH)).json()
+    assert (running["status"], running["seconds"]) == ("in_progress", "4")
+    clock.advance(4)
+    done = (await client.get(f"/v1/videos/{video['id']}", headers=AUTH)).json()
+    assert (done["status"], done["seconds"]) == ("completed", "8")
+    listed = (await client.get("/v1/videos", headers=AUTH)).json()["data"]
+    assert {v["id"]: v["seconds"] for v in listed} == {video["id"]: "8", failed["id"]: "4"}
+    # Off again (null): later jobs report what they asked; a reset clears it as well.
+    await client.post("/_sim/config", json={"result_seconds": None})
+    plain = await completed_video(client, clock, seconds="4")
+    assert (await client.get(f"/v1/videos/{plain['id']}", headers=AUTH)).json()["seconds"] == "4"
+    await client.post("/_sim/config", json={"result_seconds": 12})
+    await client.post("/_sim/reset")
+    assert (await client.get("/_sim/config")).json()["result_seconds"] is None
+
+
+@pytest.mark.parametrize("value", [0, -4, 2.5, "8", True])
+async def test_result_seconds_refuses_what_is_not_a_positive_integer(client, value):
+    reply = await client.post("/_sim/config", json={"result_seconds": value})
+    assert_error(reply, 400, "invalid_value", "result_seconds")
+    assert (await client.get("/_sim/config")).json()["result_seconds"] is None
