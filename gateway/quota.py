@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 from .answers import video_object
 from .auth import Team
+from .budgets import MICRO
 from .errors import (
     GatewayError,
     UpstreamError,
@@ -31,7 +32,7 @@ from .errors import (
     team_concurrency_limit_exceeded,
     upstream_rate_limited,
 )
-from .ledger import Admission, SlotLedger
+from .ledger import Admission, Release, SlotLedger
 from .logs import note
 from .metrics import GatewayMetrics
 from .scheduler import Enqueued
@@ -344,17 +345,21 @@ class JobSlots:
         video_id: str = "",
         outcome: str,
         ledger: SlotLedger | None = None,
+        seconds: int | None = None,
     ) -> bool:
-        """A job was seen to end: free its slot. True for the one caller that freed it.
+        """A job was seen to end: free its slot and settle its charge (`seconds`: the
+        result's, for a completed job). True for the one caller that freed it.
 
         Every replica's tracker and every client's retrieve may see the same end; the
-        ledger lets exactly one of them through, and only that one counts the job.
-        The tracker passes its own `ledger` (its own store client).
+        ledger lets exactly one of them through, and only that one counts the job and
+        its cost. The tracker passes its own `ledger` (its own store client).
         """
         ledger = ledger or self.ledger
-        released = await _shielded_result(ledger.release(slot_id, video_id=video_id))
+        release = ledger.release(slot_id, video_id=video_id, outcome=outcome, seconds=seconds)
+        released = await _shielded_result(release)
         if released is None:
             return False
+        self.settled(released)
         log.info(
             "job ended",
             extra={
@@ -369,6 +374,13 @@ class JobSlots:
         if outcome in ("completed", "failed", "cancelled"):
             self.notice_job_duration(released.held_s)
         return True
+
+    def settled(self, released: Release) -> None:
+        """Count what a release charged (`video_seconds_total`, `cost_usd_total`)."""
+        if released.model:
+            self.metrics.settled(
+                released.team, released.model, released.charged_s, released.charged_micro / MICRO
+            )
 
     def notice_release(self) -> None:
         """A slot somewhere was freed: wake the local waiters that could take it, and

@@ -33,6 +33,7 @@ from .answers import (
 )
 from .auth import Team
 from .body import RequestBody, read_body
+from .budgets import result_seconds
 from .downloads import DownloadBudget
 from .errors import (
     GatewayError,
@@ -577,7 +578,9 @@ class VideoRoutes:
             return reply, record
         await self.registry.update(record.id, video, reply.body)
         if video.get("status") in TERMINAL_STATUSES and not record.terminal:
-            await self.slots.finish(video_id=upstream_id, outcome=str(video["status"]))
+            await self.slots.finish(
+                video_id=upstream_id, outcome=str(video["status"]), seconds=result_seconds(video)
+            )
         return reply, record.seen(video, reply.body)
 
     async def _gone(self, record: VideoRecord) -> None:
