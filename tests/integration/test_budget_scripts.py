@@ -33,7 +33,7 @@ async def client(private_store: EmbeddedRedis) -> AsyncIterator[Redis]:
 
 async def test_jobs_reserve_until_the_budget_and_the_next_is_refused_at_once(client: Redis) -> None:
     ledger = SlotLedger(client, limit=10, team_caps={}, owner="r1", lease_s=60)
-    for n in range(5):  # 5 × $0.40 = $2.00
+    for n in range(5):  # 5 x $0.40 = $2.00
         admission = await ledger.try_acquire(
             f"s{n}", "mkt", "create", {}, charge=charge(), limits=TWO_DOLLARS
         )
