@@ -26,6 +26,7 @@ from starlette.types import ASGIApp
 from .auth import TeamDirectory
 from .background import start as start_background
 from .config import Settings, TeamSettings
+from .costs import JobCosts
 from .dispatcher import Dispatcher
 from .downloads import DownloadBudget
 from .errors import (
@@ -147,6 +148,12 @@ class Gateway:
             body_timeout_s=limits.body_timeout_s,
             client_idle_timeout_s=limits.client_idle_timeout_s,
             remix_route=self.settings.upstream.remix_route,
+            costs=JobCosts(
+                pricing=self.settings.pricing,
+                defaults=self.settings.upstream.defaults,
+                retention_days=self.settings.usage.retention_days,
+                metrics=self.metrics,
+            ),
             queue=self._queue_mode(),
         )
 

@@ -10,7 +10,7 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from starlette.datastructures import Headers
 
@@ -24,6 +24,8 @@ KEY_PREFIX = "sgw-"
 class Team:
     name: str
     max_in_flight: int | None = None
+    # The team's config entry: what it may ask for and spend (policy, budgets).
+    settings: TeamSettings | None = field(default=None, compare=False, repr=False)
 
 
 def key_digest(key: str) -> str:
@@ -66,7 +68,7 @@ class TeamDirectory:
     def update(self, teams: Iterable[TeamSettings]) -> None:
         by_digest = {}
         for entry in teams:
-            team = Team(entry.name, entry.max_in_flight)
+            team = Team(entry.name, entry.max_in_flight, entry)
             for digest in entry.key_sha256:
                 by_digest[digest] = team
         self._by_digest = by_digest

@@ -229,6 +229,7 @@ class Dispatcher:
         release = await self.scheduler.refuse(job.id, job.slot_id, code, message)
         if release is not None:
             self.metrics.job_ended(job.team, job.kind, "refused", release.held_s)
+            self.slots.settled(release)
         log.info("queued job refused at its start", extra={"video_id": job.id, "code": code})
 
     async def never_started(self, slot: Slot) -> None:
@@ -238,6 +239,7 @@ class Dispatcher:
         # Counted once per job: when it is given up on, not at each try.
         if requeued.release is not None and requeued.verdict in ("failed", "gone"):
             self.metrics.job_ended(slot.team, slot.kind, "never_started", requeued.release.held_s)
+            self.slots.settled(requeued.release)
         log.info(
             "a queued job's lost start never appeared upstream",
             extra={"video_id": slot.gid, "outcome": requeued.verdict},
@@ -254,10 +256,15 @@ class Dispatcher:
         settled (upstream's listing never answered): free the slot, the job `failed`.
         True for the one call that freed it."""
         release = await self.scheduler.refuse(
-            slot.gid, slot.id, "upstream_error", "The job's start was never confirmed upstream."
+            slot.gid,
+            slot.id,
+            "upstream_error",
+            "The job's start was never confirmed upstream.",
+            outcome="lease_expired",
         )
         if release is not None:
             self.metrics.job_ended(slot.team, slot.kind, "lease_expired", release.held_s)
+            self.slots.settled(release)
         return release is not None
 
     async def _check_source(self, job: TakenJob) -> GatewayError | None:

@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.typing import EncodableT
 
+from .budgets import Charge, Limits, Over, over_of
 from .store import BEATS, HOLDERS, JOBS, QUEUED_BY_TEAM, RELEASED_CHANNEL, SLOTS
 from .store_clients import OnClient, translated
 from .store_lua import KEYS, PRELUDE
@@ -46,10 +48,13 @@ _PRELUDE = PRELUDE
 #       team -> cap; absent teams have no cap), the arrival number an earlier call
 #       returned or '' (a live waiter whose heartbeat ran out while it could not reach
 #       the store, say waiting for a pooled connection, rejoins at its own place),
-#       weights (JSON object team -> weight; absent: 1), fair window ms.
+#       weights (JSON object team -> weight; absent: 1), fair window ms, the job's
+#       charge (`budgets.Charge` JSON, or ''), the team's budgets (`budgets.Limits`
+#       JSON, or ''): checked on every try, reserved on admission.
 # Returns {1, 'admitted', kick} or {0, 'global_limit' | 'team_limit', waiters ahead,
 #          holders, arrival number, kick}; kick is 1 when a queued job was given a free
-#          slot too (the caller wakes its dispatcher).
+#          slot too (the caller wakes its dispatcher); or {0, 'budget_exceeded', period,
+#          limit, spent, reserved} (it leaves the queue).
 ACQUIRE_SCRIPT = (
     _PRELUDE
     + """
@@ -57,6 +62,12 @@ local slot, team, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local now = now_ms()
 if redis.call('ZSCORE', holders, slot) then return {1, 'admitted', 0} end
 drop_dead_waiters(now)
+local charge = ARGV[13] ~= '' and cjson.decode(ARGV[13]) or nil
+local over = over_budget(team, charge, ARGV[14] ~= '' and cjson.decode(ARGV[14]) or nil)
+if over then
+  leave_queue(slot)
+  return {0, 'budget_exceeded', over[1], over[2], over[3], over[4]}
+end
 local mine = queue_of(team)
 local arrival = redis.call('ZSCORE', mine, slot)
 if not arrival then
@@ -71,7 +82,8 @@ local caps, weights = cjson.decode(ARGV[9]), cjson.decode(ARGV[11])
 local state = holdings(now)
 local admitted, kick = decide(slot, state, limit, caps, weights, tonumber(ARGV[12]))
 if admitted then
-  reserve(slot, team, ARGV[7], cjson.decode(ARGV[8]), ARGV[6], tonumber(ARGV[4]), now, '')
+  reserve(slot, team, ARGV[7], cjson.decode(ARGV[8]), ARGV[6], tonumber(ARGV[4]), now, '', charge)
+  reserve_charge(team, charge)
   leave_queue(slot)
   return {1, 'admitted', kick}
 end
@@ -158,10 +170,11 @@ return 1
 """
 )
 
-# The job ended (or never existed): free its slot, by slot id or by video id.
-# Idempotent: only the call that actually freed it gets {1, team, kind, started ms,
-# now ms, video, gateway id}, so whoever gets that counts the job's end exactly once;
-# others get {0}. ARGV: slot id or '', video id or '', channel to publish the release on.
+# The job ended (or never existed): free its slot, by slot id or by video id, and
+# settle its charge. Idempotent: only the call that actually freed it gets
+# `store_lua.free_slot`'s {1, ...}, so whoever gets that counts the job's end and its
+# cost exactly once; others get {0}. ARGV: slot id or '', video id or '', channel to
+# publish the release on, the outcome, the result's seconds ('' when not known).
 RELEASE_SCRIPT = (
     _PRELUDE
     + """
@@ -171,7 +184,7 @@ if slot == '' then
   slot = redis.call('HGET', jobs, ARGV[2])
   if not slot then return {0} end
 end
-return free_slot(slot, ARGV[3])
+return (free_slot(slot, ARGV[3], ARGV[4], ARGV[5]))
 """
 )
 
@@ -184,6 +197,7 @@ class Admission:
     holders: int = 0
     arrival: int | None = None  # the waiter's place, to pass back on its next try
     kick: bool = False  # a queued job was given a free slot too: wake the dispatcher
+    over: Over | None = None  # the budget it would pass ('budget_exceeded')
 
 
 @dataclass(frozen=True)
@@ -200,6 +214,9 @@ class Release:
     video: str
     held_s: float  # from admission to release, by the store's clock
     gid: str = ""  # the gateway's id of a job that was queued first; "" otherwise
+    charged_micro: int = 0  # what its settlement charged (µUSD)
+    charged_s: int = 0  # and for how many seconds of video
+    model: str = ""  # its charge's model ("" without a charge)
 
 
 def release_of(result: Any) -> Release | None:
@@ -207,7 +224,9 @@ def release_of(result: Any) -> Release | None:
     if int(result[0]) != 1:
         return None
     team, kind, started, now, video, gid = (_text(v) for v in result[1:7])
-    return Release(team, kind, video, (int(now) - int(float(started))) / 1000, gid)
+    charged, charged_s, model = int(result[7]), int(result[8]), _text(result[9])
+    held_s = (int(now) - int(float(started))) / 1000
+    return Release(team, kind, video, held_s, gid, charged, charged_s, model)
 
 
 @dataclass(frozen=True)
@@ -223,6 +242,7 @@ class Slot:
     deadline_ms: int
     gid: str = ""  # a queued job's gateway id (the client's); "" for one started at once
     ids: dict[str, str] = field(default_factory=dict)  # upstream id -> gateway id
+    charge: Charge | None = None  # what its job reserved
 
 
 @dataclass(frozen=True)
@@ -280,9 +300,12 @@ class SlotLedger(OnClient):
         kind: str,
         want: Mapping[str, str],
         arrival: int | None = None,
+        charge: Charge | None = None,
+        limits: Limits | None = None,
     ) -> Admission:
         """Admit or queue a waiter; `want` (what the request fixed) goes into its record.
-        `arrival` is the place the previous try returned, kept if the waiter dropped out."""
+        `arrival` is the place the previous try returned, kept if the waiter dropped out.
+        `charge` is reserved on admission, unless it would pass one of `limits`."""
         encoded = json.dumps(want, separators=(",", ":")) if want else "{}"
         if len(encoded) > MAX_WANT_BYTES:
             raise ValueError(f"a slot's want must stay under {MAX_WANT_BYTES} bytes")
@@ -301,10 +324,14 @@ class SlotLedger(OnClient):
                 "" if arrival is None else arrival,
                 self.weights,
                 self.fair_window_ms,
+                charge.encoded() if charge else "",
+                limits.encoded() if limits else "",
             ],
         )
         if int(result[0]) == 1:
             return Admission(True, kick=bool(int(result[2])))
+        if _text(result[1]) == "budget_exceeded":
+            return Admission(False, "budget_exceeded", over=over_of(result[2:6]))
         return Admission(
             False,
             _text(result[1]),
@@ -350,10 +377,24 @@ class SlotLedger(OnClient):
         return bool(await self._adopt(keys=KEYS, args=[slot_id, self.owner, self.lease_ms]))
 
     @translated
-    async def release(self, slot_id: str = "", *, video_id: str = "") -> Release | None:
-        """Free a slot; what was freed, for the one call that freed it, else None."""
-        result = await self._release(keys=KEYS, args=[slot_id, video_id, RELEASED_CHANNEL])
-        return release_of(result)
+    async def release(
+        self,
+        slot_id: str = "",
+        *,
+        video_id: str = "",
+        outcome: str = "failed",
+        seconds: int | None = None,
+    ) -> Release | None:
+        """Free a slot and settle its job's charge as `outcome` (`seconds`: the result's,
+        for a completed job); what was freed, for the one call that freed it, else None."""
+        args: list[EncodableT] = [
+            slot_id,
+            video_id,
+            RELEASED_CHANNEL,
+            outcome,
+            "" if seconds is None else seconds,
+        ]
+        return release_of(await self._release(keys=KEYS, args=args))
 
     async def releases(self, pubsub: Redis) -> AsyncIterator[None]:
         """Yields once per slot released by any replica, for ever, on `pubsub` (a client
@@ -403,6 +444,7 @@ class SlotLedger(OnClient):
                     deadline_ms=int(deadline),
                     gid=str(rec.get("gid", "")),
                     ids=_ids(rec),
+                    charge=Charge.decoded(rec.get("charge")),
                 )
             )
         return Snapshot(

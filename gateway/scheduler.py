@@ -28,6 +28,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.typing import EncodableT
 
+from .budgets import Charge, Limits, Over, over_of
 from .ledger import MAX_WANT_BYTES, Release, SlotLedger, release_of
 from .registry import RECORD_LUA, STARTED_LUA, record_args, started_args
 from .store import RELEASED_CHANNEL, VIDEO_SEQ, alias_key, team_index_key, video_key
@@ -73,9 +74,12 @@ end
 # (JSON), 6 limit, 7 lease ms, 8 owner, 9 caps (JSON), 10 weights (JSON), 11 fair window
 # ms, 12 meta (JSON: path, content type, headers, source), 13 body, 14 max queued,
 # 15 the team's max queued ('' none), 16-19 the registry record's arguments
-# (`record_args`), 20 a typical job's slot time in ms (for the position estimate).
+# (`record_args`), 20 a typical job's slot time in ms (for the position estimate),
+# 21 the job's charge (`budgets.Charge` JSON, or ''), 22 the team's budgets
+# (`budgets.Limits` JSON, or ''): reserved whether the job starts or queues.
 # Returns {1, 'admitted', kick}: the slot is reserved, send it now; {0, 'queued',
-# position, kick}; or {0, 'queue_full' | 'team_queue_full', 0, kick}.
+# position, kick}; or {0, 'queue_full' | 'team_queue_full', 0, kick}; or
+# {0, 'budget_exceeded', 0, 0, period, limit, spent, reserved} (nothing stored).
 ENQUEUE_SCRIPT = (
     PRELUDE
     + POSITION_LUA
@@ -84,6 +88,9 @@ ENQUEUE_SCRIPT = (
 local id, slot, team, limit = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[6])
 local now = now_ms()
 drop_dead_waiters(now)
+local charge = ARGV[21] ~= '' and cjson.decode(ARGV[21]) or nil
+local over = over_budget(team, charge, ARGV[22] ~= '' and cjson.decode(ARGV[22]) or nil)
+if over then return {0, 'budget_exceeded', 0, 0, over[1], over[2], over[3], over[4]} end
 local arrival = redis.call('INCR', queue_seq)
 redis.call('ZADD', queue_of(team), arrival, id)
 redis.call('SADD', queued_teams, team)
@@ -92,7 +99,8 @@ local state = holdings(now)
 local admitted, kick = decide(id, state, limit, caps, weights, tonumber(ARGV[11]))
 if admitted then
   leave_fifo(team, id)
-  reserve(slot, team, ARGV[4], cjson.decode(ARGV[5]), ARGV[8], tonumber(ARGV[7]), now, '')
+  reserve(slot, team, ARGV[4], cjson.decode(ARGV[5]), ARGV[8], tonumber(ARGV[7]), now, '', charge)
+  reserve_charge(team, charge)
   return {1, 'admitted', kick}
 end
 local refusal
@@ -109,11 +117,13 @@ end
 redis.call('HSET', job_of(id), 'team', team, 'kind', ARGV[4], 'want', ARGV[5],
            'meta', ARGV[12], 'body', ARGV[13], 'arrival', arrival, 'accepted', now,
            'attempts', 0)
+if charge then redis.call('HSET', job_of(id), 'charge', ARGV[21]) end
+reserve_charge(team, charge)
 redis.call('ZADD', queued, now, id)
 redis.call('HINCRBY', queued_by_team, team, 1)
-record_video(KEYS[16], KEYS[17], KEYS[18], ARGV[1], team, ARGV[4], 'queued',
+record_video(KEYS[17], KEYS[18], KEYS[19], ARGV[1], team, ARGV[4], 'queued',
              ARGV[16], ARGV[17], ARGV[18], ARGV[19])
-redis.call('HSET', KEYS[16], 'upstream', '')  -- upstream does not know it yet
+redis.call('HSET', KEYS[17], 'upstream', '')  -- upstream does not know it yet
 return {0, 'queued', position_of(id, team, weights, tonumber(ARGV[20]), tonumber(ARGV[11])),
         kick}
 """
@@ -138,9 +148,10 @@ for _, p in ipairs(plan(state, limit, cjson.decode(ARGV[4]), cjson.decode(ARGV[5
   local job = job_of(id)
   if redis.call('EXISTS', job) == 1 then
     unqueue(team, id)
-    local f = redis.call('HMGET', job, 'kind', 'want', 'meta', 'body', 'accepted')
+    local f = redis.call('HMGET', job, 'kind', 'want', 'meta', 'body', 'accepted', 'charge')
     local slot = ARGV[7]
-    reserve(slot, team, f[1], cjson.decode(f[2]), owner, tonumber(ARGV[3]), now, id)
+    local charge = f[6] and cjson.decode(f[6]) or nil  -- reserved when it was queued
+    reserve(slot, team, f[1], cjson.decode(f[2]), owner, tonumber(ARGV[3]), now, id, charge)
     redis.call('HSET', job, 'slot', slot)
     return {id, slot, team, f[1], f[2], f[3], f[4], f[5], tostring(now)}
   elseif not redis.call('ZSCORE', beats, id) then
@@ -162,33 +173,36 @@ REQUEUE_SCRIPT = (
     PRELUDE
     + """
 local id = ARGV[1]
-local freed = free_slot(ARGV[2], ARGV[3])
 local job = job_of(id)
-local verdict = 'requeued'
 local f = redis.call('HMGET', job, 'team', 'arrival', 'accepted', 'attempts', 'deleted')
+local attempts = tonumber(f[4] or '0') + tonumber(ARGV[4])
+local verdict = 'requeued'
+if not f[1] or f[5] == '1' then
+  verdict = 'gone'
+elseif attempts > tonumber(ARGV[5]) then
+  verdict = 'failed'
+end
+-- Put back, the job keeps its reservation; given up on, it is settled (charged 0).
+local freed, rec = free_slot(ARGV[2], ARGV[3], verdict == 'requeued' and '' or 'never_started', '')
 if freed[1] == 0 then
   verdict = 'stale'  -- whoever freed the slot first settled the job
-elseif not f[1] or f[5] == '1' then
+elseif verdict == 'gone' then
   redis.call('DEL', job)
-  verdict = 'gone'
+elseif verdict == 'failed' then
+  redis.call('DEL', job)
+  fail_record(id, 'upstream_error', ARGV[7])
 else
-  local attempts = tonumber(f[4] or '0') + tonumber(ARGV[4])
-  if attempts > tonumber(ARGV[5]) then
-    verdict = 'failed'
-    redis.call('DEL', job)
-    fail_record(id, 'upstream_error', ARGV[7])
-  else
-    redis.call('HSET', job, 'attempts', attempts)
-    redis.call('HDEL', job, 'slot')
-    requeue(f[1], id, tonumber(f[2]), tonumber(f[3]))
-    local pause = tonumber(ARGV[6])
-    if pause > 0 then
-      redis.call('SET', paused_until, now_ms() + pause, 'PX', pause)
-    end
+  redis.call('HSET', job, 'attempts', attempts)
+  redis.call('HDEL', job, 'slot')
+  if rec.charge then redis.call('HSET', job, 'charge', cjson.encode(rec.charge)) end
+  requeue(f[1], id, tonumber(f[2]), tonumber(f[3]))
+  local pause = tonumber(ARGV[6])
+  if pause > 0 then
+    redis.call('SET', paused_until, now_ms() + pause, 'PX', pause)
   end
 end
-while #freed < 7 do freed[#freed + 1] = '' end
-freed[8] = verdict
+while #freed < 10 do freed[#freed + 1] = '' end
+freed[11] = verdict
 return freed
 """
 )
@@ -196,7 +210,8 @@ return freed
 
 # Upstream started the queued job: in one script, the slot counts upstream's job, the
 # job's record learns upstream's id (and its alias), and the stored request goes.
-# KEYS: `store_lua.KEYS`, then the alias key of upstream's id. ARGV: job id, slot id,
+# KEYS: `store_lua.KEYS`, then the alias key of upstream's id (KEYS[17]). ARGV: job id,
+# slot id,
 # upstream id, lease ms, owner, team, kind, ids (JSON), then `registry.started_args`'
 # status, expires_at, body and ttl. Returns {recorded, deleted}: recorded 0 when the
 # record is gone, deleted 1 when its client deleted it while it was being started
@@ -209,7 +224,7 @@ local id = ARGV[1]
 bind_slot(ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7], ARGV[8], id)
 local deleted = redis.call('HGET', job_of(id), 'deleted') == '1' and 1 or 0
 redis.call('DEL', job_of(id))
-local recorded = start_record(video_of(id), KEYS[16], ARGV[3], ARGV[8], ARGV[9], ARGV[10],
+local recorded = start_record(video_of(id), KEYS[17], ARGV[3], ARGV[8], ARGV[9], ARGV[10],
                               ARGV[11], ARGV[12], id)
 return {recorded, deleted}
 """
@@ -218,11 +233,12 @@ return {recorded, deleted}
 # The job will not start (upstream refused it, its source expired, or its start was
 # never settled before `quota.max_job_s`): free its slot, its record reads `failed`
 # with the code, and the stored request goes, in one script. ARGV: job id, slot id,
-# channel, code, message. Returns the slot's release (`store_lua.free_slot`).
+# channel, code, message, the outcome its charge is settled as (`refused`: charged 0;
+# `lease_expired`: as reserved). Returns the slot's release (`store_lua.free_slot`).
 REFUSE_SCRIPT = (
     PRELUDE
     + """
-local freed = free_slot(ARGV[2], ARGV[3])
+local freed = free_slot(ARGV[2], ARGV[3], ARGV[6], '')
 if freed[1] == 1 then  -- else another settled the job first: nothing to do
   fail_record(ARGV[1], ARGV[4], ARGV[5])
   redis.call('DEL', job_of(ARGV[1]))
@@ -242,6 +258,8 @@ local job = job_of(id)
 if redis.call('HGET', job, 'team') ~= team then return 0 end
 if redis.call('ZSCORE', queue_of(team), id) then
   unqueue(team, id)
+  local f = redis.call('HMGET', job, 'kind', 'charge')
+  settle_charge(team, f[1] or '', f[2] and cjson.decode(f[2]) or nil, 'deleted_queued', '')
   redis.call('DEL', job)
   return 1
 end
@@ -260,8 +278,13 @@ local cutoff = now_ms() - tonumber(ARGV[1])
 local out = {}
 local due = redis.call('ZRANGEBYSCORE', queued, '-inf', cutoff, 'LIMIT', 0, tonumber(ARGV[2]))
 for _, id in ipairs(due) do
-  local f = redis.call('HMGET', job_of(id), 'team', 'kind')
-  if f[1] then unqueue(f[1], id) else redis.call('ZREM', queued, id) end
+  local f = redis.call('HMGET', job_of(id), 'team', 'kind', 'charge')
+  if f[1] then
+    unqueue(f[1], id)
+    settle_charge(f[1], f[2] or '', f[3] and cjson.decode(f[3]) or nil, 'queue_timeout', '')
+  else
+    redis.call('ZREM', queued, id)
+  end
   redis.call('DEL', job_of(id))
   fail_record(id, 'queue_timeout', ARGV[3])
   out[#out + 1] = id
@@ -315,9 +338,10 @@ class StoredRequest:
 class Enqueued:
     """The one decision of `enqueue`."""
 
-    outcome: str  # 'admitted' | 'queued' | 'queue_full' | 'team_queue_full'
+    outcome: str  # 'admitted' | 'queued' | 'queue_full' | 'team_queue_full' | 'budget_exceeded'
     position: int = 0
     kick: bool = False  # a queued job was given a free slot too: wake the dispatcher
+    over: Over | None = None  # the budget it would pass ('budget_exceeded')
 
 
 @dataclass(frozen=True)
@@ -395,6 +419,8 @@ class Scheduler(OnClient):
         request: StoredRequest,
         video: dict[str, Any],
         typical_job_s: float = 30.0,
+        charge: Charge | None = None,
+        limits: Limits | None = None,
     ) -> Enqueued:
         """Start now, or store the job (and `video`, its queued object) for later;
         `typical_job_s` (jobs seen to end lately) goes into its position estimate."""
@@ -423,11 +449,16 @@ class Scheduler(OnClient):
                 "" if team_cap is None else team_cap,
                 *record_args(video, json.dumps(video).encode()),
                 _typical_ms(typical_job_s),
+                charge.encoded() if charge else "",
+                limits.encoded() if limits else "",
             ],
         )
         if int(result[0]) == 1:
             return Enqueued("admitted", kick=bool(int(result[2])))
-        return Enqueued(_text(result[1]), int(result[2]), bool(int(result[3])))
+        outcome = _text(result[1])
+        if outcome == "budget_exceeded":
+            return Enqueued(outcome, over=over_of(result[4:8]))
+        return Enqueued(outcome, int(result[2]), bool(int(result[3])))
 
     @translated
     async def take(self, slot_id: str) -> TakenJob | None:
@@ -522,11 +553,13 @@ class Scheduler(OnClient):
         return Started(recorded=bool(int(result[0])), deleted=bool(int(result[1])))
 
     @translated
-    async def refuse(self, job_id: str, slot_id: str, code: str, message: str) -> Release | None:
-        """The job will not start: its slot is freed and its record reads `failed` with
-        `code`. The slot's release, for the one call that freed it."""
+    async def refuse(
+        self, job_id: str, slot_id: str, code: str, message: str, outcome: str = "refused"
+    ) -> Release | None:
+        """The job will not start: its slot is freed, its charge settled as `outcome`,
+        its record reads `failed` with `code`. The release, for the one call that freed it."""
         result = await self._refuse(
-            keys=KEYS, args=[job_id, slot_id, RELEASED_CHANNEL, code, message]
+            keys=KEYS, args=[job_id, slot_id, RELEASED_CHANNEL, code, message, outcome]
         )
         return release_of(result)
 

@@ -36,6 +36,10 @@ The slot ledger (`ledger.py`):
 - `used:<team>` ZSET `slot:ms` -> end (ms): the spans of the team's finished jobs within
   `quota.fair_window_s`; `used_sum` HASH team -> their total ms. A team's share is
   that total plus its running jobs' elapsed time, divided by its weight.
+- `usage:<team>:<YYYY-MM-DD>` HASH a team's usage on a UTC day (the day each job was
+  checked): `spent` and `reserved` µUSD, and by model `<model>|cost` µUSD,
+  `<model>|seconds` and `<model>|jobs|<outcome>`; `usage:<team>:<YYYY-MM>` HASH `spent`
+  and `reserved` µUSD of the month. Kept `usage.retention_days` (see `budgets`).
 - `paused_until` STRING: upstream answered a queued start with 429; nothing starts
   before this time (ms).
 - `released` the pub/sub channel each release publishes its slot id on: every
@@ -95,6 +99,9 @@ USED_PREFIX = PREFIX + "used:"
 PAUSED_UNTIL = PREFIX + "paused_until"
 JOB_PREFIX = PREFIX + "job:"
 
+# Budgets: a team's usage is this prefix + team + ':' + a UTC day or month.
+USAGE_PREFIX = PREFIX + "usage:"
+
 # The registry.
 VIDEO_SEQ = PREFIX + "seq"
 # A video's hash is this prefix + its id (`video_key`); the scripts receive the prefix.
@@ -119,6 +126,16 @@ def used_key(team: str) -> str:
 def alias_key(upstream_id: str) -> str:
     """The gateway id of a queued-born job, by the id upstream gave it."""
     return f"{PREFIX}alias:{upstream_id}"
+
+
+def usage_day_key(team: str, day: str) -> str:
+    """`team`'s usage on a UTC day (`YYYY-MM-DD`)."""
+    return f"{USAGE_PREFIX}{team}:{day}"
+
+
+def usage_month_key(team: str, month: str) -> str:
+    """`team`'s spent and reserved µUSD in a UTC month (`YYYY-MM`)."""
+    return f"{USAGE_PREFIX}{team}:{month}"
 
 
 def video_key(video_id: str) -> str:

@@ -17,6 +17,7 @@ limit), then takes at most `free slots` steps. What grows is only the number of 
 
 from __future__ import annotations
 
+from .budgets import BUDGET_LUA
 from .store import (
     BEATS,
     HOLDERS,
@@ -29,6 +30,7 @@ from .store import (
     QUEUED_BY_TEAM,
     QUEUED_TEAMS,
     SLOTS,
+    USAGE_PREFIX,
     USED_PREFIX,
     USED_SUM,
     VIDEO_PREFIX,
@@ -51,9 +53,10 @@ KEYS = [
     PAUSED_UNTIL,
     JOB_PREFIX,
     VIDEO_PREFIX,
+    USAGE_PREFIX,
 ]
 
-PRELUDE = """
+_PRELUDE = """
 local holders, slots, jobs = KEYS[1], KEYS[2], KEYS[3]
 local queued_teams, beats, waiter_team, queue_seq = KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local queued, queued_by_team, used_sum, paused_until = KEYS[9], KEYS[10], KEYS[11], KEYS[13]
@@ -209,11 +212,17 @@ local function decide(member, state, limit, caps, weights, window)
   return admitted, kick
 end
 
--- Count a slot for a job about to be sent: leased to its owner for `lease` ms.
-local function reserve(slot, team, kind, want, owner, lease, now, gid)
+"""
+
+# How a slot is taken, bound and freed, and a queued job failed (after BUDGET_LUA: a
+# freed slot settles its job's charge).
+_SLOTS = """
+-- Count a slot for a job about to be sent: leased to its owner for `lease` ms. `charge`
+-- (a decoded `budgets.Charge`, or nil) is its reservation, settled when it is freed.
+local function reserve(slot, team, kind, want, owner, lease, now, gid, charge)
   redis.call('ZADD', holders, now + lease, slot)
   local rec = {team = team, state = 'reserved', video = '', owner = owner, started = now,
-               kind = kind, want = want}
+               kind = kind, want = want, charge = charge}
   if gid ~= nil and gid ~= '' then rec.gid = gid end
   redis.call('HSET', slots, slot, cjson.encode(rec))
 end
@@ -275,23 +284,34 @@ local function fail_record(id, code, message)
 end
 
 -- Free a slot (idempotent): only the call that freed it gets {1, team, kind, started
--- ms, now ms, video, gateway id}; its slot time joins the team's usage record.
-local function free_slot(slot, channel)
+-- ms, now ms, video, gateway id, µUSD charged, seconds charged, model}; its slot time
+-- joins the team's usage record, and its job's reservation is settled as `outcome`
+-- (the result's `seconds` for a completed job), in this same step: whoever frees the
+-- slot settles, once. With `outcome` '' nothing is settled (the job goes back to the
+-- queue, its reservation with it); the slot's record is the second value returned.
+local function free_slot(slot, channel, outcome, seconds)
   local raw = redis.call('HGET', slots, slot)
   local rec = raw and cjson.decode(raw) or {}
   if rec.video and rec.video ~= '' and redis.call('HGET', jobs, rec.video) == slot then
     redis.call('HDEL', jobs, rec.video)
   end
   redis.call('HDEL', slots, slot)
-  if redis.call('ZREM', holders, slot) == 0 then return {0} end
+  if redis.call('ZREM', holders, slot) == 0 then return {0}, rec end
   local now = now_ms()
   local started = tonumber(rec.started) or now
   if rec.team and rec.team ~= '' and now > started then
     redis.call('ZADD', used_of(rec.team), now, slot .. ':' .. (now - started))
     redis.call('HINCRBY', used_sum, rec.team, now - started)
   end
+  local charged, charged_s = 0, 0
+  if outcome ~= '' then
+    charged, charged_s = settle_charge(rec.team or '', rec.kind or '', rec.charge, outcome, seconds)
+  end
   redis.call('PUBLISH', channel, slot)
+  local model = rec.charge and rec.charge.model or ''
   return {1, rec.team or '', rec.kind or '', tostring(started), tostring(now), rec.video or '',
-          rec.gid or ''}
+          rec.gid or '', charged, charged_s, model}, rec
 end
 """
+
+PRELUDE = _PRELUDE + BUDGET_LUA + _SLOTS

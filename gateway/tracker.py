@@ -26,6 +26,7 @@ from dataclasses import replace
 from typing import Any
 
 from .answers import in_client_ids, json_object, video_object
+from .budgets import result_seconds
 from .dispatcher import Dispatcher
 from .errors import GatewayError, UpstreamError
 from .ledger import Slot, SlotLedger, Snapshot
@@ -196,7 +197,10 @@ class Tracker:
             await self.registry.record(slot.team, slot.kind, video, reply.body)
         if video.get("status") in TERMINAL_STATUSES:
             await self.slots.finish(
-                slot_id=slot.id, outcome=str(video["status"]), ledger=self.ledger
+                slot_id=slot.id,
+                outcome=str(video["status"]),
+                ledger=self.ledger,
+                seconds=result_seconds(video),
             )
             return
         if not await self.ledger.renew(slot.id):
@@ -275,7 +279,10 @@ class Tracker:
             )
             if job.get("status") in TERMINAL_STATUSES:
                 await self.slots.finish(
-                    slot_id=slot.id, outcome=str(job["status"]), ledger=self.ledger
+                    slot_id=slot.id,
+                    outcome=str(job["status"]),
+                    ledger=self.ledger,
+                    seconds=result_seconds(job),
                 )
             return
         ids = await self.registry.known_sources(job)
@@ -284,4 +291,9 @@ class Tracker:
         await self.registry.record(slot.team, slot.kind, seen, json.dumps(seen).encode(), ids)
         log.info("found the job of a create whose answer was lost", extra={"video_id": job["id"]})
         if job.get("status") in TERMINAL_STATUSES:
-            await self.slots.finish(slot_id=slot.id, outcome=str(job["status"]), ledger=self.ledger)
+            await self.slots.finish(
+                slot_id=slot.id,
+                outcome=str(job["status"]),
+                ledger=self.ledger,
+                seconds=result_seconds(job),
+            )
