@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import uuid
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -103,6 +102,7 @@ class BudgetMachine(RuleBasedStateMachine):
         self.today = FIRST_DAY
         self.open: dict[str, Job] = {}
         self.settled: dict[str, Settled] = {}
+        self.made = 0  # ids are numbered, so a replayed example draws the same jobs
 
     def run(self, coro):  # a tiny bridge to the async ledger
         return self.loop.run_until_complete(coro)
@@ -132,7 +132,7 @@ class BudgetMachine(RuleBasedStateMachine):
         charge = Charge(model, size, seconds, PRICES[priced], day=day, month=day[:7])
         passed = self._would_pass(team, charge)
         full = len(self.open) >= LIMIT
-        slot = f"slot_{uuid.uuid4().hex[:12]}"
+        slot = self._new_id("slot")
         ledger = self.ledgers[replica]
         admission = self.run(
             ledger.try_acquire(slot, team, "create", {}, charge=charge, limits=LIMITS[team])
@@ -186,7 +186,7 @@ class BudgetMachine(RuleBasedStateMachine):
     def create_answered(self, data: st.DataObject, replica: str) -> None:
         slot = data.draw(st.sampled_from(sorted(s for s, j in self.open.items() if not j.video)))
         job = self.open[slot]
-        job.video = f"video_{uuid.uuid4().hex[:12]}"
+        job.video = self._new_id("video")
         self.run(self.ledgers[replica].bind(slot, job.video, team=job.team, kind="create"))
 
     # -- settlement ---------------------------------------------------------------------
@@ -350,6 +350,10 @@ class BudgetMachine(RuleBasedStateMachine):
             assert self.sync.ttl(key) > 0, f"{key} never expires"
 
     # -- helpers ------------------------------------------------------------------------
+
+    def _new_id(self, kind: str) -> str:
+        self.made += 1
+        return f"{kind}_{self.made:05d}"
 
     def _expected(self, team: str, period: str) -> tuple[int, int]:
         """(spent, reserved) µUSD of `team` in a day or a month, by the model."""
