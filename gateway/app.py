@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp
 
-from .auth import TeamDirectory
+from .auth import AdminKeys, TeamDirectory
 from .background import start as start_background
 from .config import Settings, TeamSettings
 from .costs import JobCosts
@@ -51,6 +51,7 @@ from .store_clients import StoreClients
 from .store_failures import StoreFailures
 from .tracker import Tracker
 from .upstream import Upstream
+from .usage_routes import UsageRoutes
 from .videos import QueueMode, VideoRoutes
 
 log = logging.getLogger("gateway")
@@ -134,6 +135,15 @@ class Gateway:
             slot_limit=self.ledger.limit,
             bearer_token=settings.metrics.bearer_token,
         )
+        # Usage reports and the admin job list read on the registry's client: an
+        # operator's report never holds the connections admission needs.
+        self.usage = UsageRoutes(
+            redis=self.stores.registry,
+            ledger=self.ledger.on(self.stores.registry),
+            scheduler=self.scheduler.on(self.stores.registry),
+            teams=settings.teams,
+            typical_job_s=lambda: self.slots.typical_job_s,
+        )
 
     def _video_routes(self) -> VideoRoutes:
         limits = self.settings.limits
@@ -186,7 +196,7 @@ class Gateway:
 
     def asgi(self) -> ASGIApp:
         """The Starlette app with every route, behind the gateway's middleware."""
-        routes = [*self.ops.routes(), *self.videos.routes()]
+        routes = [*self.ops.routes(), *self.videos.routes(), *self.usage.routes()]
         store_error = self._store_error
         app = Starlette(
             routes=[*routes, self.ops.describe(routes)],
@@ -201,7 +211,8 @@ class Gateway:
         # Starlette would answer a trailing slash with a redirect built from the client's
         # own Host header; here an unknown path is simply a 404 in the envelope.
         app.router.redirect_slashes = False
-        return GatewayMiddleware(app, self.teams, RequestRecorder(self.metrics))
+        admins = AdminKeys(self.settings.admin.key_sha256)
+        return GatewayMiddleware(app, self.teams, RequestRecorder(self.metrics), admins)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -241,6 +252,7 @@ class Gateway:
         self.ledger.set_caps(_caps(fresh), _weights(fresh))
         self.scheduler.set_team_limits(_queue_caps(fresh))
         self.metrics.set_teams(team.name for team in fresh)
+        self.usage.set_teams(fresh)
 
     async def _store_error(self, request: Request, exc: Exception) -> Response:
         return self.failures.error(exc).response()
