@@ -69,9 +69,16 @@ class TeamDirectory:
 
     def __init__(self, teams: Iterable[TeamSettings]) -> None:
         self._by_digest: dict[str, Team] = {}
+        self._settings: tuple[TeamSettings, ...] = ()
         self.update(teams)
 
+    def settings(self) -> list[TeamSettings]:
+        """Every team's config entry, as last loaded."""
+        return list(self._settings)
+
     def update(self, teams: Iterable[TeamSettings]) -> None:
+        teams = tuple(teams)
+        self._settings = teams
         by_digest = {}
         for entry in teams:
             team = Team(entry.name, entry.max_in_flight, entry)
@@ -94,6 +101,10 @@ class AdminKeys:
     keys; none configured: every admin request is refused."""
 
     def __init__(self, digests: Iterable[str]) -> None:
+        self._digests = frozenset(digests)
+
+    def update(self, digests: Iterable[str]) -> None:
+        """A reloaded config's admin keys, swapped at once."""
         self._digests = frozenset(digests)
 
     def authenticate(self, headers: Headers) -> None:
