@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from .auth import key_digest, new_key
+from .auth import key_digest, new_admin_key, new_key
 from .config import ConfigError, load_settings
 from .scrub import redact_url
 
@@ -22,7 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         return _check_config(args.path)
     if args.command == "new-key":
-        return _new_key(args.team)
+        if args.admin == (args.team is not None):
+            parser().error("new-key takes a TEAM, or --admin for a key of the /admin routes")
+        return _new_admin_key() if args.admin else _new_key(args.team)
     if args.command == "serve":
         from .serve import serve as run_serve
 
@@ -43,7 +45,11 @@ def parser() -> argparse.ArgumentParser:
     commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _serve_options(commands.add_parser("serve", help="run the gateway"))
     commands.add_parser("check-config", help="validate a config file").add_argument("path")
-    commands.add_parser("new-key", help="make a team key and its config line").add_argument("team")
+    new_key_command = commands.add_parser("new-key", help="make a team key and its config line")
+    new_key_command.add_argument("team", nargs="?", metavar="TEAM")
+    new_key_command.add_argument(
+        "--admin", action="store_true", help="a key of the /admin routes instead (no TEAM)"
+    )
     _simulate_options(commands.add_parser("simulate", help="run the bundled upstream simulator"))
     _demo_options(
         commands.add_parser("demo", help="simulator + gateway + embedded store, ready to use")
@@ -114,6 +120,13 @@ def _new_key(team: str) -> int:
     key = new_key()
     print(key)
     print(f'- {{name: {team}, key_sha256: ["{key_digest(key)}"]}}')
+    return 0
+
+
+def _new_admin_key() -> int:
+    key = new_admin_key()
+    print(key)
+    print(f'admin: {{key_sha256: ["{key_digest(key)}"]}}')
     return 0
 
 

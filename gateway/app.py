@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator
 from functools import partial
@@ -23,8 +24,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp
 
-from .auth import TeamDirectory
+from .auth import AdminKeys, TeamDirectory
 from .background import start as start_background
+from .budgets import Limits, periods, read_ratios
 from .config import Settings, TeamSettings
 from .costs import JobCosts
 from .dispatcher import Dispatcher
@@ -51,6 +53,7 @@ from .store_clients import StoreClients
 from .store_failures import StoreFailures
 from .tracker import Tracker
 from .upstream import Upstream
+from .usage_routes import UsageRoutes
 from .videos import QueueMode, VideoRoutes
 
 log = logging.getLogger("gateway")
@@ -124,6 +127,7 @@ class Gateway:
         # admission's connections.
         self.probe = StoreProbe(self.stores.ops)
         self.readiness = Readiness(self.probe, self.failures)
+        self.admins = AdminKeys(settings.admin.key_sha256)
         self.videos = self._video_routes()
         self.ops = OpsRoutes(
             metrics=self.metrics,
@@ -133,6 +137,17 @@ class Gateway:
             read_usage=partial(read_usage, self.stores.ops),
             slot_limit=self.ledger.limit,
             bearer_token=settings.metrics.bearer_token,
+            read_budgets=self._read_budgets,
+        )
+        self.metrics.set_models(_models(settings))
+        # Usage reports and the admin job list read on the registry's client: an
+        # operator's report never holds the connections admission needs.
+        self.usage = UsageRoutes(
+            redis=self.stores.registry,
+            ledger=self.ledger.on(self.stores.registry),
+            scheduler=self.scheduler.on(self.stores.registry),
+            teams=settings.teams,
+            typical_job_s=lambda: self.slots.typical_job_s,
         )
 
     def _video_routes(self) -> VideoRoutes:
@@ -186,7 +201,7 @@ class Gateway:
 
     def asgi(self) -> ASGIApp:
         """The Starlette app with every route, behind the gateway's middleware."""
-        routes = [*self.ops.routes(), *self.videos.routes()]
+        routes = [*self.ops.routes(), *self.videos.routes(), *self.usage.routes()]
         store_error = self._store_error
         app = Starlette(
             routes=[*routes, self.ops.describe(routes)],
@@ -201,7 +216,7 @@ class Gateway:
         # Starlette would answer a trailing slash with a redirect built from the client's
         # own Host header; here an unknown path is simply a 404 in the envelope.
         app.router.redirect_slashes = False
-        return GatewayMiddleware(app, self.teams, RequestRecorder(self.metrics))
+        return GatewayMiddleware(app, self.teams, RequestRecorder(self.metrics), self.admins)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -218,7 +233,9 @@ class Gateway:
         dispatching = start_background(self.dispatcher.run(), "dispatcher")
         await self.probe.warn_if_volatile()
         if self.config_path is not None:
-            reloader = TeamsReloader(self.config_path, self.settings, self.apply_teams)
+            reloader = TeamsReloader(
+                self.config_path, self.settings, self.apply_teams, self.apply_policy
+            )
             background.append(start_background(reloader.watch(), "config-reloader"))
         try:
             yield
@@ -241,9 +258,37 @@ class Gateway:
         self.ledger.set_caps(_caps(fresh), _weights(fresh))
         self.scheduler.set_team_limits(_queue_caps(fresh))
         self.metrics.set_teams(team.name for team in fresh)
+        self.usage.set_teams(fresh)
+
+    def apply_policy(self, fresh: Settings) -> None:
+        """A reloaded config's prices, admin keys and upstream defaults, at once."""
+        self.settings = fresh
+        self.videos.costs.reprice(fresh.pricing, fresh.upstream.defaults)
+        self.admins.update(fresh.admin.key_sha256)
+        self.metrics.set_models(_models(fresh))
+
+    async def _read_budgets(self) -> dict[str, float]:
+        """Each budgeted team's `budget_used_ratio`, read from the store at scrape."""
+        limits = {}
+        for team in self.teams.settings():
+            budget = Limits.of(team.budget_usd_per_day, team.budget_usd_per_month)
+            if budget is not None:
+                limits[team.name] = budget
+        if not limits:
+            return {}
+        day, month = periods(time.time())
+        return await read_ratios(self.stores.ops, limits, day, month)
 
     async def _store_error(self, request: Request, exc: Exception) -> Response:
         return self.failures.error(exc).response()
+
+
+def _models(settings: Settings) -> list[str]:
+    """The model label values the spend metrics may take (others are `other`)."""
+    models = list(settings.pricing)
+    if settings.upstream.defaults.model:
+        models.append(settings.upstream.defaults.model)
+    return models
 
 
 def _caps(teams: tuple[TeamSettings, ...]) -> dict[str, int]:

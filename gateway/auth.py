@@ -18,6 +18,7 @@ from .config import TeamSettings
 from .errors import invalid_api_key
 
 KEY_PREFIX = "sgw-"
+ADMIN_KEY_PREFIX = "sgw-admin-"
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,11 @@ def key_digest(key: str) -> str:
 def new_key() -> str:
     """A fresh team key: 256 random bits, prefixed so a leaked one is easy to grep for."""
     return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def new_admin_key() -> str:
+    """A fresh admin key: as a team key, with a prefix that says what it opens."""
+    return ADMIN_KEY_PREFIX + secrets.token_urlsafe(32)
 
 
 def presented_key(headers: Headers) -> str | None:
@@ -63,9 +69,16 @@ class TeamDirectory:
 
     def __init__(self, teams: Iterable[TeamSettings]) -> None:
         self._by_digest: dict[str, Team] = {}
+        self._settings: tuple[TeamSettings, ...] = ()
         self.update(teams)
 
+    def settings(self) -> list[TeamSettings]:
+        """Every team's config entry, as last loaded."""
+        return list(self._settings)
+
     def update(self, teams: Iterable[TeamSettings]) -> None:
+        teams = tuple(teams)
+        self._settings = teams
         by_digest = {}
         for entry in teams:
             team = Team(entry.name, entry.max_in_flight, entry)
@@ -81,3 +94,23 @@ class TeamDirectory:
                 "Missing or unknown API key. Send your team key as 'Authorization: Bearer <key>'."
             )
         return team
+
+
+class AdminKeys:
+    """The keys of the `/admin` routes (`admin.key_sha256`), held as digests like team
+    keys; none configured: every admin request is refused."""
+
+    def __init__(self, digests: Iterable[str]) -> None:
+        self._digests = frozenset(digests)
+
+    def update(self, digests: Iterable[str]) -> None:
+        """A reloaded config's admin keys, swapped at once."""
+        self._digests = frozenset(digests)
+
+    def authenticate(self, headers: Headers) -> None:
+        key = presented_key(headers)
+        if key is None or key_digest(key) not in self._digests:
+            raise invalid_api_key(
+                "This route needs an admin key (admin.key_sha256) as 'Authorization: Bearer "
+                "<key>'; a team key is not one."
+            )

@@ -33,6 +33,14 @@ class JobCosts:
         self.metrics = metrics
         self.clock = clock
 
+    def reprice(
+        self, pricing: Mapping[str, Mapping[str, float]], defaults: UpstreamDefaults
+    ) -> None:
+        """A reloaded config's prices and upstream defaults (jobs already reserved keep
+        theirs)."""
+        self.pricing = pricing
+        self.defaults = defaults
+
     def spend(
         self, team: Team, kind: str, fields: Mapping[str, Any], source_body: str | None
     ) -> Spend:

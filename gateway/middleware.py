@@ -19,7 +19,7 @@ from typing import Any
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .auth import TeamDirectory
+from .auth import AdminKeys, TeamDirectory
 from .errors import GatewayError, request_header_fields_too_large, route_not_found
 from .logs import close_fields, open_fields
 from .observe import RequestRecorder
@@ -38,7 +38,9 @@ def fresh_request_id() -> str:
 class GatewayMiddleware:
     """Gives every request an id (the client's, when it is sane) and echoes it back;
     refuses a header block over MAX_HEADER_BYTES with 431; resolves the caller's team
-    on /v1 or answers 401; and records the request once it is answered.
+    on /v1, or checks the admin key on /admin, or answers 401; and records the request
+    once it is answered. An admin request has no team (its metrics say `anonymous`), and
+    is refused before routing like /v1, so an unknown /admin path is a 401 too.
 
     The HTTP parser has read an oversized header block by then: to bound that memory,
     a front proxy must cap header size too (nginx does, by default). An encoded slash
@@ -46,10 +48,17 @@ class GatewayMiddleware:
     `<id>%2Fcontent` would otherwise reach a route the client never named.
     """
 
-    def __init__(self, app: ASGIApp, teams: TeamDirectory, recorder: RequestRecorder) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        teams: TeamDirectory,
+        recorder: RequestRecorder,
+        admins: AdminKeys | None = None,
+    ) -> None:
         self.app = app
         self.teams = teams
         self.recorder = recorder
+        self.admins = admins or AdminKeys(())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -91,11 +100,15 @@ class GatewayMiddleware:
         if oversized:
             return request_header_fields_too_large()
         path = scope["path"]
-        if path == "/v1" or path.startswith("/v1/"):
-            try:
+        try:
+            if path == "/v1" or path.startswith("/v1/"):
                 state["team"] = self.teams.authenticate(headers)
-            except GatewayError as exc:
-                return exc
-            if b"%2f" in scope.get("raw_path", b"").lower():
-                return route_not_found("No such route.")
+            elif path == "/admin" or path.startswith("/admin/"):
+                self.admins.authenticate(headers)
+            else:
+                return None
+        except GatewayError as exc:
+            return exc
+        if b"%2f" in scope.get("raw_path", b"").lower():
+            return route_not_found("No such route.")
         return None

@@ -129,6 +129,8 @@ def _operation(route: Route, described: Operation) -> dict[str, Any]:
     }
     if route.path.startswith("/v1"):
         result["security"] = [{"bearer": []}, {"apiKey": []}]
+    elif route.path.startswith("/admin"):
+        result["security"] = [{"bearer": []}]  # an admin key (admin.key_sha256)
     content: dict[str, Any] = {}
     if described.json_body is not None:
         content["application/json"] = {"schema": described.json_body}

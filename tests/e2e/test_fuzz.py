@@ -80,7 +80,15 @@ NOT_OWNED_CODES = {"video_not_found", "character_not_found"}
 # have gone upstream, never the job itself. On a download they are upstream's answer.
 SOURCE_CODES = {"invalid_video_id", "video_not_completed", "video_expired"}
 # Routes answered by the gateway alone, never forwarded.
-LOCAL_ROUTES = {("GET", "/v1/videos"), ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics")}
+LOCAL_ROUTES = {
+    ("GET", "/v1/videos"),
+    ("GET", "/v1/usage"),
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+    ("GET", "/admin/usage"),
+    ("GET", "/admin/jobs"),
+}
 
 
 @dataclass
@@ -426,6 +434,9 @@ APP_ROUTES = [
     ("/v1/videos/{video_id}", {"GET", "DELETE"}),
     ("/v1/videos/{video_id}/remix", {"POST"}),
     ("/v1/videos/{video_id}/content", {"GET"}),
+    ("/v1/usage", {"GET"}),
+    ("/admin/usage", {"GET"}),
+    ("/admin/jobs", {"GET"}),
 ]
 
 

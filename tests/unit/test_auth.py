@@ -12,7 +12,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from gateway.auth import KEY_PREFIX, TeamDirectory, key_digest, new_key, presented_key
+from gateway.auth import (
+    ADMIN_KEY_PREFIX,
+    KEY_PREFIX,
+    AdminKeys,
+    TeamDirectory,
+    key_digest,
+    new_admin_key,
+    new_key,
+    presented_key,
+)
 from gateway.config import TeamSettings
 from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
@@ -22,6 +31,7 @@ from gateway.observe import RequestRecorder
 MARKETING_KEY = new_key()
 MARKETING_OLD_KEY = new_key()
 RESEARCH_KEY = new_key()
+ADMIN_KEY = new_admin_key()
 
 
 @pytest.fixture
@@ -147,9 +157,19 @@ async def client(directory):
         return JSONResponse({"team": team.name if team else None})
 
     app = Starlette(
-        routes=[Route("/v1/videos", whoami), Route("/healthz", whoami)],
+        routes=[
+            Route("/v1/videos", whoami),
+            Route("/healthz", whoami),
+            Route("/admin/jobs", whoami),
+            Route("/administrator", whoami),
+        ],
     )
-    wrapped = GatewayMiddleware(app, directory, RequestRecorder(GatewayMetrics(["research"])))
+    wrapped = GatewayMiddleware(
+        app,
+        directory,
+        RequestRecorder(GatewayMetrics(["research"])),
+        AdminKeys([key_digest(ADMIN_KEY)]),
+    )
     transport = httpx.ASGITransport(app=wrapped)
     async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
         yield c
@@ -201,3 +221,54 @@ async def test_a_client_request_id_with_spaces_is_echoed():
         fresh = await c.get("/x", headers={"x-request-id": "x" * 129})
     assert echoed.headers["x-request-id"] == "batch 7 / item 3"
     assert fresh.headers["x-request-id"].startswith("req_")
+
+
+# -- admin keys: /admin only, never a team key ----------------------------------------------
+
+
+def test_admin_keys_are_prefixed_and_random():
+    keys = {new_admin_key() for _ in range(20)}
+    assert len(keys) == 20
+    assert all(key.startswith(ADMIN_KEY_PREFIX) and len(key) > 40 for key in keys)
+
+
+async def test_an_admin_key_opens_admin_routes_without_a_team(client):
+    reply = await client.get("/admin/jobs", headers={"authorization": f"Bearer {ADMIN_KEY}"})
+    assert reply.status_code == 200
+    assert reply.json() == {"team": None}
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"authorization": f"Bearer {RESEARCH_KEY}"},
+        {"api-key": RESEARCH_KEY},
+        {"authorization": "Bearer nope"},
+        {"authorization": f"Basic {ADMIN_KEY}"},
+    ],
+)
+@pytest.mark.parametrize("path", ["/admin/jobs", "/admin/no-such-route", "/admin"])
+async def test_no_admin_key_is_401_on_every_admin_path(client, headers, path):
+    reply = await client.get(path, headers=headers)
+    assert reply.status_code == 401
+    error = reply.json()["error"]
+    assert error["code"] == "invalid_api_key"
+    assert RESEARCH_KEY not in error["message"]
+    assert ADMIN_KEY not in error["message"]
+    assert reply.headers["x-request-id"]
+
+
+async def test_an_admin_key_is_no_team_key(client):
+    reply = await client.get("/v1/videos", headers={"authorization": f"Bearer {ADMIN_KEY}"})
+    assert reply.status_code == 401
+
+
+async def test_an_admin_lookalike_path_needs_no_admin_key(client):
+    assert (await client.get("/administrator")).status_code == 200
+
+
+def test_without_admin_keys_every_admin_request_is_refused():
+    with pytest.raises(GatewayError) as caught:
+        AdminKeys(()).authenticate(Headers({"authorization": f"Bearer {ADMIN_KEY}"}))
+    assert caught.value.status == 401

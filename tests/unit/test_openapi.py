@@ -34,11 +34,11 @@ def test_every_served_route_is_documented_and_nothing_else() -> None:
     assert documented == served_routes(app)
 
 
-def test_v1_operations_need_a_key_and_ids_have_the_contract_syntax() -> None:
+def test_v1_and_admin_operations_need_a_key_and_ids_have_the_contract_syntax() -> None:
     document = TestClient(create_app(parse_settings(CONFIG, environ={}))).get("/openapi.json")
     for path, operations in document.json()["paths"].items():
         for operation in operations.values():
-            assert ("security" in operation) == path.startswith("/v1")
+            assert ("security" in operation) == path.startswith(("/v1", "/admin"))
             for parameter in operation["parameters"]:
                 if parameter["in"] == "path":
                     assert parameter["schema"]["pattern"] == "^[A-Za-z0-9_-]{1,128}$"
