@@ -14,12 +14,15 @@ import datetime as dt
 import io
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -30,7 +33,7 @@ from openai import OpenAI
 from gateway.auth import key_digest, new_key
 from support.api import TERMINAL, assert_envelope, assert_error, ok
 from support.metrics import scrape
-from support.processes import Process, wait_until
+from support.processes import Process, wait_until, write_config
 from support.simulator import UpstreamWatch, sim_config
 from support.stack import Rig
 
@@ -144,12 +147,20 @@ def by_team_and_state(jobs: list[dict[str, Any]]) -> Counter[tuple[str, str]]:
     return Counter((job["team"], job["state"]) for job in jobs)
 
 
-def finished(client: httpx.Client, video_id: str, timeout: float = 20.0) -> dict[str, Any]:
-    """Retrieved until it ended; the final object."""
+def finished(
+    client: httpx.Client, video_id: str, timeout: float = 20.0, *, store_restarted: bool = False
+) -> dict[str, Any]:
+    """Retrieved until it ended; the final object. After a store restart, a pooled
+    connection the restart cut answers one 503 `store_unavailable` (CONTRACT §2: try
+    again) on the route it serves next: asked again."""
     seen: dict[str, Any] = {}
 
     def ended() -> bool:
-        seen.update(ok(client.get(f"/v1/videos/{video_id}")))
+        reply = client.get(f"/v1/videos/{video_id}")
+        if store_restarted and reply.status_code == 503:
+            assert_error(reply, 503, "store_unavailable")
+            return False
+        seen.update(ok(reply))
         return seen["status"] in TERMINAL
 
     wait_until(ended, timeout, f"{video_id} ended (last: {seen.get('status')})")
@@ -403,6 +414,67 @@ def test_policy_rejections_are_counted_by_code(rig):
     assert counted[("alpha", "seconds_not_allowed")] == 1, counted
 
 
+def test_policy_prices_and_budgets_reload_on_sighup(rig):
+    """Reloadable like `teams` (issue 14): a new policy, price and budget apply to the
+    next request, without a restart."""
+    sim_config(rig, run_s=600)
+    gateway = rig.start_gateway()
+    with rig.client("alpha", gateway) as client:
+        assert ok(client.post("/v1/videos", json={"prompt": "portrait"}))["size"] == "720x1280"
+    assert rig.usage("alpha", gateway)["budget"] is None
+    config = rig.config(
+        policy={"alpha": {**POLICY, "budget_usd_per_day": 5}},
+        pricing={**PRICING, "sora-2": {"*": 0.20}},
+    )
+    write_config(Path(gateway.args[gateway.args.index("--config") + 1]), config)
+    assert gateway.popen is not None
+    gateway.popen.send_signal(signal.SIGHUP)
+    budget = usage_when(
+        rig, "alpha", gateway, lambda r: r["budget"] is not None, "the budget applies"
+    )["budget"]
+    assert budget["limit_usd"] == pytest.approx(5.0), budget
+    with rig.client("alpha", gateway) as client:
+        assert_error(client.post("/v1/videos", json={"prompt": "portrait"}), 400, SIZE, "size")
+        ok(client.post("/v1/videos", json={"prompt": "landscape", **HD}))
+    budget = rig.usage("alpha", gateway)["budget"]
+    # Every job reserves its cost, budget or not: the portrait one 4 s at the old $0.10,
+    # the landscape one 4 s at the new $0.20.
+    assert budget["reserved_usd"] == pytest.approx(0.4 + 0.8, abs=USD), budget
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"policy": {"alpha": {"models": ["sora-3"]}}}, ["sora-3", "price"]),
+        ({"pricing": {"sora-2": {"*": 0}}}, ["pricing"]),
+        ({"pricing": {"sora-2": {"*": -0.1}}}, ["pricing"]),
+        ({"pricing": {"sora-2": {"*": "cheap"}}}, ["pricing"]),
+    ],
+    ids=["unpriced model", "zero price", "negative price", "price not a number"],
+)
+def test_check_config_refuses_an_unpriced_model_and_prices_that_are_not_positive(
+    rig, tmp_path, change, words
+):
+    good = write_config(tmp_path / "good.yaml", rig.config())
+    assert check_config(good).returncode == 0
+    bad = write_config(tmp_path / "bad.yaml", rig.config(**change))
+    checked = check_config(bad)
+    assert checked.returncode == 1, checked.stdout + checked.stderr
+    said = checked.stdout + checked.stderr
+    assert all(word in said for word in words), said
+    assert rig.token not in said
+
+
+def check_config(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
 # -- budgets: reserved at admission, 429 at once ------------------------------------------------
 
 
@@ -445,6 +517,9 @@ def test_a_2_dollar_day_runs_five_4_second_jobs_and_the_sixth_is_429_at_once(rig
     }
     assert queue_depth(gateway)["gamma"] == 3
     assert [r for r in watch.new_requests() if r["method"] != "GET"] == []
+    with rig.client("gamma", gateway) as client:  # a malformed job hears its 400 first
+        bad = client.post("/v1/videos", json={"prompt": "p", "seconds": "0"})
+    assert_error(bad, 400, "invalid_request", "seconds")
 
     budget = rig.usage("gamma", gateway)["budget"]
     assert budget == {
@@ -457,6 +532,23 @@ def test_a_2_dollar_day_runs_five_4_second_jobs_and_the_sixth_is_429_at_once(rig
     samples = scrape(gateway)["sora_gateway_budget_used_ratio"]
     ratio = {labels["team"]: value for labels, value in samples}
     assert ratio["gamma"] == pytest.approx(1.0), ratio
+
+
+def test_over_budget_is_429_at_once_in_wait_mode_with_both_slots_busy(rig):
+    """`when_full: wait`: a job within budget would wait `wait_s` for a slot; one over
+    budget is refused at once, without waiting."""
+    sim_config(rig, run_s=600)
+    gateway = rig.start_gateway(
+        policy={"gamma": {"budget_usd_per_day": 0.8}}, quota={"when_full": "wait", "wait_s": 10}
+    )
+    with rig.client("gamma", gateway) as client:
+        for number in range(2):  # $0.80: the budget, and both slots
+            ok(client.post("/v1/videos", json={"prompt": f"job {number}", **HD}))
+        reply, took = timed(lambda: client.post("/v1/videos", json={"prompt": "over", **HD}))
+    assert_error(reply, 429, "budget_exceeded")
+    assert reply.headers["x-should-retry"] == "false"
+    assert took < IMMEDIATE_S, f"answered after {took:.2f} s"
+    assert rig.waiting() == 0
 
 
 def test_a_delete_while_queued_is_refunded_and_one_while_running_is_charged(rig):
@@ -510,6 +602,18 @@ def test_a_month_budget_refuses_what_would_pass_it_and_takes_what_still_fits(rig
         "reserved_usd": pytest.approx(1.0),
         "resets_at": next_month(),
     }, budget
+
+
+@pytest.mark.parametrize(
+    ("day_usd", "month_usd", "period"), [(5, 1, "month"), (1, 5, "day")], ids=["month", "day"]
+)
+def test_the_report_gives_the_tighter_budget_when_both_are_set(rig, day_usd, month_usd, period):
+    gateway = rig.start_gateway(
+        policy={"beta": {"budget_usd_per_day": day_usd, "budget_usd_per_month": month_usd}}
+    )
+    budget = rig.usage("beta", gateway)["budget"]
+    assert (budget["period"], budget["limit_usd"]) == (period, 1), budget
+    assert budget["resets_at"] == (next_month() if period == "month" else next_midnight())
 
 
 # -- settlement: once, on what upstream produced ------------------------------------------------
@@ -598,6 +702,89 @@ def test_a_completed_job_is_charged_the_seconds_its_result_says(rig):
     cost = {(s["team"], s["model"]): v for s, v in samples["sora_gateway_cost_usd_total"]}
     assert seconds[("alpha", "sora-2")] == 8, seconds
     assert cost[("alpha", "sora-2")] == pytest.approx(0.8, abs=USD), cost
+
+
+def settled_as(rig: BudgetRig, team: str, gateway: Process, jobs: dict[str, int]) -> dict:
+    """Today's figures of `team` once its jobs by outcome are `jobs`, and nothing is
+    reserved any more."""
+    report = usage_when(
+        rig,
+        team,
+        gateway,
+        lambda r: day_of(r, today())["jobs"] == jobs and r["total"]["jobs"] == sum(jobs.values()),
+        f"settled as {jobs}",
+    )
+    return day_of(report, today())
+
+
+def test_a_job_gone_upstream_is_charged_as_reserved(rig):
+    """§9: `vanished` (upstream answers 404 for a job it had) is charged as reserved:
+    upstream may have billed it."""
+    sim_config(rig, run_s=600)
+    gateway = rig.start_gateway(policy={"alpha": {"budget_usd_per_day": 5}})
+    with rig.client("alpha", gateway) as client:
+        video_id = ok(client.post("/v1/videos", json={"prompt": "gone", **HD}))["id"]
+        with rig.direct() as direct:
+            ok(direct.delete(f"/videos/{video_id}"))
+        assert_error(client.get(f"/v1/videos/{video_id}"), 404, "video_not_found")
+    day = settled_as(rig, "alpha", gateway, {"vanished": 1})
+    assert (day["video_seconds"], day["cost_usd"]) == (4, pytest.approx(0.4, abs=USD)), day
+    assert rig.usage("alpha", gateway)["budget"]["reserved_usd"] == 0
+
+
+def test_a_job_released_by_max_job_s_is_charged_as_reserved(rig):
+    sim_config(rig, run_s=600)
+    gateway = rig.start_gateway(tracker=FAST_TRACKER, quota={"max_job_s": 1.5})
+    with rig.client("alpha", gateway) as client:
+        ok(client.post("/v1/videos", json={"prompt": "endless", "seconds": "8", **HD}))
+    day = settled_as(rig, "alpha", gateway, {"lease_expired": 1})
+    assert (day["video_seconds"], day["cost_usd"]) == (8, pytest.approx(0.8, abs=USD)), day
+
+
+def test_a_queued_job_refused_at_start_or_timed_out_is_charged_nothing(rig):
+    """§9: `refused` (upstream's 4xx when a queued job starts; the simulator takes no
+    2-second job) and `queue_timeout` cost nothing; a delete while running costs what
+    was reserved."""
+    sim_config(rig, run_s=600)
+    gateway = rig.start_gateway(tracker=FAST_TRACKER, quota={"max_queue_s": 2})
+    with rig.client("beta", gateway) as client:
+        blockers = [ok(client.post("/v1/videos", json={"prompt": f"b{n}"}))["id"] for n in (1, 2)]
+    with rig.client("alpha", gateway) as client:
+        doomed = ok(client.post("/v1/videos", json={"prompt": "late", **HD}))
+        assert doomed["status"] == "queued", doomed
+        assert rig.usage("alpha", gateway)["budget"] is None
+        timed_out = finished(client, doomed["id"])
+        assert timed_out["error"]["code"] == "queue_timeout", timed_out
+        settled_as(rig, "alpha", gateway, {"queue_timeout": 1})
+        short = ok(client.post("/v1/videos", json={"prompt": "short", "seconds": "2", **HD}))
+        assert short["status"] == "queued", short
+        with rig.client("beta", gateway) as blocker:  # a slot comes free: it starts
+            assert ok(blocker.delete(f"/v1/videos/{blockers[0]}"))["deleted"] is True
+        refused = finished(client, short["id"])
+        assert refused["status"] == "failed", refused
+    day = settled_as(rig, "alpha", gateway, {"queue_timeout": 1, "refused": 1})
+    assert (day["video_seconds"], day["cost_usd"]) == (0, 0), day
+    beta = settled_as(rig, "beta", gateway, {"deleted": 1})
+    assert beta["cost_usd"] == pytest.approx(0.4, abs=USD), beta
+
+
+def test_a_remix_costs_its_sources_seconds_and_an_extension_the_seconds_it_adds(rig):
+    """A remix inherits its source's 8 s ($0.80); an extension adding 4 s to it costs
+    $0.40, though its result reports the stitched 12 s (CONTRACT §9: an extension is
+    charged the seconds it asked for)."""
+    gateway = rig.start_gateway(tracker=FAST_TRACKER)
+    with rig.client("alpha", gateway) as client:
+        source = ok(client.post("/v1/videos", json={"prompt": "s", "seconds": "8", **HD}))["id"]
+        assert finished(client, source)["status"] == "completed"
+        remix = ok(client.post(f"/v1/videos/{source}/remix", json={"prompt": "r"}))["id"]
+        assert finished(client, remix)["status"] == "completed"
+        body = {"prompt": "e", "seconds": "4", "video": {"id": source}}
+        extension = ok(client.post("/v1/videos/extensions", json=body))["id"]
+        done = finished(client, extension)
+    assert (done["status"], done["seconds"]) == ("completed", "12"), done
+    day = settled_as(rig, "alpha", gateway, {"completed": 3})
+    assert day["video_seconds"] == 8 + 8 + 4, day
+    assert day["cost_usd"] == pytest.approx(0.8 + 0.8 + 0.4, abs=USD), day
 
 
 # -- usage: a team's own, the admin's all ------------------------------------------------------
@@ -788,7 +975,7 @@ def test_usage_survives_a_store_restart_from_its_append_only_file(rig):
     assert csv_rows(rig) == csv_before
 
     with rig.client("alpha", gateway) as client:
-        assert finished(client, running)["status"] == "completed"
+        assert finished(client, running, store_restarted=True)["status"] == "completed"
     after = usage_when(rig, "alpha", gateway, lambda r: r["total"]["jobs"] == 3, "settled")
     assert after["budget"]["reserved_usd"] == 0, after
     assert after["budget"]["spent_usd"] == pytest.approx(1.2, abs=USD), after
