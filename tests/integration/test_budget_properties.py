@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -137,6 +137,7 @@ class BudgetMachine(RuleBasedStateMachine):
         admission = self.run(
             ledger.try_acquire(slot, team, "create", {}, charge=charge, limits=LIMITS[team])
         )
+        event(f"admission: {admission.reason or 'admitted'}")
         if admission.admitted:
             assert not passed, f"admitted past its {passed} budget: {charge}"
             assert not full, "admitted beyond the shared limit"
@@ -261,6 +262,7 @@ class BudgetMachine(RuleBasedStateMachine):
 
     def _settle(self, slot: str, outcome: str, result_s: int | None, freed: Any) -> None:
         job = self.open.pop(slot)
+        event(f"settled: {outcome}{' across days' if job.charge.day != str(self.today) else ''}")
         settled = Settled(job, outcome, charged_seconds(job.charge, outcome, result_s))
         self.settled[slot] = settled
         assert (freed.team, freed.charged_micro, freed.charged_s) == (
