@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator
 from functools import partial
@@ -25,7 +26,9 @@ from starlette.types import ASGIApp
 
 from .auth import AdminKeys, TeamDirectory
 from .background import start as start_background
+from .budgets import Limits, periods, read_ratios
 from .config import Settings, TeamSettings
+from .costs import JobCosts
 from .dispatcher import Dispatcher
 from .downloads import DownloadBudget
 from .errors import (
@@ -124,6 +127,7 @@ class Gateway:
         # admission's connections.
         self.probe = StoreProbe(self.stores.ops)
         self.readiness = Readiness(self.probe, self.failures)
+        self.admins = AdminKeys(settings.admin.key_sha256)
         self.videos = self._video_routes()
         self.ops = OpsRoutes(
             metrics=self.metrics,
@@ -133,7 +137,9 @@ class Gateway:
             read_usage=partial(read_usage, self.stores.ops),
             slot_limit=self.ledger.limit,
             bearer_token=settings.metrics.bearer_token,
+            read_budgets=self._read_budgets,
         )
+        self.metrics.set_models(_models(settings))
         # Usage reports and the admin job list read on the registry's client: an
         # operator's report never holds the connections admission needs.
         self.usage = UsageRoutes(
@@ -157,6 +163,12 @@ class Gateway:
             body_timeout_s=limits.body_timeout_s,
             client_idle_timeout_s=limits.client_idle_timeout_s,
             remix_route=self.settings.upstream.remix_route,
+            costs=JobCosts(
+                pricing=self.settings.pricing,
+                defaults=self.settings.upstream.defaults,
+                retention_days=self.settings.usage.retention_days,
+                metrics=self.metrics,
+            ),
             queue=self._queue_mode(),
         )
 
@@ -204,8 +216,7 @@ class Gateway:
         # Starlette would answer a trailing slash with a redirect built from the client's
         # own Host header; here an unknown path is simply a 404 in the envelope.
         app.router.redirect_slashes = False
-        admins = AdminKeys(self.settings.admin.key_sha256)
-        return GatewayMiddleware(app, self.teams, RequestRecorder(self.metrics), admins)
+        return GatewayMiddleware(app, self.teams, RequestRecorder(self.metrics), self.admins)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -222,7 +233,9 @@ class Gateway:
         dispatching = start_background(self.dispatcher.run(), "dispatcher")
         await self.probe.warn_if_volatile()
         if self.config_path is not None:
-            reloader = TeamsReloader(self.config_path, self.settings, self.apply_teams)
+            reloader = TeamsReloader(
+                self.config_path, self.settings, self.apply_teams, self.apply_policy
+            )
             background.append(start_background(reloader.watch(), "config-reloader"))
         try:
             yield
@@ -247,8 +260,35 @@ class Gateway:
         self.metrics.set_teams(team.name for team in fresh)
         self.usage.set_teams(fresh)
 
+    def apply_policy(self, fresh: Settings) -> None:
+        """A reloaded config's prices, admin keys and upstream defaults, at once."""
+        self.settings = fresh
+        self.videos.costs.reprice(fresh.pricing, fresh.upstream.defaults)
+        self.admins.update(fresh.admin.key_sha256)
+        self.metrics.set_models(_models(fresh))
+
+    async def _read_budgets(self) -> dict[str, float]:
+        """Each budgeted team's `budget_used_ratio`, read from the store at scrape."""
+        limits = {}
+        for team in self.teams.settings():
+            budget = Limits.of(team.budget_usd_per_day, team.budget_usd_per_month)
+            if budget is not None:
+                limits[team.name] = budget
+        if not limits:
+            return {}
+        day, month = periods(time.time())
+        return await read_ratios(self.stores.ops, limits, day, month)
+
     async def _store_error(self, request: Request, exc: Exception) -> Response:
         return self.failures.error(exc).response()
+
+
+def _models(settings: Settings) -> list[str]:
+    """The model label values the spend metrics may take (others are `other`)."""
+    models = list(settings.pricing)
+    if settings.upstream.defaults.model:
+        models.append(settings.upstream.defaults.model)
+    return models
 
 
 def _caps(teams: tuple[TeamSettings, ...]) -> dict[str, int]:

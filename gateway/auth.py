@@ -10,7 +10,7 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from starlette.datastructures import Headers
 
@@ -25,6 +25,8 @@ ADMIN_KEY_PREFIX = "sgw-admin-"
 class Team:
     name: str
     max_in_flight: int | None = None
+    # The team's config entry: what it may ask for and spend (policy, budgets).
+    settings: TeamSettings | None = field(default=None, compare=False, repr=False)
 
 
 def key_digest(key: str) -> str:
@@ -67,12 +69,19 @@ class TeamDirectory:
 
     def __init__(self, teams: Iterable[TeamSettings]) -> None:
         self._by_digest: dict[str, Team] = {}
+        self._settings: tuple[TeamSettings, ...] = ()
         self.update(teams)
 
+    def settings(self) -> list[TeamSettings]:
+        """Every team's config entry, as last loaded."""
+        return list(self._settings)
+
     def update(self, teams: Iterable[TeamSettings]) -> None:
+        teams = tuple(teams)
+        self._settings = teams
         by_digest = {}
         for entry in teams:
-            team = Team(entry.name, entry.max_in_flight)
+            team = Team(entry.name, entry.max_in_flight, entry)
             for digest in entry.key_sha256:
                 by_digest[digest] = team
         self._by_digest = by_digest
@@ -92,6 +101,10 @@ class AdminKeys:
     keys; none configured: every admin request is refused."""
 
     def __init__(self, digests: Iterable[str]) -> None:
+        self._digests = frozenset(digests)
+
+    def update(self, digests: Iterable[str]) -> None:
+        """A reloaded config's admin keys, swapped at once."""
         self._digests = frozenset(digests)
 
     def authenticate(self, headers: Headers) -> None:

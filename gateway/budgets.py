@@ -16,13 +16,17 @@ count there), by model, with job counts by outcome, and per month; the keys are 
 
 from __future__ import annotations
 
+import calendar
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
 
+from .errors import GatewayError, budget_exceeded
+from .policy import budget_message
 from .store import usage_day_key, usage_month_key
 from .store_clients import translated
 
@@ -185,11 +189,43 @@ class Over:
 
 
 @dataclass(frozen=True)
+class Spend:
+    """A job's charge and its team's budgets: checked, and reserved, together."""
+
+    charge: Charge
+    limits: Limits | None
+
+    def refusal(self, team: str, over: Over) -> GatewayError:
+        """429 `budget_exceeded`, saying the budget, what is spent and reserved, what
+        this job costs, and when the budget resets (CONTRACT §9)."""
+        message = budget_message(
+            over.period,
+            over.limit_micro / MICRO,
+            over.spent_micro / MICRO,
+            over.reserved_micro / MICRO,
+            self.charge.cost_micro / MICRO,
+            resets_at(over.period, self.charge),
+            team=team,
+        )
+        return budget_exceeded(message)
+
+
+@dataclass(frozen=True)
 class Totals:
     day_spent: int
     day_reserved: int
     month_spent: int
     month_reserved: int
+
+
+def resets_at(period: str, charge: Charge) -> int:
+    """When the charge's `period` (`day` | `month`) ends: Unix seconds, UTC."""
+    if period == "day":
+        start = calendar.timegm(time.strptime(charge.day, "%Y-%m-%d"))
+        return start + 86400
+    year, month = (int(part) for part in charge.month.split("-"))
+    year, month = (year + 1, 1) if month == 12 else (year, month + 1)
+    return calendar.timegm((year, month, 1, 0, 0, 0, 0, 0, 0))
 
 
 def periods(now: float) -> tuple[str, str]:
@@ -203,6 +239,33 @@ def over_of(result: Any) -> Over:
     period, limit, spent, reserved = result
     text = period.decode() if isinstance(period, bytes) else str(period)
     return Over(text, int(limit), int(spent), int(reserved))
+
+
+@translated
+async def read_ratios(
+    redis: Redis, limits: Mapping[str, Limits], day: str, month: str
+) -> dict[str, float]:
+    """(spent + reserved) ÷ limit of each budgeted team's tighter period (the one
+    nearer its limit), in one round trip: `budget_used_ratio`, read at scrape."""
+    teams = sorted(limits)
+    async with redis.pipeline(transaction=False) as pipe:
+        for team in teams:
+            pipe.hmget(usage_day_key(team, day), ["spent", "reserved"])
+            pipe.hmget(usage_month_key(team, month), ["spent", "reserved"])
+        replies = await pipe.execute()
+    ratios = {}
+    for n, team in enumerate(teams):
+        used_day = sum(int(v or 0) for v in replies[2 * n])
+        used_month = sum(int(v or 0) for v in replies[2 * n + 1])
+        budget = limits[team]
+        shares = [
+            used / limit
+            for used, limit in ((used_day, budget.day_micro), (used_month, budget.month_micro))
+            if limit
+        ]
+        if shares:
+            ratios[team] = max(shares)
+    return ratios
 
 
 @translated

@@ -21,6 +21,8 @@ from pydantic import TypeAdapter, ValidationError
 
 from .config_problems import described, join
 from .config_schema import (
+    ANY_SIZE,
+    AdminSettings,
     LimitsSettings,
     LoggingSettings,
     MetricsSettings,
@@ -32,9 +34,12 @@ from .config_schema import (
     TrackerSettings,
     UpstreamDefaults,
     UpstreamSettings,
+    UsageSettings,
 )
 
 __all__ = [
+    "ANY_SIZE",
+    "AdminSettings",
     "ConfigError",
     "LimitsSettings",
     "LoggingSettings",
@@ -47,6 +52,7 @@ __all__ = [
     "TrackerSettings",
     "UpstreamDefaults",
     "UpstreamSettings",
+    "UsageSettings",
     "load_settings",
     "parse_settings",
     "yaml_problem",

@@ -23,6 +23,8 @@ _PLAIN = {
     "dataclass_type": "expected a mapping",
     "string_type": "expected a string",
 }
+# Where pydantic's location names a mapping's key, not the value under it.
+_KEY = "[key]"
 # ... and those that quote the value (never a secret's).
 _QUOTING = {"int_type": "expected a whole number", "float_type": "expected a number"}
 
@@ -73,6 +75,8 @@ def _describe(error: ErrorDetails) -> tuple[str, str]:
         return path, "unknown field"
     if kind == REFUSED:
         return path, error["msg"]
+    if loc and loc[-1] == _KEY:  # a mapping's key (`pricing`'s model) is refused: name it
+        path = join(path_of(loc[:-2]), str(loc[-2]))
     field = _field_at(loc)
     problem = next((m.text for m in field.metadata if isinstance(m, Problem)), None)
     return path, problem or _generic(error, field)
@@ -93,20 +97,26 @@ def _generic(error: ErrorDetails, field: _Field) -> str:
         return "must be positive" if ctx["gt"] == 0 else f"must be more than {ctx['gt']}"
     if "ge" in ctx:
         return "must be zero or more" if ctx["ge"] == 0 else f"must be at least {ctx['ge']}"
+    if "le" in ctx:
+        return f"must be at most {ctx['le']}"
     return "is not valid" if field.secret else error["msg"]
 
 
 def _field_at(loc: tuple[str | int, ...]) -> _Field:
     field = _Field(Settings, [], secret=False)
     try:
-        for part in loc:
-            field = _step(field, part)
+        for i, part in enumerate(loc):
+            if part != _KEY:
+                field = _step(field, part, key=loc[i + 1 : i + 2] == (_KEY,))
     except (AttributeError, IndexError, KeyError):  # not a path of the schema: assume secret
         return _Field(Any, [], secret=True)
     return field
 
 
-def _step(field: _Field, part: str | int) -> _Field:
+def _step(field: _Field, part: str | int, *, key: bool = False) -> _Field:
+    if get_origin(field.kind) is dict:  # a key of a mapping, or the value under it
+        kind, metadata = _unwrap(get_args(field.kind)[0 if key else 1])
+        return _Field(kind, metadata, field.secret)
     if isinstance(part, str):  # a field of a section
         info = field.kind.__pydantic_fields__[part]
         kind, metadata = _unwrap(info.annotation)

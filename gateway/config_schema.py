@@ -223,6 +223,36 @@ KeyDigest = Annotated[
     BeforeValidator(_digest),
     Problem("expected 64 hex characters"),
 ]
+# CONTRACT §9's policy and budgets. A price is USD per second of video; a budget USD.
+# Both positive and finite: a price of 0 or NaN would make every job free, silently.
+Price = Annotated[
+    StrictFloat,
+    Field(gt=0, allow_inf_nan=False),
+    Problem("expected a positive number of USD per second of video, such as 0.10"),
+]
+Budget = Annotated[
+    StrictFloat, Field(gt=0, allow_inf_nan=False), Problem("expected a positive number of USD")
+]
+ANY_SIZE = "*"  # a pricing entry for every size of a model
+PricedSize = Annotated[
+    StrictStr,
+    Field(pattern=rf"^({SIZE_SYNTAX.pattern}|\*)$"),
+    Problem('expected WIDTHxHEIGHT, such as 1280x720, or "*" for any size'),
+]
+ModelPrices = Annotated[
+    dict[PricedSize, Price],
+    Field(min_length=1),
+    Problem('expected a mapping of size (or "*") to USD per second, such as {"*": 0.10}'),
+]
+Pricing = Annotated[
+    dict[ModelName, ModelPrices],
+    Problem('expected a mapping of model to its prices, such as {sora-2: {"*": 0.10}}'),
+]
+AllowedModels = Annotated[NonEmpty[ModelName], Problem("expected a list of one or more models")]
+AllowedSizes = Annotated[
+    NonEmpty[VideoSize], Problem("expected a list of one or more sizes, such as [1280x720]")
+]
+MaxJobSeconds = Annotated[StrictInt, Field(ge=1, le=MAX_SECONDS)]
 
 
 # -- the sections ------------------------------------------------------------------------------
@@ -386,6 +416,13 @@ class TeamSettings:
     max_in_flight: Count | None = None
     weight: Weight = 1.0
     max_queued: Count | None = None  # this team's queued jobs; beyond: 429 team_queue_full
+    # CONTRACT §9. None: every model in `pricing` (any, if pricing is empty); any size;
+    # any length; no budget of that period.
+    models: AllowedModels | None = None
+    sizes: AllowedSizes | None = None
+    max_seconds: MaxJobSeconds | None = None  # an extension: the seconds it adds
+    budget_usd_per_day: Budget | None = None  # UTC days
+    budget_usd_per_month: Budget | None = None  # UTC months
 
 
 def _distinct(teams: tuple[TeamSettings, ...]) -> tuple[TeamSettings, ...]:
@@ -410,6 +447,24 @@ Team = Annotated[TeamSettings, Problem("expected a mapping with name and key_sha
 
 
 @dataclass(frozen=True, config=SECTION)
+class AdminSettings:
+    """Keys of the /admin routes, as SHA-256 digests; none: those routes answer 401."""
+
+    key_sha256: Annotated[
+        tuple[KeyDigest, ...],
+        Strict(),
+        BeforeValidator(_as_tuple),
+        BeforeValidator(_one_or_more),
+        Problem("expected a list of SHA-256 hex digests"),
+    ] = ()
+
+
+@dataclass(frozen=True, config=SECTION)
+class UsageSettings:
+    retention_days: Count = 400  # how long a team's daily usage is kept
+
+
+@dataclass(frozen=True, config=SECTION)
 class Settings:
     upstream: UpstreamSettings
     teams: Annotated[
@@ -421,8 +476,55 @@ class Settings:
     limits: LimitsSettings = LimitsSettings()
     logging: LoggingSettings = LoggingSettings()
     metrics: MetricsSettings = MetricsSettings()
+    # CONTRACT §9: USD per second of video, model -> size (or "*") -> price. Empty: no
+    # job costs anything, and no budget can be set.
+    pricing: Pricing = Field(default_factory=dict)
+    admin: AdminSettings = AdminSettings()
+    usage: UsageSettings = UsageSettings()
 
     @model_validator(mode="before")
     @classmethod
     def _null_sections(cls, data: Any) -> Any:
-        return _null_sections_as_empty(cls, data)
+        data = _null_sections_as_empty(cls, data)
+        if isinstance(data, dict) and "pricing" in data and data["pricing"] is None:
+            return {**data, "pricing": {}}  # `pricing:` with only comments under it
+        return data
+
+    @model_validator(mode="after")
+    def _policy_fits_pricing_and_keys(self) -> Settings:
+        problems = [*_unpriced_or_unchargeable(self.teams, self.pricing)]
+        problems += _admin_keys_of_teams(self.admin.key_sha256, self.teams)
+        if problems:
+            raise _refused_at(problems)
+        return self
+
+
+def _unpriced_or_unchargeable(
+    teams: tuple[TeamSettings, ...], pricing: dict[str, dict[str, float]]
+) -> Iterable[tuple[Loc, str]]:
+    """With prices, every model a team may use has one (else its jobs could not be
+    charged); without, no budget (nothing would ever be charged against it)."""
+    for i, team in enumerate(teams):
+        for j, model in enumerate(team.models or ()):
+            if pricing and model not in pricing:
+                yield ("teams", i, "models", j), f"{model!r} has no price in pricing"
+        for period in ("budget_usd_per_day", "budget_usd_per_month"):
+            if not pricing and getattr(team, period) is not None:
+                yield ("teams", i, period), "a budget needs prices, and pricing is empty"
+
+
+def _admin_keys_of_teams(
+    digests: tuple[str, ...], teams: tuple[TeamSettings, ...]
+) -> Iterable[tuple[Loc, str]]:
+    """An admin key is never also a team key: a key names one caller, and a team's
+    key holder must not read every team's usage."""
+    owners = {digest: team.name for team in teams for digest in team.key_sha256}
+    for j, digest in enumerate(digests):
+        if digest in owners:
+            yield (
+                ("admin", "key_sha256", j),
+                (
+                    f"this key digest is a key of team {owners[digest]!r}; an admin key must be "
+                    "its own"
+                ),
+            )

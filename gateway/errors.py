@@ -9,6 +9,9 @@ one factory, and nowhere else writes a code:
     400 video_not_completed              source_not_completed(status, param),
                                          video_not_ready(video_id, status)
     400 video_expired                    source_expired(param)
+    400 model_not_allowed                model_not_allowed(message)
+    400 size_not_allowed                 size_not_allowed(message)
+    400 seconds_not_allowed              seconds_not_allowed(message)
     401 invalid_api_key                  invalid_api_key(message)
     404 video_not_found                  video_not_found()
     404 character_not_found              character_not_found()
@@ -20,6 +23,7 @@ one factory, and nowhere else writes a code:
     429 team_concurrency_limit_exceeded  team_concurrency_limit_exceeded(retry_s)
     429 queue_full                       queue_full(retry_s)
     429 team_queue_full                  team_queue_full(retry_s)
+    429 budget_exceeded                  budget_exceeded(message)  (x-should-retry: false)
     429 upstream_rate_limited            upstream_rate_limited(headers)
     429 too_many_requests                too_many_requests(retry_after_s)
     429 too_many_downloads               too_many_downloads(message, retry_after_s)
@@ -166,6 +170,21 @@ def source_expired(param: str) -> GatewayError:
     return GatewayError(400, "video_expired", "The source video has expired.", param=param)
 
 
+def model_not_allowed(message: str) -> GatewayError:
+    """CONTRACT §9: a model outside the team's list, or with no price."""
+    return GatewayError(400, "model_not_allowed", message, param="model")
+
+
+def size_not_allowed(message: str) -> GatewayError:
+    """CONTRACT §9: a size outside the team's list, or with no price for the model."""
+    return GatewayError(400, "size_not_allowed", message, param="size")
+
+
+def seconds_not_allowed(message: str) -> GatewayError:
+    """CONTRACT §9: a job longer than the team's max_seconds."""
+    return GatewayError(400, "seconds_not_allowed", message, param="seconds")
+
+
 def invalid_api_key(message: str) -> GatewayError:
     return GatewayError(401, "invalid_api_key", message)
 
@@ -253,6 +272,13 @@ def team_queue_full(retry_s: float) -> GatewayError:
         "try again when one has started.",
         headers=_retry_headers(retry_s),
     )
+
+
+def budget_exceeded(message: str) -> GatewayError:
+    """CONTRACT §9: the job would pass the team's budget. No retry-after, and the SDKs
+    told not to retry: the same job is refused again until the budget resets, and the
+    message says when."""
+    return GatewayError(429, "budget_exceeded", message, no_retry=True)
 
 
 def upstream_rate_limited(upstream_headers: Mapping[str, str]) -> GatewayError:

@@ -44,7 +44,11 @@ JOB_OUTCOMES = frozenset(
 # Ended without ever holding a slot: nothing to observe in job_duration_seconds.
 _SLOTLESS_OUTCOMES = frozenset({"queue_timeout"})
 QUEUE_REJECTION_REASONS = ("queue_full", "team_queue_full")
+# CONTRACT §9: the refusals of policy_rejections_total's `code` (policy and budget).
+POLICY_CODES = ("model_not_allowed", "size_not_allowed", "seconds_not_allowed", "budget_exceeded")
 ANONYMOUS = "anonymous"
+# The `model` label of any model the config does not name (a request may name any).
+OTHER_MODEL = "other"
 # Video jobs take minutes; HTTP requests take milliseconds (or a long download).
 JOB_BUCKETS = (5, 10, 20, 30, 60, 120, 180, 300, 600, 900, 1800, 3600)
 WAIT_BUCKETS = (0.005, 0.05, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60)
@@ -58,14 +62,16 @@ QUEUE_BUCKETS = (
 class GatewayMetrics:
     """Every series of the contract, in one registry per app, with a method per event."""
 
-    def __init__(self, team_names: Iterable[str]) -> None:
+    def __init__(self, team_names: Iterable[str], models: Iterable[str] = ()) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._declare_traffic(self.registry)
         self._declare_jobs(self.registry)
+        self._declare_spend(self.registry)
         self._declare_failures(self.registry)
         # Labelled children by label values: `labels()` costs more than the increment, and
         # these are touched on every request (the label sets are bounded).
         self._children: dict[tuple[Any, ...], Any] = {}
+        self.models: frozenset[str] = frozenset(models)
         self.set_teams(team_names)
 
     def _declare_traffic(self, r: CollectorRegistry) -> None:
@@ -143,6 +149,29 @@ class GatewayMetrics:
             registry=r,
         )
 
+    def _declare_spend(self, r: CollectorRegistry) -> None:
+        """Policy's refusals and what settled jobs cost (CONTRACT §9)."""
+        self.policy_rejections = Counter(
+            PREFIX + "policy_rejections_total",
+            "Job-creating requests refused by the team's policy or budget, by team and code.",
+            ["team", "code"],
+            registry=r,
+        )
+        self.video_seconds = Counter(
+            PREFIX + "video_seconds_total",
+            "Seconds of video charged at settlement, by team and model ('other': a model "
+            "the config does not name).",
+            ["team", "model"],
+            registry=r,
+        )
+        self.cost_usd = Counter(
+            PREFIX + "cost_usd_total",
+            "USD charged at settlement, by team and model ('other': a model the config "
+            "does not name).",
+            ["team", "model"],
+            registry=r,
+        )
+
     def _declare_failures(self, r: CollectorRegistry) -> None:
         """The store's and upstream's failures."""
         self.store_errors = Counter(
@@ -211,10 +240,42 @@ class GatewayMetrics:
         """A remix, edit or extension source refused before anything was spent."""
         self._child(self.remix_rejections, code).inc()
 
+    def policy_rejected(self, team: str, code: str) -> None:
+        """A job refused by policy (model, size, seconds) or by the team's budget."""
+        if code in POLICY_CODES:  # the label takes only the contract's codes
+            self._child(self.policy_rejections, self.team(team), code).inc()
+
+    def settled(self, team: str, model: str | None, seconds: float, cost_usd: float) -> None:
+        """A job's charge, counted once, when its settlement is first seen (a refund
+        is a charge of 0: counters only go up)."""
+        labels = (self.team(team), self.model(model))
+        if seconds > 0:
+            self._child(self.video_seconds, *labels).inc(seconds)
+        if cost_usd > 0:
+            self._child(self.cost_usd, *labels).inc(cost_usd)
+
+    def model(self, name: str | None) -> str:
+        """A label value that can only be a model the config names, or `other`."""
+        return name if name is not None and name in self.models else OTHER_MODEL
+
+    def set_models(self, names: Iterable[str]) -> None:
+        """The models the `model` label may name: those in `pricing` and the defaults."""
+        self.models = frozenset(names)
+        self._spend_series()
+
+    def _spend_series(self) -> None:
+        for team in self.teams:  # only a recognised team's job is ever checked or charged
+            for code in POLICY_CODES:
+                self.policy_rejections.labels(team, code)
+            for model in self.models | {OTHER_MODEL}:
+                self.video_seconds.labels(team, model)
+                self.cost_usd.labels(team, model)
+
     def set_teams(self, team_names: Iterable[str]) -> None:
         """The teams label values may take; their series exist from the start at zero,
         so the first event is an increase Prometheus can see, not a new series."""
         self.teams = frozenset(team_names)
+        self._spend_series()
         for kind in ("timeout", "unavailable", "error", "rate_limited"):
             self.upstream_errors.labels(kind)
         for code in ("invalid_video_id", "video_not_completed", "video_expired"):
@@ -259,12 +320,14 @@ class GatewayMetrics:
 
 
 class QuotaGauges(Collector):
-    """The ledger's and the queue's numbers as read for one scrape.
+    """The ledger's, the queue's and the budgets' numbers as read for one scrape.
 
     `queued` is the store's count of queued jobs by team. `queue_depth` has one series
     per configured team (`teams`; None: the exposing GatewayMetrics' teams), 0 for a
     team with none queued; any other name in `queued` (a team since removed from the
-    config) is dropped, so the label takes only configured names.
+    config) is dropped, so the label takes only configured names. `budgets` is each
+    budgeted team's (spent + reserved) / limit of its tighter period: a team without a
+    budget has no ratio (none is given for it), and no series.
     """
 
     def __init__(
@@ -275,14 +338,16 @@ class QuotaGauges(Collector):
         queued: Mapping[str, int] | None = None,
         *,
         teams: Iterable[str] | None = None,
+        budgets: Mapping[str, float] | None = None,
     ) -> None:
         self.values = (in_use, limit, waiting)
         self.queued = dict(queued or {})
         self.teams = None if teams is None else tuple(sorted(set(teams)))
+        self.budgets = dict(budgets or {})
 
     def for_teams(self, teams: Iterable[str]) -> QuotaGauges:
-        """The same reading, its queue depth exported for `teams`."""
-        return QuotaGauges(*self.values, self.queued, teams=teams)
+        """The same reading, its queue depth and budgets exported for `teams`."""
+        return QuotaGauges(*self.values, self.queued, teams=teams, budgets=self.budgets)
 
     def collect(self) -> Iterator[Metric]:
         in_use, limit, waiting = self.values
@@ -305,3 +370,13 @@ class QuotaGauges(Collector):
         for team in self.teams or ():
             depth.add_metric([team], self.queued.get(team, 0))
         yield depth
+        used = GaugeMetricFamily(
+            PREFIX + "budget_used_ratio",
+            "(spent + reserved) / limit of the team's tighter budget period, read from the "
+            "store; only teams with a budget.",
+            labels=["team"],
+        )
+        for team in self.teams or ():
+            if team in self.budgets:
+                used.add_metric([team], self.budgets[team])
+        yield used

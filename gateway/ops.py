@@ -41,6 +41,7 @@ class OpsRoutes:
         read_usage: Callable[[], Awaitable[Usage]],
         slot_limit: int,
         bearer_token: str | None,
+        read_budgets: Callable[[], Awaitable[dict[str, float]]] | None = None,
     ) -> None:
         self.metrics = metrics
         self.failures = failures
@@ -50,6 +51,7 @@ class OpsRoutes:
         self.bearer_token = bearer_token
         # Concurrent scrapes share one read of the quota (on the ops client).
         self._read_quota = SharedRead(read_usage)
+        self._read_budgets = SharedRead(read_budgets) if read_budgets else None
         self._document: dict[str, Any] = {}
 
     def routes(self) -> list[Route]:
@@ -85,11 +87,14 @@ class OpsRoutes:
             return invalid_api_key("This page needs its bearer token.").response()
         try:
             usage: Usage = await self._read_quota()
+            budgets = await self._read_budgets() if self._read_budgets else {}
         except StoreFailure as exc:
             self.failures.count(exc, "the metrics page's quota read")
             gauges = None
         else:
-            gauges = QuotaGauges(usage.in_use, self.slot_limit, usage.waiting, usage.queued)
+            gauges = QuotaGauges(
+                usage.in_use, self.slot_limit, usage.waiting, usage.queued, budgets=budgets
+            )
         return Response(self.metrics.exposition(gauges), media_type=CONTENT_TYPE_LATEST)
 
     async def openapi_json(self, request: Request) -> Response:

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from .answers import video_object
 from .auth import Team
-from .budgets import MICRO
+from .budgets import MICRO, Spend
 from .errors import (
     GatewayError,
     UpstreamError,
@@ -188,16 +188,19 @@ class JobSlots:
         want: Mapping[str, str],
         disconnected: Callable[[], Awaitable[bool]],
         ids: Mapping[str, str] | None = None,
+        spend: Spend | None = None,
     ) -> AsyncIterator[Ticket]:
         """A slot for one job; `want` (see `matching.wanted`) lets the tracker recognise
         the job if the create's answer is lost; `ids` (upstream id -> gateway id of the
-        job's source, when it started from the queue) go with the slot to the tracker."""
+        job's source, when it started from the queue) go with the slot to the tracker;
+        `spend` is checked against the team's budgets on every try, reserved on
+        admission (429 `budget_exceeded` at once, never after a wait)."""
         slot_id = f"slot_{uuid.uuid4().hex}"
         # In flight before it can be admitted: a tracker tick that reads the ledger just
         # after the admission must not take the slot for one whose request has ended.
         self.in_flight.add(slot_id)
         try:
-            await self._acquire(slot_id, team, kind, want, disconnected)
+            await self._acquire(slot_id, team, kind, want, disconnected, spend)
         except BaseException:
             self.in_flight.discard(slot_id)
             raise
@@ -257,12 +260,21 @@ class JobSlots:
         kind: str,
         want: Mapping[str, str],
         disconnected: Callable[[], Awaitable[bool]],
+        spend: Spend | None,
     ) -> None:
         """Wait in the queue until admitted; any other way out leaves the queue."""
         wake = self._wakeups.join(team.name, slot_id)
-        attempt = partial(self.ledger.try_acquire, slot_id, team.name, kind, want)
+        attempt = partial(
+            self.ledger.try_acquire,
+            slot_id,
+            team.name,
+            kind,
+            want,
+            charge=spend.charge if spend else None,
+            limits=spend.limits if spend else None,
+        )
         try:
-            await self._wait_for_admission(team, attempt, disconnected, wake)
+            await self._wait_for_admission(team, attempt, disconnected, wake, spend)
         except BaseException:
             try:
                 await _shielded(self.ledger.abandon(slot_id))
@@ -280,6 +292,7 @@ class JobSlots:
         attempt: Callable[[int | None], Awaitable[Admission]],
         disconnected: Callable[[], Awaitable[bool]],
         wake: asyncio.Event,
+        spend: Spend | None = None,
     ) -> None:
         """`attempt` (one acquire, given the place the last one returned), and between
         attempts wait for a release (`wake`) or RECHECK_S, until admitted or `wait_s`
@@ -301,6 +314,9 @@ class JobSlots:
                 if loop.time() >= deadline:
                     raise
                 continue
+            if admission.over is not None and spend is not None:
+                self.metrics.policy_rejected(team.name, "budget_exceeded")
+                raise spend.refusal(team.name, admission.over)
             arrival = admission.arrival
             if admission.kick:
                 self.notice_kick()

@@ -33,7 +33,8 @@ from .answers import (
 )
 from .auth import Team
 from .body import RequestBody, read_body
-from .budgets import result_seconds
+from .budgets import Spend, result_seconds
+from .costs import JobCosts
 from .downloads import DownloadBudget
 from .errors import (
     GatewayError,
@@ -112,6 +113,7 @@ class _QueueCandidate:
     outgoing: RequestBody | bytes
     want: dict[str, str]
     source: VideoRecord | None
+    spend: Spend
 
 
 CONTENT_VARIANTS = ("video", "thumbnail", "spritesheet")
@@ -134,6 +136,7 @@ class VideoRoutes:
         body_timeout_s: float,
         client_idle_timeout_s: float,
         remix_route: str,
+        costs: JobCosts,
         queue: QueueMode | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -147,6 +150,7 @@ class VideoRoutes:
         self.body_timeout_s = body_timeout_s
         self.client_idle_timeout_s = client_idle_timeout_s
         self.remix_route = remix_route
+        self.costs = costs
         self.queue = queue  # None: `when_full: wait`
         self.clock = clock
 
@@ -282,8 +286,9 @@ class VideoRoutes:
         record, whose fields the job inherits (so a lost answer's job can be recognised).
         What the create's outcome does to the slot is `quota.fate_of`'s to say.
         """
-        check_job_params(body.fields)  # the last check before the wait, on every route
+        check_job_params(body.fields)  # the syntax, then what the team may ask and spend
         team = _team(request)
+        spend = self.costs.spend(team, kind, body.fields, source.body if source else None)
         origin = (source.upstream_id, source.body) if source else (None, "{}")
         want = wanted(kind, body.fields, *origin)
         calls = self.upstream.for_request(request)
@@ -291,9 +296,10 @@ class VideoRoutes:
         ids = source.source_ids() if source else {}
         size = len(outgoing) if isinstance(outgoing, bytes) else outgoing.size
         if self.queue is not None and size <= self.queue.max_body_bytes:
-            job = _QueueCandidate(kind, path, body, outgoing, want, source)
+            job = _QueueCandidate(kind, path, body, outgoing, want, source, spend)
             return await self._start_or_queue(request, calls, job)
-        async with self.slots.hold(team, kind, want, request.is_disconnected, ids) as ticket:
+        hold = self.slots.hold(team, kind, want, request.is_disconnected, ids, spend)
+        async with hold as ticket:
             started = await ticket.forward(_send(calls, path, outgoing))
             return await self._record_started(team, kind, started, ids)
 
@@ -332,6 +338,8 @@ class VideoRoutes:
             request=stored,
             video=video,
             typical_job_s=self.slots.typical_job_s,
+            charge=job.spend.charge,
+            limits=job.spend.limits,
         )
         ids = job.source.source_ids() if job.source else {}
         async with self.slots.start_or_queue(team, job.kind, enqueue, ids) as decision:
@@ -343,6 +351,9 @@ class VideoRoutes:
             note(video_id=job_id, queued=True)
             headers = self._queue_headers(decision.position)
             return Response(json.dumps(video), media_type="application/json", headers=headers)
+        if decision.over is not None:
+            self.metrics.policy_rejected(team.name, "budget_exceeded")
+            raise job.spend.refusal(team.name, decision.over)
         self.metrics.queue_rejected(team.name, decision.outcome)
         retry_s = retry_after_s(self.queue.scheduler.max_queued, 1, self.slots.typical_job_s)
         if decision.outcome == "team_queue_full":

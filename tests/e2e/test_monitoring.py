@@ -89,6 +89,11 @@ METRICS = {
         "queue_depth",
         "queue_seconds",
         "queue_rejections_total",
+        # CONTRACT §9
+        "video_seconds_total",
+        "cost_usd_total",
+        "budget_used_ratio",
+        "policy_rejections_total",
     )
 }
 
@@ -180,6 +185,10 @@ class Replicas(Rig):
             "quota": {"when_full": "wait", "max_in_flight": LIMIT, "wait_s": WAIT_S},
             "tracker": {"poll_interval_s": POLL_S, "lease_s": LEASE_S},
             "team_caps": {"gamma": 1},
+            # Prices and one budget, so the Spend row's series exist (CONTRACT §9).
+            "upstream": {"defaults": {"model": "sora-2", "size": "720x1280", "seconds": "4"}},
+            "pricing": {"sora-2": {"*": 0.10}},
+            "team_options": {"alpha": {"budget_usd_per_day": 1000}},
         }
         # The worker processes' metric files go to a fresh directory under TMPDIR.
         worker_tmp = self.workdir / "multi-tmp"
@@ -747,6 +756,43 @@ def test_each_alert_fires_in_its_situation(tmp_path: Path) -> None:
             "6m",
             {},
         ),
+        # A team past 90 % of its budget for 5 minutes; both replicas read the same ratio
+        # from the store, and a team under 90 % stays quiet.
+        alert_case(
+            "SoraGatewayBudgetNearlySpent",
+            {
+                f'sora_gateway_budget_used_ratio{{{g1}, team="a"}}': "0.5 0.95x10",
+                f'sora_gateway_budget_used_ratio{{{g2}, team="a"}}': "0.5 0.95x10",
+                f'sora_gateway_budget_used_ratio{{{g1}, team="b"}}': "0.85x11",
+            },
+            "6m",
+            {"team": "a"},
+            team="a",
+        ),
+        # Still pending after 4 minutes above 90 %.
+        alert_case(
+            "SoraGatewayBudgetNearlySpent",
+            {f'sora_gateway_budget_used_ratio{{{g1}, team="a"}}': "0.5 0.95x10"},
+            "4m",
+            None,
+        ),
+        # Two replicas at 0.5 each are one team at 50 %, not 100 %.
+        alert_case(
+            "SoraGatewayBudgetNearlySpent",
+            {
+                f'sora_gateway_budget_used_ratio{{{g1}, team="a"}}': "0.5x10",
+                f'sora_gateway_budget_used_ratio{{{g2}, team="a"}}': "0.5x10",
+            },
+            "8m",
+            None,
+        ),
+        # A day's rollover frees the budget: the alert resolves.
+        alert_case(
+            "SoraGatewayBudgetNearlySpent",
+            {f'sora_gateway_budget_used_ratio{{{g1}, team="a"}}': "0.95x10 0.1x5"},
+            "13m",
+            None,
+        ),
         alert_case(
             "SoraGatewayLeaseExpired",
             {f"sora_gateway_lease_expiries_total{{{g1}}}": "0 0 0 1 1 1"},
@@ -811,7 +857,15 @@ def test_dashboard_is_provisionable_grafana_10_json() -> None:
     assert provider["options"]["path"]
 
     rows = [p["title"] for p in dashboard["panels"] if p["type"] == "row"]
-    assert rows == ["Overview", "Traffic", "Quota", "Queue", "Jobs", "Refusals and errors"]
+    assert rows == [
+        "Overview",
+        "Traffic",
+        "Quota",
+        "Queue",
+        "Jobs",
+        "Spend",
+        "Refusals and errors",
+    ]
     ids, cells = set(), set()
     for panel in panels(dashboard):
         assert panel["id"] not in ids

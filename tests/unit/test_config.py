@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import itertools
@@ -33,7 +34,7 @@ from gateway.config import (
     parse_settings,
 )
 from gateway.reload import TeamsReloader
-from gateway.simulator.jobs import DEFAULT_MODEL, DEFAULT_SECONDS, DEFAULT_SIZE
+from gateway.simulator.jobs import DEFAULT_MODEL, DEFAULT_SECONDS, DEFAULT_SIZE, VIDEO_SIZES
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "config" / "gateway.example.yaml"
@@ -859,22 +860,28 @@ def test_every_default_in_the_readme_table_is_the_schema_s():
         words = documented[path]
         if words == "required":
             assert info.is_required(), path
-        elif words == "none":  # optional: no value, or a field of the optional Sentinel section
-            assert info.default is None or path.startswith("store.sentinel."), path
+        elif words == "none":  # optional: no value (or an empty list or mapping), or a field
+            # of the optional Sentinel section
+            assert default_of(info) in (None, (), {}) or path.startswith("store.sentinel."), path
         else:
             assert not info.is_required(), path
             assert yaml.safe_load(words) == info.default, path
 
 
+def default_of(info: FieldInfo) -> Any:
+    return info.get_default(call_default_factory=True)
+
+
 def test_the_example_config_lists_each_default_as_the_schema_has_it():
     example = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
+    # An empty default (no prices, no admin keys) is shown as a commented-out example.
     defaults = {
-        path: info.default
+        path: default_of(info)
         for path, info in schema_fields().items()
-        if not info.is_required() and info.default is not None
+        if not info.is_required() and default_of(info) not in (None, (), {})
     }
     assert {"upstream.timeout_s", "store.data_dir", "logging.format"} <= defaults.keys()
-    assert {"quota.when_full", "teams[].weight"} <= defaults.keys()
+    assert {"quota.when_full", "teams[].weight", "usage.retention_days"} <= defaults.keys()
     for path, default in defaults.items():
         section, key = path.split(".")
         # A team's field is shown on the first team.
@@ -992,8 +999,253 @@ def test_every_field_words_each_bad_value_in_the_config_s_own_terms(path):
             parse(config)
         except ConfigError as error:
             for problem in error.problems:
-                assert re.match(r"^[a-z_]+(\[\d+\]|\.[a-z_0-9]+)*: [a-z'(]", problem), problem
+                # A mapping's keys are path parts too: `pricing.sora-2.*`.
+                assert re.match(r"^[a-z_]+(\[\d+\]|\.[A-Za-z_0-9*:/-]+)*: [a-z'(]", problem), (
+                    problem
+                )
                 for words in ("Input should", "Field required", "Value error", "type="):
                     assert words not in problem, problem
                 if secret:
                     assert TOKEN not in problem, problem
+
+
+# -- CONTRACT §9: pricing, per-team policy and budgets, admin keys, usage -----------------------
+
+PRICING = {
+    "sora-2": {"*": 0.10},
+    "sora-2-pro": {"720x1280": 0.30, "1280x720": 0.30, "1024x1792": 0.50, "1792x1024": 0.50},
+}
+
+
+def priced(**team: Any) -> dict[str, Any]:
+    config = minimal(pricing=copy.deepcopy(PRICING))
+    config["teams"][0].update(team)
+    return config
+
+
+def test_every_policy_default_of_section_9():
+    settings = parse(minimal())
+    assert settings.pricing == {}
+    assert settings.admin.key_sha256 == ()
+    assert settings.usage.retention_days == 400
+    team = settings.teams[0]
+    assert (team.models, team.sizes, team.max_seconds) == (None, None, None)
+    assert (team.budget_usd_per_day, team.budget_usd_per_month) == (None, None)
+
+
+def test_the_contract_s_policy_example_is_taken():
+    config = priced(
+        models=["sora-2"],
+        sizes=["1280x720"],
+        max_seconds=12,
+        budget_usd_per_day=50,
+        budget_usd_per_month=900.5,
+    )
+    config.update(admin={"key_sha256": [D3.upper()]}, usage={"retention_days": 30})
+    settings = parse(config)
+    assert settings.pricing == PRICING
+    team = settings.teams[0]
+    assert (team.models, team.sizes, team.max_seconds) == (("sora-2",), ("1280x720",), 12)
+    assert (team.budget_usd_per_day, team.budget_usd_per_month) == (50.0, 900.5)
+    assert isinstance(team.budget_usd_per_day, float)
+    assert settings.admin.key_sha256 == (D3,)  # normalised like a team's
+    assert settings.usage.retention_days == 30
+    # A whole-dollar price is a number like any other.
+    assert parse(minimal(pricing={"sora-2": {"*": 1}})).pricing == {"sora-2": {"*": 1.0}}
+
+
+def test_empty_pricing_and_admin_sections_mean_none():
+    text = yaml.safe_dump(minimal()) + "pricing:\n  # sora-2: {'*': 0.10}\nadmin:\n"
+    settings = parse(text)
+    assert (settings.pricing, settings.admin.key_sha256) == ({}, ())
+    assert parse(minimal(admin={"key_sha256": D3})).admin.key_sha256 == (D3,)
+
+
+PRICE_WORDS = "expected a positive number of USD per second of video, such as 0.10"
+
+
+@pytest.mark.parametrize(
+    ("pricing", "expected"),
+    [
+        ({"sora-2": {"*": 0}}, f"pricing.sora-2.*: {PRICE_WORDS}"),
+        ({"sora-2": {"*": -0.1}}, f"pricing.sora-2.*: {PRICE_WORDS}"),
+        ({"sora-2": {"*": math.nan}}, f"pricing.sora-2.*: {PRICE_WORDS}"),
+        ({"sora-2": {"*": math.inf}}, f"pricing.sora-2.*: {PRICE_WORDS}"),
+        ({"sora-2": {"*": "0.10"}}, f"pricing.sora-2.*: {PRICE_WORDS}"),
+        ({"sora-2": {"*": True}}, f"pricing.sora-2.*: {PRICE_WORDS}"),
+        ({"sora-2": {"*": None}}, f"pricing.sora-2.*: {PRICE_WORDS}"),
+        (
+            {"sora-2": {"1280X720": 0.1}},
+            'pricing.sora-2.1280X720: expected WIDTHxHEIGHT, such as 1280x720, or "*" for any size',
+        ),
+        ({"sora 2": {"*": 0.1}}, f"pricing.sora 2: {MODEL_WORDS}"),
+        (
+            {"sora-2": {}},
+            'pricing.sora-2: expected a mapping of size (or "*") to USD per second, '
+            'such as {"*": 0.10}',
+        ),
+        (
+            {"sora-2": 0.10},
+            'pricing.sora-2: expected a mapping of size (or "*") to USD per second, '
+            'such as {"*": 0.10}',
+        ),
+        (
+            ["sora-2"],
+            'pricing: expected a mapping of model to its prices, such as {sora-2: {"*": 0.10}}',
+        ),
+    ],
+)
+def test_a_price_that_is_not_a_positive_finite_number_is_refused(pricing, expected):
+    assert problems(minimal(pricing=pricing)) == [expected]
+
+
+def test_a_team_s_allowed_model_without_a_price_is_refused():
+    assert problems(priced(models=["sora-2", "sora-3"])) == [
+        "teams[0].models[1]: 'sora-3' has no price in pricing"
+    ]
+    # Without prices any model may be listed: nothing is charged.
+    assert parse(minimal(teams=[{"name": "m", "key_sha256": [D1], "models": ["sora-3"]}]))
+
+
+@pytest.mark.parametrize("period", ["budget_usd_per_day", "budget_usd_per_month"])
+def test_a_budget_without_prices_is_refused_since_nothing_could_be_charged(
+    period, tmp_path, capsys
+):
+    config = minimal()
+    config["teams"][0][period] = 2
+    assert problems(config) == [f"teams[0].{period}: a budget needs prices, and pricing is empty"]
+    assert parse(priced(**{period: 2})).teams[0] is not None
+    path = write(tmp_path, config)
+    assert main(["check-config", str(path)]) == 1
+    assert f"{path}: teams[0].{period}: a budget needs prices" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("budget_usd_per_day", 0, "expected a positive number of USD"),
+        ("budget_usd_per_month", -5, "expected a positive number of USD"),
+        ("budget_usd_per_day", math.inf, "expected a positive number of USD"),
+        ("budget_usd_per_day", "50", "expected a positive number of USD"),
+        ("max_seconds", 0, "must be at least 1"),
+        ("max_seconds", 601, "must be at most 600"),
+        ("max_seconds", "8", "expected a whole number, got '8'"),
+        ("max_seconds", 8.5, "expected a whole number, got 8.5"),
+        ("models", [], "expected a list of one or more models"),
+        ("models", "sora-2", "expected a list of one or more models"),
+        ("sizes", [], "expected a list of one or more sizes, such as [1280x720]"),
+        ("sizes", ["big"], None),
+    ],
+)
+def test_bad_team_policy_fields_are_named(field, value, expected):
+    found = problems(priced(**{field: value}))
+    if expected is None:  # an item's own words
+        assert found == [f"teams[0].{field}[0]: {SIZE_WORDS}"]
+    else:
+        assert found == [f"teams[0].{field}: {expected}"]
+
+
+def test_an_admin_key_that_is_also_a_team_key_is_refused():
+    config = minimal(admin={"key_sha256": [D3, D1]})
+    config["teams"].append({"name": "research", "key_sha256": [D2]})
+    assert problems(config) == [
+        "admin.key_sha256[1]: this key digest is a key of team 'marketing'; an admin key must "
+        "be its own"
+    ]
+    assert problems(minimal(admin={"key_sha256": ["xyz"]})) == [
+        "admin.key_sha256[0]: expected 64 hex characters"
+    ]
+    assert problems(minimal(usage={"retention_days": 0})) == [
+        "usage.retention_days: must be at least 1"
+    ]
+
+
+def test_the_demo_and_compose_configs_price_every_job_the_simulator_makes():
+    environ = {"SORA_DEMO_SIM_PORT": "8081", "SORA_UPSTREAM_TOKEN": TOKEN}
+    demo = parse(
+        (REPO / "gateway" / "demo.yaml").read_text(), {**environ, "SORA_DEMO_KEY_SHA256": D1}
+    )
+    compose = parse(
+        (REPO / "deploy" / "compose" / "gateway.yaml").read_text(),
+        {"SORA_SIMULATOR_TOKEN": TOKEN, "SORA_TEAM_KEY_SHA256": D1},
+    )
+    for settings in (demo, compose):
+        assert settings.pricing == PRICING
+        for model in ("sora-2", "sora-2-pro"):
+            for size in VIDEO_SIZES:
+                prices = settings.pricing[model]
+                assert size in prices or "*" in prices, (model, size)
+
+
+def test_reload_carries_a_team_s_new_policy_fields(tmp_path):
+    path = write(tmp_path, priced())
+    applied: list[tuple[TeamSettings, ...]] = []
+    reloader = TeamsReloader(str(path), load_settings(path), applied.append)
+    path.write_text(yaml.safe_dump(priced(models=["sora-2"], max_seconds=8, budget_usd_per_day=2)))
+    assert reloader.check() is True
+    [(team,)] = applied
+    assert (team.models, team.max_seconds, team.budget_usd_per_day) == (("sora-2",), 8, 2.0)
+    assert reloader.current.teams == (team,)
+
+
+def test_reload_applies_pricing_admin_and_defaults_with_the_teams_given_apply_policy(
+    tmp_path, caplog
+):
+    path = write(tmp_path, priced())
+    applied: list[Any] = []
+    reloader = TeamsReloader(
+        str(path), load_settings(path), applied.append, apply_policy=applied.append
+    )
+    config = priced(models=["sora-3"])
+    config["pricing"] = {**PRICING, "sora-3": {"*": 0.2}}
+    config["admin"] = {"key_sha256": [D3]}
+    config["upstream"]["defaults"] = {"model": "sora-3", "seconds": 4}
+    path.write_text(yaml.safe_dump(config))
+    with caplog.at_level(logging.INFO, logger="gateway.reload"):
+        assert reloader.check() is True
+    policy, teams = applied  # the prices first, so the team's new model has its price
+    assert policy.pricing["sora-3"] == {"*": 0.2}
+    assert policy.admin.key_sha256 == (D3,)
+    assert policy.upstream.defaults == UpstreamDefaults("sora-3", None, "4")
+    assert policy.teams == teams
+    assert teams[0].models == ("sora-3",)
+    assert reloader.current == policy
+    assert [r.getMessage() for r in caplog.records] == ["teams and policy reloaded"]
+    # Only prices changed: only the policy is applied.
+    config["pricing"]["sora-3"] = {"*": 0.25}
+    path.write_text(yaml.safe_dump(config))
+    assert reloader.check() is True
+    assert len(applied) == 3
+    assert applied[-1].pricing["sora-3"] == {"*": 0.25}
+
+
+def test_without_apply_policy_a_price_change_waits_for_a_restart(tmp_path, caplog):
+    path = write(tmp_path, priced())
+    applied: list[Any] = []
+    reloader = TeamsReloader(str(path), load_settings(path), applied.append)
+    config = priced()
+    config["pricing"]["sora-2"] = {"*": 0.2}
+    path.write_text(yaml.safe_dump(config))
+    with caplog.at_level(logging.INFO, logger="gateway.reload"):
+        assert reloader.check() is False
+    assert applied == []
+    assert reloader.current.pricing == PRICING
+    assert "take effect only after a restart" in caplog.records[-1].getMessage()
+
+
+def test_without_apply_policy_teams_that_need_the_new_prices_are_refused_not_half_applied(
+    tmp_path, caplog
+):
+    path = write(tmp_path, priced())
+    applied: list[Any] = []
+    reloader = TeamsReloader(str(path), load_settings(path), applied.append)
+    config = priced(models=["sora-3"])
+    config["pricing"]["sora-3"] = {"*": 0.2}
+    path.write_text(yaml.safe_dump(config))
+    with caplog.at_level(logging.INFO, logger="gateway.reload"):
+        assert reloader.check() is False
+    assert applied == []
+    assert reloader.current.teams[0].models is None
+    [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert "take effect only after a restart" in record.getMessage()
+    assert record.problems == ["teams[0].models[0]: 'sora-3' has no price in pricing"]

@@ -249,7 +249,13 @@ def test_the_dockerfile_is_multi_stage_slim_non_root_with_a_healthcheck() -> Non
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "sora-gateway.json"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 # Read from the store at scrape: every replica reports the same number.
-STORE_GAUGES = ("queue_depth", "slots_in_use", "slots_limit", "slot_queue_length")
+STORE_GAUGES = (
+    "queue_depth",
+    "slots_in_use",
+    "slots_limit",
+    "slot_queue_length",
+    "budget_used_ratio",
+)
 
 
 def row_panels(title: str) -> list[dict[str, Any]]:
@@ -300,7 +306,11 @@ def test_store_read_gauges_are_never_summed_over_replicas() -> None:
     """sum() over replicas would count one queue once per replica."""
     dashboard = json.loads(DASHBOARD.read_text())
     panels = [p for top in dashboard["panels"] for p in (top, *top.get("panels", []))]
-    exprs = [*expressions(panels), alert("SoraGatewayQueueStalled")["expr"]]
+    exprs = [
+        *expressions(panels),
+        alert("SoraGatewayQueueStalled")["expr"],
+        alert("SoraGatewayBudgetNearlySpent")["expr"],
+    ]
     for expr in map(flat, exprs):
         for gauge in STORE_GAUGES:
             used = len(re.findall(rf"sora_gateway_{gauge}\b", expr))
@@ -317,3 +327,76 @@ def test_the_queue_stalled_alert_needs_queued_jobs_free_slots_and_no_start() -> 
     assert rule["for"] == "2m"
     assert rule["annotations"]["summary"].strip()
     assert "max_in_flight" in rule["annotations"]["runbook"]  # when it is no fault
+
+
+# -- spend on the dashboard and in the alerts (CONTRACT §9) -----------------------------------
+
+
+def test_the_dashboard_s_spend_row_shows_cost_budget_video_seconds_and_refusals() -> None:
+    panels = row_panels("Spend")
+    exprs = [flat(expr) for expr in expressions(panels)]
+    # Cost per team over a day, and over the dashboard's range by team and model.
+    assert any(
+        re.fullmatch(r"sum by \(team\) \(increase\(sora_gateway_cost_usd_total\{.*\}\[1d\]\)\)", e)
+        for e in exprs
+    ), exprs
+    assert any(
+        re.fullmatch(
+            r"sum by \(team, model\) \(increase\(sora_gateway_cost_usd_total\{.*\}"
+            r"\[\$__range\]\)\)",
+            e,
+        )
+        for e in exprs
+    ), exprs
+    # Video seconds by model, over a window of its own (settlements are sparse).
+    assert any(
+        re.fullmatch(
+            r"sum by \(model\) \(increase\(sora_gateway_video_seconds_total\{.*\}\[1h\]\)\)", e
+        )
+        for e in exprs
+    ), exprs
+    assert any(
+        e.startswith("sum by (team, code) (rate(sora_gateway_policy_rejections_total{")
+        for e in exprs
+    ), exprs
+    assert all('team=~"$team"' in e for e in exprs)
+
+    # Budget used: a gauge per team with the alert's 90 % and the refusal's 100 % marked.
+    budget = [
+        p
+        for p in panels
+        if any("sora_gateway_budget_used_ratio" in t["expr"] for t in p["targets"])
+    ]
+    assert {p["type"] for p in budget} >= {"bargauge"}
+    for panel in budget:
+        (target,) = panel["targets"]
+        assert flat(target["expr"]) == (
+            'max by (team) (sora_gateway_budget_used_ratio{team=~"$team"})'
+        )
+        defaults = panel["fieldConfig"]["defaults"]
+        assert defaults["unit"] == "percentunit"
+        steps = [(s["color"], s["value"]) for s in defaults["thresholds"]["steps"]]
+        assert [value for _, value in steps] == [None, 0.9, 1.0], panel["title"]
+        assert steps[1][0] != steps[0][0] != steps[2][0] != steps[1][0]
+    gauge = next(p for p in budget if p["type"] == "bargauge")
+    assert gauge["targets"][0]["instant"] is True
+    # Money in dollars, time in seconds.
+    for panel in panels:
+        exprs_of = " ".join(t["expr"] for t in panel["targets"])
+        unit = panel["fieldConfig"]["defaults"]["unit"]
+        if "cost_usd_total" in exprs_of:
+            assert unit == "currencyUSD", panel["title"]
+        if "video_seconds_total" in exprs_of:
+            assert unit == "s", panel["title"]
+
+
+def test_the_budget_alert_fires_per_team_past_90_percent_for_5_minutes() -> None:
+    rule = alert("SoraGatewayBudgetNearlySpent")
+    assert flat(rule["expr"]) == "max by (team) (sora_gateway_budget_used_ratio) > 0.9"
+    assert rule["for"] == "5m"
+    assert rule["labels"]["severity"] == "warning"
+    assert "{{ $labels.team }}" in rule["annotations"]["summary"]
+    assert "budget_exceeded" in rule["annotations"]["summary"]
+    runbook = rule["annotations"]["runbook"]
+    for hint in ("/admin/usage", "budget_usd_per_day", "budget_usd_per_month", "UTC"):
+        assert hint in runbook, hint

@@ -11,9 +11,13 @@ from gateway.errors import (
     QUEUE_TIMEOUT,
     GatewayError,
     UpstreamError,
+    budget_exceeded,
     concurrency_limit_exceeded,
     invalid_request,
+    model_not_allowed,
     queue_full,
+    seconds_not_allowed,
+    size_not_allowed,
     store_unavailable,
     team_concurrency_limit_exceeded,
     team_queue_full,
@@ -139,6 +143,44 @@ def test_queue_timeout_is_a_code_in_the_catalogue_not_an_answer():
     assert "quota.max_queue_s" in catalogue
     for code in ("queue_full(retry_s)", "team_queue_full(retry_s)"):
         assert code in catalogue
+
+
+@pytest.mark.parametrize(
+    ("factory", "code", "param"),
+    [
+        (model_not_allowed, "model_not_allowed", "model"),
+        (size_not_allowed, "size_not_allowed", "size"),
+        (seconds_not_allowed, "seconds_not_allowed", "seconds"),
+    ],
+)
+def test_policy_refusals_are_400_naming_their_param(factory, code, param):
+    status, body, headers = rendered(factory("Not for this team."))
+    assert (status, body["code"], body["param"], body["type"]) == (
+        400,
+        code,
+        param,
+        "invalid_request_error",
+    )
+    assert body["message"] == "Not for this team."
+    assert "x-should-retry" not in headers
+    assert "retry-after" not in headers
+    assert f"{code}(message)" in (errors.__doc__ or "")
+
+
+def test_budget_exceeded_is_429_that_the_sdks_must_not_retry():
+    status, body, headers = rendered(budget_exceeded("This job costs $0.40; ..."))
+    assert (status, body["code"], body["type"], body["param"]) == (
+        429,
+        "budget_exceeded",
+        "rate_limit_error",
+        None,
+    )
+    assert headers["x-should-retry"] == "false"
+    # Retrying at once would be refused again: no hint to come back in a few seconds.
+    assert "retry-after" not in headers
+    assert "retry-after-ms" not in headers
+    assert body["message"] == "This job costs $0.40; ..."
+    assert "budget_exceeded(message)" in (errors.__doc__ or "")
 
 
 def test_video_not_found_never_says_whose_it_is():

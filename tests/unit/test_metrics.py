@@ -1,11 +1,11 @@
-"""The queue's metrics (CONTRACT §8) as a scrape shows them, in the text format."""
+"""The queue's (CONTRACT §8) and spend's (§9) metrics as a scrape shows them."""
 
 from __future__ import annotations
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.metrics import JOB_OUTCOMES, GatewayMetrics, QuotaGauges
+from gateway.metrics import JOB_OUTCOMES, POLICY_CODES, GatewayMetrics, QuotaGauges
 
 TEAMS = ("alpha", "beta")
 Samples = dict[str, list[tuple[dict[str, str], float]]]
@@ -168,3 +168,124 @@ def test_without_the_store_no_queue_depth_is_guessed():
     assert "sora_gateway_queue_depth" not in samples
     assert "sora_gateway_slots_in_use" not in samples
     assert value(samples, "sora_gateway_queue_seconds_count", team="alpha") == 0
+
+
+# -- CONTRACT §9: policy refusals, what settled jobs cost, budgets used -----------------------
+
+MODELS = ("sora-2", "sora-2-pro")
+
+
+def spend_metrics() -> GatewayMetrics:
+    return GatewayMetrics(TEAMS, models=MODELS)
+
+
+def test_each_team_s_policy_and_spend_series_exist_at_zero_before_any_event():
+    samples = scraped(spend_metrics())
+    for team in TEAMS:
+        for code in POLICY_CODES:
+            assert value(samples, "sora_gateway_policy_rejections_total", team=team, code=code) == 0
+        for model in (*MODELS, "other"):
+            assert value(samples, "sora_gateway_video_seconds_total", team=team, model=model) == 0
+            assert value(samples, "sora_gateway_cost_usd_total", team=team, model=model) == 0
+    # A request is checked only once its key named a team.
+    teams = {labels["team"] for labels, _ in samples["sora_gateway_policy_rejections_total"]}
+    assert teams == set(TEAMS)
+
+
+def test_policy_rejected_counts_by_team_and_code_and_only_the_contract_s_codes():
+    metrics = spend_metrics()
+    metrics.policy_rejected("alpha", "model_not_allowed")
+    metrics.policy_rejected("alpha", "model_not_allowed")
+    metrics.policy_rejected("beta", "budget_exceeded")
+    metrics.policy_rejected("beta", "invalid_request")  # not a policy code: never a label
+    samples = scraped(metrics)
+    rejected = "sora_gateway_policy_rejections_total"
+    assert value(samples, rejected, team="alpha", code="model_not_allowed") == 2
+    assert value(samples, rejected, team="alpha", code="budget_exceeded") == 0
+    assert value(samples, rejected, team="beta", code="budget_exceeded") == 1
+    assert {labels["code"] for labels, _ in samples[rejected]} == set(POLICY_CODES)
+    assert set(POLICY_CODES) == {
+        "model_not_allowed",
+        "size_not_allowed",
+        "seconds_not_allowed",
+        "budget_exceeded",
+    }
+
+
+def test_settled_adds_seconds_and_dollars_by_team_and_model():
+    metrics = spend_metrics()
+    metrics.settled("alpha", "sora-2", 8, 0.8)
+    metrics.settled("alpha", "sora-2", 4, 0.4)
+    metrics.settled("alpha", "sora-2-pro", 12, 3.6)
+    metrics.settled("beta", "sora-2", 0, 0.0)  # a refund: nothing charged
+    samples = scraped(metrics)
+    seconds, cost = "sora_gateway_video_seconds_total", "sora_gateway_cost_usd_total"
+    assert value(samples, seconds, team="alpha", model="sora-2") == 12
+    assert value(samples, cost, team="alpha", model="sora-2") == pytest.approx(1.2)
+    assert value(samples, seconds, team="alpha", model="sora-2-pro") == 12
+    assert value(samples, cost, team="alpha", model="sora-2-pro") == pytest.approx(3.6)
+    assert value(samples, seconds, team="beta", model="sora-2") == 0
+    assert value(samples, cost, team="beta", model="sora-2") == 0
+
+
+def test_a_model_the_config_does_not_name_is_other_so_the_labels_stay_bounded():
+    metrics = spend_metrics()
+    for i in range(50):
+        metrics.settled("alpha", f"client-made-up-{i}", 1, 0.1)
+    metrics.settled("alpha", None, 2, 0.2)  # no model known
+    samples = scraped(metrics)
+    seconds = "sora_gateway_video_seconds_total"
+    assert value(samples, seconds, team="alpha", model="other") == 52
+    assert {labels["model"] for labels, _ in samples[seconds]} == {*MODELS, "other"}
+
+
+def test_set_models_and_set_teams_give_the_new_names_their_series():
+    metrics = spend_metrics()
+    metrics.set_models(["sora-3"])
+    metrics.set_teams([*TEAMS, "gamma"])
+    metrics.settled("gamma", "sora-3", 5, 1.5)
+    metrics.settled("gamma", "sora-2", 5, 0.5)  # no longer named: other
+    samples = scraped(metrics)
+    cost = "sora_gateway_cost_usd_total"
+    assert value(samples, cost, team="gamma", model="sora-3") == pytest.approx(1.5)
+    assert value(samples, cost, team="gamma", model="other") == pytest.approx(0.5)
+    assert value(samples, cost, team="alpha", model="sora-3") == 0
+    assert (
+        value(
+            samples, "sora_gateway_policy_rejections_total", team="gamma", code="size_not_allowed"
+        )
+        == 0
+    )
+
+
+def test_a_team_with_no_configured_name_is_charged_as_anonymous_never_as_itself():
+    metrics = spend_metrics()
+    metrics.settled("removed-team", "sora-2", 4, 0.4)
+    samples = scraped(metrics)
+    cost = "sora_gateway_cost_usd_total"
+    assert value(samples, cost, team="anonymous", model="sora-2") == pytest.approx(0.4)
+    assert "removed-team" not in {labels["team"] for labels, _ in samples[cost]}
+
+
+def test_budget_used_ratio_only_for_configured_teams_with_a_budget():
+    metrics = gateway_metrics()
+    budgets = {"alpha": 0.95, "removed-team": 0.5}  # beta has no budget: no ratio given
+    samples = scraped(metrics, QuotaGauges(0, 2, 0, {}, budgets=budgets))
+    used = samples["sora_gateway_budget_used_ratio"]
+    assert [(labels["team"], v) for labels, v in used] == [("alpha", 0.95)]
+
+
+def test_budget_used_ratio_follows_a_reload_s_teams_and_explicit_teams():
+    metrics = gateway_metrics()
+    metrics.set_teams(["beta"])
+    reading = QuotaGauges(0, 2, 0, budgets={"alpha": 0.2, "beta": 1.1})
+    samples = scraped(metrics, reading)
+    used = samples["sora_gateway_budget_used_ratio"]
+    assert [(labels["team"], v) for labels, v in used] == [("beta", 1.1)]
+    explicit = QuotaGauges(0, 2, 0, teams=["alpha"], budgets={"alpha": 0.2})
+    (family,) = [f for f in explicit.collect() if f.name == "sora_gateway_budget_used_ratio"]
+    assert [(s.labels, s.value) for s in family.samples] == [({"team": "alpha"}, 0.2)]
+
+
+def test_without_the_store_no_budget_ratio_is_guessed():
+    assert "sora_gateway_budget_used_ratio" not in scraped(spend_metrics(), None)
