@@ -26,6 +26,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from .errors import GatewayError, budget_exceeded
+from .policy import budget_message
 from .store import usage_day_key, usage_month_key
 from .store_clients import translated
 
@@ -197,17 +198,16 @@ class Spend:
     def refusal(self, team: str, over: Over) -> GatewayError:
         """429 `budget_exceeded`, saying the budget, what is spent and reserved, what
         this job costs, and when the budget resets (CONTRACT §9)."""
-        period = "daily" if over.period == "day" else "monthly"
-        reset = time.strftime(
-            "%Y-%m-%dT%H:%M:%SZ", time.gmtime(resets_at(over.period, self.charge))
+        message = budget_message(
+            over.period,
+            over.limit_micro / MICRO,
+            over.spent_micro / MICRO,
+            over.reserved_micro / MICRO,
+            self.charge.cost_micro / MICRO,
+            resets_at(over.period, self.charge),
+            team=team,
         )
-        used = (over.spent_micro + over.reserved_micro) / MICRO
-        return budget_exceeded(
-            f"This job costs ${self.charge.cost_micro / MICRO:.2f}; team {team} has "
-            f"${used:.2f} of its ${over.limit_micro / MICRO:.2f} {period} budget spent "
-            f"(${over.spent_micro / MICRO:.2f}) or reserved by jobs not finished yet "
-            f"(${over.reserved_micro / MICRO:.2f}). The budget resets at {reset}."
-        )
+        return budget_exceeded(message)
 
 
 @dataclass(frozen=True)

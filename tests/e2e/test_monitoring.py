@@ -185,6 +185,10 @@ class Replicas(Rig):
             "quota": {"when_full": "wait", "max_in_flight": LIMIT, "wait_s": WAIT_S},
             "tracker": {"poll_interval_s": POLL_S, "lease_s": LEASE_S},
             "team_caps": {"gamma": 1},
+            # Prices and one budget, so the Spend row's series exist (CONTRACT §9).
+            "upstream": {"defaults": {"model": "sora-2", "size": "720x1280", "seconds": "4"}},
+            "pricing": {"sora-2": {"*": 0.10}},
+            "team_options": {"alpha": {"budget_usd_per_day": 1000}},
         }
         # The worker processes' metric files go to a fresh directory under TMPDIR.
         worker_tmp = self.workdir / "multi-tmp"

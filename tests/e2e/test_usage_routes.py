@@ -20,7 +20,7 @@ import pytest
 
 from gateway.auth import key_digest, new_admin_key
 from gateway.store import USAGE_PREFIX, usage_day_key, usage_month_key
-from support.api import assert_error, ok
+from support.api import assert_error, ok, settle
 from support.metrics import scrape
 from support.processes import Process, start_gateway, wait_until
 from support.stack import Rig
@@ -196,6 +196,41 @@ def test_a_bad_range_is_400_naming_the_param(rig, gateway, query, param):
         assert_error(admin.get("/admin/usage", params=query), 400, "invalid_request", param)
 
 
+def test_jobs_the_gateway_settles_are_the_usage_it_reports(rig, gateway, usage):
+    """The budget core's own writes, read back: two 4 s sora-2 jobs at $0.10/s and one
+    that fails (charged nothing) on alpha's daily budget."""
+    with client(gateway, rig.keys["alpha"]) as alpha:
+        ids = [
+            ok(alpha.post("/v1/videos", json={"prompt": f"a fox {n}", **JOB}))["id"]
+            for n in range(2)
+        ]
+        ids.append(ok(alpha.post("/v1/videos", json={"prompt": "a fox #fail", **JOB}))["id"])
+        ended = [settle(alpha, video_id)["status"] for video_id in ids]
+        assert ended == ["completed", "completed", "failed"]
+        day = today().strftime("%Y-%m-%d")
+
+        def settled() -> bool:
+            return ok(alpha.get("/v1/usage", params={"start": day}))["total"]["jobs"] == 3
+
+        wait_until(settled, 10.0, "the three jobs were settled")
+        report = ok(alpha.get("/v1/usage", params={"start": day}))
+    assert report["days"] == [
+        {
+            "date": day,
+            "jobs": {"completed": 2, "failed": 1},
+            "video_seconds": 8,
+            "cost_usd": 0.8,
+        }
+    ]
+    assert (report["budget"]["spent_usd"], report["budget"]["reserved_usd"]) == (0.8, 0.0)
+    with client(gateway, ADMIN_KEY) as admin:
+        reply = admin.get("/admin/usage", params={"start": day, "format": "csv"})
+    assert [
+        (row["team"], row["model"], row["jobs"], row["video_seconds"], row["cost_usd"])
+        for row in csv.DictReader(io.StringIO(reply.text))
+    ] == [("alpha", "sora-2", "3", "8", "0.800000")]
+
+
 # -- GET /admin/usage ------------------------------------------------------------------------
 
 
@@ -296,12 +331,13 @@ def test_admin_jobs_lists_running_and_queued_jobs_without_prompts(rig, gateway):
         }
         assert (first["model"], first["size"], first["seconds"]) == ("sora-2", "1280x720", 4)
         assert abs(first["started_at"] - time.time()) < 60
-        assert [(job["id"], job["state"]) for job in waiting] == [
-            (queued_ids[0], "queued"),
-            (queued_ids[1], "queued"),
-        ]
-        # Both teams have used no slot time: the estimate may give both the next start.
-        assert all(job["queue_position"] >= 1 for job in waiting)
+        assert {job["id"] for job in waiting} == set(queued_ids)
+        assert {job["state"] for job in waiting} == {"queued"}
+        # By queue position, 1 the next (the fair share's order, not arrival's). Teams
+        # that used no slot time yet may both read 1: it is an estimate.
+        places = [job["queue_position"] for job in waiting]
+        assert places == sorted(places)
+        assert places[0] == 1
         assert all(abs(job["queued_at"] - time.time()) < 60 for job in waiting)
         assert all(job["started_at"] is None for job in waiting)
     finally:

@@ -159,11 +159,12 @@ class Rig:
         *,
         upstream: Mapping[str, Any] | None = None,
         team_caps: Mapping[str, int] | None = None,
-        **sections: Mapping[str, Any],
+        team_options: Mapping[str, Mapping[str, Any]] | None = None,
+        **sections: Any,
     ) -> dict[str, Any]:
         """`gateway_config` with `upstream` options added, each of `sections` (`quota=`,
-        `tracker=`, `limits=`) in place of the base one, and `team_caps` as teams'
-        `max_in_flight`."""
+        `tracker=`, `limits=`, `pricing=`) in place of the base one, `team_caps` as
+        teams' `max_in_flight`, and `team_options` (team -> fields) added to teams."""
         config = gateway_config(
             self.simulator.url, self.store_url, self.token, self.keys, **(upstream or {})
         )
@@ -171,6 +172,7 @@ class Rig:
         for team in config["teams"]:
             if team["name"] in (team_caps or {}):
                 team["max_in_flight"] = team_caps[team["name"]]
+            team.update((team_options or {}).get(team["name"], {}))
         return config
 
     def start_gateways(
