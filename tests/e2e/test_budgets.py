@@ -67,10 +67,7 @@ class BudgetRig(Rig):
         sections.setdefault("pricing", PRICING)
         sections.setdefault("admin", {"key_sha256": [key_digest(ADMIN_KEY)]})
         upstream = {"defaults": DEFAULTS, **(sections.pop("upstream", None) or {})}
-        config = super().config(upstream=upstream, **sections)
-        for team in config["teams"]:
-            team.update((policy or {}).get(team["name"], {}))
-        return config
+        return super().config(upstream=upstream, team_options=policy, **sections)
 
     def admin(self, gateway: Process | None = None) -> httpx.Client:
         return httpx.Client(
@@ -549,6 +546,31 @@ def test_over_budget_is_429_at_once_in_wait_mode_with_both_slots_busy(rig):
     assert reply.headers["x-should-retry"] == "false"
     assert took < IMMEDIATE_S, f"answered after {took:.2f} s"
     assert rig.waiting() == 0
+
+
+def test_replicas_admitting_at_once_never_pass_a_budget_together(rig):
+    """18 creates at once, six through each of three replicas, against $2 a day: five
+    are accepted (started or queued), the rest refused, whichever replica took them."""
+    sim_config(rig, run_s=600)
+    replicas = rig.start_gateways(3, policy={"gamma": {"budget_usd_per_day": 2}})
+    clients = [rig.client("gamma", replica) for replica in replicas]
+    start = threading.Barrier(18)
+
+    def create(number: int) -> int:
+        start.wait(timeout=10)
+        body = {"prompt": f"rush {number}", "seconds": "4", **HD}
+        return clients[number % 3].post("/v1/videos", json=body).status_code
+
+    try:
+        with ThreadPoolExecutor(18) as pool:
+            statuses = Counter(pool.map(create, range(18)))
+    finally:
+        for client in clients:
+            client.close()
+    assert statuses == {200: 5, 429: 13}, statuses
+    assert len(rig.admin_jobs(replicas[0])) == 5
+    budget = rig.usage("gamma", replicas[1])["budget"]
+    assert budget["reserved_usd"] == pytest.approx(2.0, abs=USD), budget
 
 
 def test_a_delete_while_queued_is_refunded_and_one_while_running_is_charged(rig):
