@@ -35,7 +35,7 @@ from support.api import TERMINAL, assert_envelope, assert_error, ok
 from support.metrics import scrape
 from support.processes import Process, wait_until, write_config
 from support.simulator import UpstreamWatch, sim_config
-from support.stack import Rig
+from support.stack import Rig, aof_written
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning"),
@@ -958,15 +958,6 @@ def test_a_team_key_on_an_admin_route_is_401(rig, route):
 
 
 # -- durability ---------------------------------------------------------------------------------
-
-
-def aof_written(rig: Rig) -> bool:
-    info = rig.redis.info("persistence")
-    return (
-        info.get("aof_enabled") == 1
-        and info.get("aof_buffer_length", 0) == 0
-        and info.get("aof_pending_bio_fsync", 0) == 0
-    )
 
 
 def kill_and_restart_the_store(rig: Rig) -> None:

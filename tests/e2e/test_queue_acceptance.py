@@ -37,7 +37,7 @@ from support.api import ok
 from support.balancer import Answers, sdk_client
 from support.processes import Process, wait_until
 from support.relay import Create, Relays
-from support.stack import Rig
+from support.stack import Rig, aof_written
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning"),
@@ -384,16 +384,6 @@ def test_five_kills_one_while_a_create_was_in_flight(run):
 QUEUED = 40
 BLOCKER_RUN_S = 600.0  # the two jobs that hold both slots until the test deletes them
 RESTART_DEADLINE_S = 90.0
-
-
-def aof_written(rig: Rig) -> bool:
-    """Every write the store acknowledged is in its append-only file (not in its buffer)."""
-    info = rig.redis.info("persistence")
-    return (
-        info.get("aof_enabled") == 1
-        and info.get("aof_buffer_length", 0) == 0
-        and info.get("aof_pending_bio_fsync", 0) == 0
-    )
 
 
 def restart_everything(rig: Rig, replicas: list[Process]) -> None:

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import pytest
 from redis.asyncio import Redis
 
 from gateway.budgets import Charge, Limits, Totals, read_totals
-from gateway.embedded_store import EmbeddedRedis
 from gateway.ledger import SlotLedger
 from gateway.scheduler import Scheduler, StoredRequest
 from gateway.store import usage_day_key
-from gateway.store_clients import connect
 
 DAY, MONTH = "2026-12-01", "2026-12"
 PRICE = 100_000  # $0.10 per second, in µUSD
@@ -21,14 +16,6 @@ TWO_DOLLARS = Limits(day_micro=2_000_000, month_micro=None)
 
 def charge(seconds: int = 4, model: str = "sora-2") -> Charge:
     return Charge(model, "1280x720", seconds, PRICE, DAY, MONTH, keep_s=86400)
-
-
-@pytest.fixture
-async def client(private_store: EmbeddedRedis) -> AsyncIterator[Redis]:
-    redis = connect(private_store.url)
-    await redis.flushall()
-    yield redis
-    await redis.aclose()
 
 
 async def test_jobs_reserve_until_the_budget_and_the_next_is_refused_at_once(client: Redis) -> None:

@@ -3,7 +3,6 @@ scripts wrote, in a real Redis: the stored format is theirs, never a test's copy
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import date
 
 import pytest
@@ -11,7 +10,6 @@ from redis.asyncio import Redis
 
 from gateway.admin_jobs import jobs_list, read_queued
 from gateway.budgets import Charge
-from gateway.embedded_store import EmbeddedRedis
 from gateway.ledger import SlotLedger
 from gateway.scheduler import Scheduler, StoredRequest
 from gateway.store import StoreUnavailable
@@ -24,14 +22,6 @@ TODAY = date(2026, 12, 3)
 
 def charge(day: str, seconds: int = 4, model: str | None = "sora-2") -> Charge:
     return Charge(model, "1280x720", seconds, PRICE, day, day[:7], keep_s=86400)
-
-
-@pytest.fixture
-async def client(private_store: EmbeddedRedis) -> AsyncIterator[Redis]:
-    redis = connect(private_store.url)
-    await redis.flushall()
-    yield redis
-    await redis.aclose()
 
 
 @pytest.fixture

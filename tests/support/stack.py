@@ -325,3 +325,13 @@ class Rig:
     def owner(self, video_id: str) -> str | None:
         """The team the store records as the video's owner."""
         return self.redis.hget(video_key(video_id), "team")
+
+
+def aof_written(rig: Rig) -> bool:
+    """Every write the store acknowledged is in its append-only file (not in its buffer)."""
+    info = rig.redis.info("persistence")
+    return (
+        info.get("aof_enabled") == 1
+        and info.get("aof_buffer_length", 0) == 0
+        and info.get("aof_pending_bio_fsync", 0) == 0
+    )
