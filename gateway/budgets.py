@@ -70,6 +70,13 @@ local function reserve_charge(team, charge)
   keep(month, charge.keep + 2678400)
 end
 
+-- Give a reservation back, nothing charged and no job counted (a waiter that left).
+local function unreserve_charge(team, charge)
+  if charge == nil or charge.cost == 0 then return end
+  redis.call('HINCRBY', usage_of(team, charge.day), 'reserved', -charge.cost)
+  redis.call('HINCRBY', usage_of(team, charge.month), 'reserved', -charge.cost)
+end
+
 -- Settle a reservation: the cost leaves `reserved`, what is charged joins `spent`, and
 -- the job is counted by its model and outcome. `seconds` is the result's (completed),
 -- or nil. Returns the µUSD and the seconds charged.

@@ -50,11 +50,12 @@ _PRELUDE = PRELUDE
 #       the store, say waiting for a pooled connection, rejoins at its own place),
 #       weights (JSON object team -> weight; absent: 1), fair window ms, the job's
 #       charge (`budgets.Charge` JSON, or ''), the team's budgets (`budgets.Limits`
-#       JSON, or ''): checked on every try, reserved on admission.
+#       JSON, or ''): checked and reserved when the waiter joins, held while it waits,
+#       moved to the slot on admission, given back if it leaves (`leave_queue`).
 # Returns {1, 'admitted', kick} or {0, 'global_limit' | 'team_limit', waiters ahead,
 #          holders, arrival number, kick}; kick is 1 when a queued job was given a free
 #          slot too (the caller wakes its dispatcher); or {0, 'budget_exceeded', period,
-#          limit, spent, reserved} (it leaves the queue).
+#          limit, spent, reserved} (it never joined the queue).
 ACQUIRE_SCRIPT = (
     _PRELUDE
     + """
@@ -63,14 +64,17 @@ local now = now_ms()
 if redis.call('ZSCORE', holders, slot) then return {1, 'admitted', 0} end
 drop_dead_waiters(now)
 local charge = ARGV[13] ~= '' and cjson.decode(ARGV[13]) or nil
-local over = over_budget(team, charge, ARGV[14] ~= '' and cjson.decode(ARGV[14]) or nil)
-if over then
-  leave_queue(slot)
-  return {0, 'budget_exceeded', over[1], over[2], over[3], over[4]}
-end
 local mine = queue_of(team)
 local arrival = redis.call('ZSCORE', mine, slot)
 if not arrival then
+  -- Joining (or rejoining): the cost is checked now and reserved for as long as it
+  -- waits, so a job that cannot fit is refused at once, never after a wait.
+  local over = over_budget(team, charge, ARGV[14] ~= '' and cjson.decode(ARGV[14]) or nil)
+  if over then return {0, 'budget_exceeded', over[1], over[2], over[3], over[4]} end
+  if charge and charge.cost ~= 0 then
+    reserve_charge(team, charge)
+    redis.call('HSET', waiter_charge, slot, ARGV[13])
+  end
   arrival = tonumber(ARGV[10]) or redis.call('INCR', queue_seq)
   redis.call('ZADD', mine, arrival, slot)
   redis.call('SADD', queued_teams, team)
@@ -82,8 +86,8 @@ local caps, weights = cjson.decode(ARGV[9]), cjson.decode(ARGV[11])
 local state = holdings(now)
 local admitted, kick = decide(slot, state, limit, caps, weights, tonumber(ARGV[12]))
 if admitted then
+  redis.call('HDEL', waiter_charge, slot)  -- its reservation moves to the slot
   reserve(slot, team, ARGV[7], cjson.decode(ARGV[8]), ARGV[6], tonumber(ARGV[4]), now, '', charge)
-  reserve_charge(team, charge)
   leave_queue(slot)
   return {1, 'admitted', kick}
 end

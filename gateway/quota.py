@@ -112,9 +112,14 @@ class Ticket:
         )
 
     async def release(self) -> None:
-        """Upstream refused the job: nothing runs, the slot is free at once."""
-        await _shielded(self._slots.ledger.release(self.slot_id))
+        """Upstream refused the job (or never got it): nothing runs, the slot is free at
+        once, and its reservation is settled as `refused` (charged nothing)."""
+        released = await _shielded_result(
+            self._slots.ledger.release(self.slot_id, outcome="refused")
+        )
         self.settled = True
+        if released is not None:
+            self._slots.settled(released)
 
     async def forward(self, create: Awaitable[Reply]) -> Started:
         """Send the create (`create` is its call upstream) and settle the slot by its outcome."""

@@ -121,9 +121,9 @@ if charge then redis.call('HSET', job_of(id), 'charge', ARGV[21]) end
 reserve_charge(team, charge)
 redis.call('ZADD', queued, now, id)
 redis.call('HINCRBY', queued_by_team, team, 1)
-record_video(KEYS[17], KEYS[18], KEYS[19], ARGV[1], team, ARGV[4], 'queued',
+record_video(KEYS[18], KEYS[19], KEYS[20], ARGV[1], team, ARGV[4], 'queued',
              ARGV[16], ARGV[17], ARGV[18], ARGV[19])
-redis.call('HSET', KEYS[17], 'upstream', '')  -- upstream does not know it yet
+redis.call('HSET', KEYS[18], 'upstream', '')  -- upstream does not know it yet
 return {0, 'queued', position_of(id, team, weights, tonumber(ARGV[20]), tonumber(ARGV[11])),
         kick}
 """
@@ -210,7 +210,7 @@ return freed
 
 # Upstream started the queued job: in one script, the slot counts upstream's job, the
 # job's record learns upstream's id (and its alias), and the stored request goes.
-# KEYS: `store_lua.KEYS`, then the alias key of upstream's id (KEYS[17]). ARGV: job id,
+# KEYS: `store_lua.KEYS`, then the alias key of upstream's id (KEYS[18]). ARGV: job id,
 # slot id,
 # upstream id, lease ms, owner, team, kind, ids (JSON), then `registry.started_args`'
 # status, expires_at, body and ttl. Returns {recorded, deleted}: recorded 0 when the
@@ -224,7 +224,7 @@ local id = ARGV[1]
 bind_slot(ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7], ARGV[8], id)
 local deleted = redis.call('HGET', job_of(id), 'deleted') == '1' and 1 or 0
 redis.call('DEL', job_of(id))
-local recorded = start_record(video_of(id), KEYS[17], ARGV[3], ARGV[8], ARGV[9], ARGV[10],
+local recorded = start_record(video_of(id), KEYS[18], ARGV[3], ARGV[8], ARGV[9], ARGV[10],
                               ARGV[11], ARGV[12], id)
 return {recorded, deleted}
 """

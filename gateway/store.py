@@ -24,8 +24,9 @@ The slot ledger (`ledger.py`):
   admission decision merges the heads of the teams' FIFOs (at most `free slots` steps)
   instead of walking every waiter. `queued_teams` SET: the teams whose FIFO is not
   empty. `beats` ZSET waiter -> heartbeat deadline (a waiter whose replica died drops
-  out); `waiter_team` HASH waiter -> team (which FIFO it is in); `queue_seq` the
-  arrival counter shared by all FIFOs.
+  out); `waiter_team` HASH waiter -> team (which FIFO it is in); `waiter_charge` HASH
+  waiter -> the charge it reserved when it joined (given back if it leaves unadmitted);
+  `queue_seq` the arrival counter shared by all FIFOs.
 - `queued` ZSET queued job id -> accepted at (ms): every job the scheduler holds
   (its size is `quota.max_queued`'s count; its oldest are the ones past
   `quota.max_queue_s`); `queued_by_team` HASH team -> queued jobs; `job:<id>` HASH one
@@ -87,6 +88,7 @@ JOBS = PREFIX + "jobs"
 QUEUED_TEAMS = PREFIX + "queued_teams"
 BEATS = PREFIX + "beats"
 WAITER_TEAM = PREFIX + "waiter_team"
+WAITER_CHARGE = PREFIX + "waiter_charge"
 QUEUE_SEQ = PREFIX + "queue_seq"
 # A team's FIFO is this prefix + its name (`queue_key`); the scripts receive the prefix.
 QUEUE_PREFIX = PREFIX + "queue:"

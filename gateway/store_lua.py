@@ -34,6 +34,7 @@ from .store import (
     USED_PREFIX,
     USED_SUM,
     VIDEO_PREFIX,
+    WAITER_CHARGE,
     WAITER_TEAM,
 )
 
@@ -54,6 +55,7 @@ KEYS = [
     JOB_PREFIX,
     VIDEO_PREFIX,
     USAGE_PREFIX,
+    WAITER_CHARGE,
 ]
 
 _PRELUDE = """
@@ -62,6 +64,7 @@ local queued_teams, beats, waiter_team, queue_seq = KEYS[4], KEYS[5], KEYS[6], K
 local queued, queued_by_team, used_sum, paused_until = KEYS[9], KEYS[10], KEYS[11], KEYS[13]
 local function queue_of(team) return KEYS[8] .. team end
 local function used_of(team) return KEYS[12] .. team end
+local waiter_charge = KEYS[17]
 local function job_of(id) return KEYS[14] .. id end
 local function video_of(id) return KEYS[15] .. id end
 local function now_ms()
@@ -69,6 +72,10 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+"""
+
+# After BUDGET_LUA: a waiter that leaves the queue gives its reservation back.
+_QUEUES = """
 -- Take a member out of its team's FIFO (the set of teams with one stays exact).
 local function leave_fifo(team, member)
   redis.call('ZREM', queue_of(team), member)
@@ -79,6 +86,11 @@ end
 local function leave_queue(w)
   local t = redis.call('HGET', waiter_team, w)
   if t then leave_fifo(t, w) end
+  local held = redis.call('HGET', waiter_charge, w)
+  if held then  -- reserved while it waited; gone without a slot: given back
+    redis.call('HDEL', waiter_charge, w)
+    if t then unreserve_charge(t, cjson.decode(held)) end
+  end
   redis.call('ZREM', beats, w)
   redis.call('HDEL', waiter_team, w)
 end
@@ -314,4 +326,4 @@ local function free_slot(slot, channel, outcome, seconds)
 end
 """
 
-PRELUDE = _PRELUDE + BUDGET_LUA + _SLOTS
+PRELUDE = _PRELUDE + BUDGET_LUA + _QUEUES + _SLOTS

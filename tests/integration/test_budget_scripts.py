@@ -88,3 +88,35 @@ async def test_a_queued_job_reserves_and_a_delete_while_queued_is_charged_nothin
     assert await scheduler.cancel("video_q", "mkt") == 1
     assert await read_totals(client, "mkt", DAY, MONTH) == Totals(0, 0, 0, 0)
     assert await client.hget(usage_day_key("mkt", DAY), "sora-2|jobs|deleted") == b"1"
+
+
+async def test_a_waiter_reserves_when_it_joins_so_one_that_cannot_fit_never_waits(
+    client: Redis,
+) -> None:
+    ledger = SlotLedger(client, limit=2, team_caps={}, owner="r1", lease_s=60)
+    for n in range(2):  # both slots: $0.80 reserved
+        assert (
+            await ledger.try_acquire(
+                f"run{n}", "mkt", "create", {}, charge=charge(), limits=TWO_DOLLARS
+            )
+        ).admitted
+    for n in range(3):  # three waiters: $1.20 more, held while they wait
+        waiting = await ledger.try_acquire(
+            f"w{n}", "mkt", "create", {}, charge=charge(), limits=TWO_DOLLARS
+        )
+        assert (waiting.admitted, waiting.reason) == (False, "global_limit")
+    assert await read_totals(client, "mkt", DAY, MONTH) == Totals(0, 2_000_000, 0, 2_000_000)
+    sixth = await ledger.try_acquire("w3", "mkt", "create", {}, charge=charge(), limits=TWO_DOLLARS)
+    assert sixth.reason == "budget_exceeded"  # at once: the waiters' cost counts
+    again = await ledger.try_acquire("w0", "mkt", "create", {}, charge=charge(), limits=TWO_DOLLARS)
+    assert again.reason == "global_limit"  # a waiter's own retry is not charged twice
+    await ledger.abandon("w2")  # gone without a slot: its reservation is given back
+    assert await read_totals(client, "mkt", DAY, MONTH) == Totals(0, 1_600_000, 0, 1_600_000)
+    await ledger.release("run0", outcome="completed", seconds=4)
+    admitted = await ledger.try_acquire(
+        "w0", "mkt", "create", {}, charge=charge(), limits=TWO_DOLLARS
+    )
+    assert admitted.admitted  # its reservation moved to the slot: nothing more reserved
+    assert await read_totals(client, "mkt", DAY, MONTH) == Totals(
+        400_000, 1_200_000, 400_000, 1_200_000
+    )
