@@ -195,13 +195,7 @@ class Tracker:
             # the job is the slot's team's, so record it now rather than lose it. (A
             # queued job's record is written before it starts; gone means deleted.)
             await self.registry.record(slot.team, slot.kind, video, reply.body)
-        if video.get("status") in TERMINAL_STATUSES:
-            await self.slots.finish(
-                slot_id=slot.id,
-                outcome=str(video["status"]),
-                ledger=self.ledger,
-                seconds=result_seconds(video),
-            )
+        if await self._finish_if_ended(slot, video):
             return
         if not await self.ledger.renew(slot.id):
             return  # another replica adopted it while we were stalled
@@ -277,23 +271,24 @@ class Tracker:
             await self.queue.started(
                 slot.gid, team=slot.team, kind=slot.kind, slot_id=slot.id, video=job
             )
-            if job.get("status") in TERMINAL_STATUSES:
-                await self.slots.finish(
-                    slot_id=slot.id,
-                    outcome=str(job["status"]),
-                    ledger=self.ledger,
-                    seconds=result_seconds(job),
-                )
+            await self._finish_if_ended(slot, job)
             return
         ids = await self.registry.known_sources(job)
         await self.ledger.bind(slot.id, job["id"], team=slot.team, kind=slot.kind, ids=ids)
         seen = in_client_ids(job, ids)
         await self.registry.record(slot.team, slot.kind, seen, json.dumps(seen).encode(), ids)
         log.info("found the job of a create whose answer was lost", extra={"video_id": job["id"]})
-        if job.get("status") in TERMINAL_STATUSES:
-            await self.slots.finish(
-                slot_id=slot.id,
-                outcome=str(job["status"]),
-                ledger=self.ledger,
-                seconds=result_seconds(job),
-            )
+        await self._finish_if_ended(slot, job)
+
+    async def _finish_if_ended(self, slot: Slot, video: dict[str, Any]) -> bool:
+        """Free the slot of a job upstream shows ended, settling its charge by the
+        result (its `seconds`, for a completed job); True if it had ended."""
+        if video.get("status") not in TERMINAL_STATUSES:
+            return False
+        await self.slots.finish(
+            slot_id=slot.id,
+            outcome=str(video["status"]),
+            ledger=self.ledger,
+            seconds=result_seconds(video),
+        )
+        return True
