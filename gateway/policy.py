@@ -188,15 +188,6 @@ def price_micro_per_s(pricing: Pricing, model: str | None, size: str | None) -> 
     return None if price is None else round(price * MICRO)
 
 
-def budget_limits_micro(team: TeamSettings) -> tuple[int | None, int | None]:
-    """The team's (day, month) budgets in µUSD; None: no budget of that period."""
-    return _micro(team.budget_usd_per_day), _micro(team.budget_usd_per_month)
-
-
-def _micro(usd: float | None) -> int | None:
-    return None if usd is None else round(usd * MICRO)
-
-
 def budget_message(
     period: str,
     limit_usd: float,

@@ -7,12 +7,12 @@ from typing import Any
 
 import pytest
 
+from gateway.budgets import Limits
 from gateway.config import TeamSettings, UpstreamDefaults
 from gateway.errors import GatewayError
 from gateway.policy import (
     Terms,
     allowed_models,
-    budget_limits_micro,
     budget_message,
     job_terms,
     policy_refusal,
@@ -220,12 +220,16 @@ def test_prices_are_whole_micro_dollars_per_second_the_size_s_entry_before_star(
     assert price_micro_per_s({}, "sora-2", "1280x720") is None
 
 
+def limits(settings: Any) -> Limits | None:
+    return Limits.of(settings.budget_usd_per_day, settings.budget_usd_per_month)
+
+
 def test_budget_limits_are_micro_dollars_and_none_without_a_budget():
-    assert budget_limits_micro(team()) == (None, None)
-    assert budget_limits_micro(team(budget_usd_per_day=2.0)) == (2_000_000, None)
-    assert budget_limits_micro(team(budget_usd_per_month=300.3)) == (None, 300_300_000)
+    assert limits(team()) is None
+    assert limits(team(budget_usd_per_day=2.0)) == Limits(2_000_000, None)
+    assert limits(team(budget_usd_per_month=300.3)) == Limits(None, 300_300_000)
     both = team(budget_usd_per_day=0.1, budget_usd_per_month=50)
-    assert budget_limits_micro(both) == (100_000, 50_000_000)
+    assert limits(both) == Limits(100_000, 50_000_000)
 
 
 RESETS = int(dt.datetime(2026, 12, 2, tzinfo=dt.UTC).timestamp())
