@@ -295,17 +295,21 @@ return out
 """
 )
 
-# Where a queued job stands. ARGV: job id, weights (JSON), a typical job's slot time
-# ms, fair window ms. Returns {position} or {} when it is not queued.
+# Where queued jobs stand, in one round trip whatever their number (the admin job list
+# asks for every queued job). ARGV: weights (JSON), a typical job's slot time ms, fair
+# window ms, then the job ids. Returns one position per id, 0 for one not queued.
 POSITION_SCRIPT = (
     PRELUDE
     + POSITION_LUA
     + """
-local team = redis.call('HGET', job_of(ARGV[1]), 'team')
-local position = team and position_of(ARGV[1], team, cjson.decode(ARGV[2]),
-                                      tonumber(ARGV[3]), tonumber(ARGV[4]))
-if not position then return {} end
-return {position}
+local weights = cjson.decode(ARGV[1])
+local out = {}
+for i = 4, #ARGV do
+  local team = redis.call('HGET', job_of(ARGV[i]), 'team')
+  out[#out + 1] = team and position_of(ARGV[i], team, weights, tonumber(ARGV[2]),
+                                       tonumber(ARGV[3])) or 0
+end
+return out
 """
 )
 
@@ -578,17 +582,25 @@ class Scheduler(OnClient):
         values = [_text(v) for v in result]
         return [Overdue(*values[i : i + 3]) for i in range(0, len(values), 3)]
 
-    @translated
     async def position(self, job_id: str, typical_job_s: float = 30.0) -> int | None:
         """Where a queued job stands (1 = next), or None when it is not queued."""
+        return (await self.positions([job_id], typical_job_s))[job_id]
+
+    @translated
+    async def positions(
+        self, job_ids: list[str], typical_job_s: float = 30.0
+    ) -> dict[str, int | None]:
+        """`position` of each job, in one script call."""
+        if not job_ids:
+            return {}
         args: list[EncodableT] = [
-            job_id,
             self.ledger.weights,
             _typical_ms(typical_job_s),
             self.ledger.fair_window_ms,
+            *job_ids,
         ]
         result = await self._position(keys=KEYS, args=args)
-        return int(result[0]) if result else None
+        return {job_id: int(n) or None for job_id, n in zip(job_ids, result, strict=True)}
 
 
 def mint_job_id() -> str:

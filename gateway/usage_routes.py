@@ -99,7 +99,7 @@ class UsageRoutes:
         # position at a time: a full queue's 500 short scripts must not take the pool.
         queued = await read_queued(self.redis, self.scheduler.max_queued)
         typical = self.typical_job_s()
-        positions = {job.id: await self.scheduler.position(job.id, typical) for job in queued}
+        positions = await self.scheduler.positions([job.id for job in queued], typical)
         snapshot = await self.ledger.snapshot()
         return JSONResponse(jobs_list(snapshot.slots, queued, positions))
 

@@ -332,3 +332,14 @@ async def test_a_job_that_will_not_start_reads_failed_with_its_slot_freed(parts:
     assert record.status == "failed"
     assert json.loads(record.body)["error"] == {"code": "content_policy_violation", "message": "no"}
     assert not await parts.client.exists(job_key(job_id))
+
+
+async def test_positions_of_many_jobs_come_in_one_call_and_match_each_ones(parts: Parts) -> None:
+    await fill_slots(parts)
+    ids = [(await enqueue(parts, team))[0] for team in ("alpha", "beta", "alpha", "gamma")]
+    each = {job_id: await parts.scheduler.position(job_id) for job_id in ids}
+    assert await parts.scheduler.positions([*ids, "video_unknown"]) == {
+        **each,
+        "video_unknown": None,
+    }
+    assert None not in each.values()

@@ -129,6 +129,7 @@ CALLS: dict[str, Callable[[Owners], Awaitable[Any]]] = {
     "scheduler.cancel": lambda o: o.scheduler.cancel("video_q1", "alpha"),
     "scheduler.overdue": lambda o: o.scheduler.overdue(60),
     "scheduler.position": lambda o: o.scheduler.position("video_q1"),
+    "scheduler.positions": lambda o: o.scheduler.positions(["video_q1", "video_q2"]),
 }
 
 
