@@ -355,7 +355,9 @@ class VideoRoutes:
             self.metrics.policy_rejected(team.name, "budget_exceeded")
             raise job.spend.refusal(team.name, decision.over)
         self.metrics.queue_rejected(team.name, decision.outcome)
-        retry_s = retry_after_s(self.queue.scheduler.max_queued, 1, self.slots.typical_job_s)
+        # Room comes back when a queued job starts: about one round of the slots away,
+        # not a whole queue's worth (that would tell clients to wait hours).
+        retry_s = retry_after_s(0, self.slots.ledger.limit, self.slots.typical_job_s)
         if decision.outcome == "team_queue_full":
             raise team_queue_full(retry_s)
         raise queue_full(retry_s)
