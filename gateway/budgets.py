@@ -26,11 +26,10 @@ from typing import Any
 from redis.asyncio import Redis
 
 from .errors import GatewayError, budget_exceeded
-from .policy import budget_message
+from .policy import MICRO, budget_message
 from .store import usage_day_key, usage_month_key
 from .store_clients import translated
 
-MICRO = 1_000_000
 # How an outcome is charged: the result's seconds (completed), nothing (the job never
 # ran, or ran and failed), or what was reserved (upstream may have billed it).
 CHARGED_AS_RESERVED = frozenset({"deleted", "vanished", "lease_expired"})

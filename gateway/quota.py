@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from .answers import video_object
 from .auth import Team
-from .budgets import MICRO, Spend
+from .budgets import Spend
 from .errors import (
     GatewayError,
     UpstreamError,
@@ -35,6 +35,7 @@ from .errors import (
 from .ledger import Admission, Release, SlotLedger
 from .logs import note
 from .metrics import GatewayMetrics
+from .policy import MICRO
 from .scheduler import Enqueued
 from .store import StoreBusy, StoreFailure, StoreUnavailable
 from .store_failures import StoreFailures

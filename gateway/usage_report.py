@@ -30,10 +30,10 @@ from typing import Any
 from redis.asyncio import Redis
 
 from .errors import invalid_request
+from .policy import MICRO
 from .store import usage_day_key, usage_month_key
 from .store_clients import translated
 
-MICRO = 1_000_000
 MAX_RANGE_DAYS = 366
 CSV_HEADER = ("date", "team", "model", "jobs", "video_seconds", "cost_usd")
 # Strictly YYYY-MM-DD: `date.fromisoformat` also takes `20250101` and week dates.
